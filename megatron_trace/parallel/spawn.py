@@ -1,0 +1,136 @@
+"""Run a function on N local ranks (gloo on CPU), collecting each rank's return value.
+
+Used by the tests and by the `tools/` scripts that launch their own ranks when they are not
+started under torchrun. The function must be importable (defined at module level) because the
+ranks are started with the `spawn` method.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["RankFailure", "free_port", "run_on_ranks"]
+
+
+class RankFailure(RuntimeError):
+    """One or more spawned ranks raised, crashed or timed out."""
+
+
+_PEER_GRACE_S = 10.0
+
+
+def _errored(out_dir: str, rank: int) -> bool:
+    path = os.path.join(out_dir, f"rank{rank}.pkl")
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)[0] == "error"
+    except (EOFError, pickle.UnpicklingError):  # still being written
+        return False
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(fn, rank: int, world_size: int, init_file: str, out_dir: str, args, kwargs) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MT_INIT_METHOD=f"file://{init_file}",
+    )
+    # Two cores shared by N ranks: oversubscribed intra-op threads only slow everything down.
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    result_path = os.path.join(out_dir, f"rank{rank}.pkl")
+    try:
+        value = fn(*args, **kwargs)
+        payload = ("ok", value)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent with the traceback
+        payload = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - teardown must not mask the real result
+            pass
+    with open(result_path + ".tmp", "wb") as f:
+        pickle.dump(payload, f)
+    os.replace(result_path + ".tmp", result_path)  # atomic: the parent polls for this file
+
+
+def run_on_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 600.0,
+    **kwargs: Any,
+) -> list[Any]:
+    """Spawn `world_size` processes running `fn(*args, **kwargs)`; return their results by rank.
+
+    Each child sees RANK/WORLD_SIZE and `MT_INIT_METHOD` (a file:// rendezvous, so there are no
+    port races); `megatron_trace.parallel.initialize` picks those up. Raises `RankFailure` with
+    every failing rank's traceback if any rank raises, dies or exceeds `timeout_s`.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="mt_ranks_") as tmp:
+        init_file = os.path.join(tmp, "rendezvous")
+        procs = [
+            ctx.Process(target=_rank_main, args=(fn, r, world_size, init_file, tmp, args, kwargs), daemon=False)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        failures: list[str] = []
+        deadline = time.monotonic() + timeout_s
+        first_failure_at: float | None = None
+        # Poll instead of joining in order: when one rank dies, its peers usually block in a
+        # collective forever, so give them a short grace period and then kill them.
+        while any(p.is_alive() for p in procs):
+            now = time.monotonic()
+            if first_failure_at is None and any(p.exitcode not in (None, 0) or _errored(tmp, r) for r, p in enumerate(procs)):
+                first_failure_at = now
+            if now > deadline or (first_failure_at is not None and now - first_failure_at > _PEER_GRACE_S):
+                for r, p in enumerate(procs):
+                    if p.is_alive():
+                        reason = f"timed out after {timeout_s:.0f}s" if now > deadline else "killed after a peer failed"
+                        failures.append(f"rank {r}: {reason}")
+                        p.kill()
+                break
+            time.sleep(0.05)
+        for p in procs:
+            p.join()
+        results: list[Any] = []
+        for r, p in enumerate(procs):
+            path = os.path.join(tmp, f"rank{r}.pkl")
+            if not os.path.exists(path):
+                if not any(f.startswith(f"rank {r}:") for f in failures):
+                    failures.append(f"rank {r}: exited with code {p.exitcode} and no result")
+                results.append(None)
+                continue
+            with open(path, "rb") as f:
+                status, value = pickle.load(f)
+            if status == "error":
+                failures.append(f"rank {r}: {value}")
+                results.append(None)
+            else:
+                results.append(value)
+        if failures:
+            raise RankFailure(f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(failures))
+        return results
