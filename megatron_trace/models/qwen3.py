@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["QWEN3_SIZES", "Qwen3Arch", "arch_from_hf_config", "get_arch", "padded_vocab_size"]
+__all__ = ["QWEN3_SIZES", "Qwen3Arch", "arch_from_hf_config", "get_arch"]
 
 QWEN3_VOCAB = 151936
 
@@ -69,8 +69,9 @@ class Qwen3Arch:
             use_sliding_window=False,
             rope_scaling=None,
             torch_dtype="float32",
-            bos_token_id=151643,
-            eos_token_id=151645,
+            # Qwen3's <|endoftext|> / <|im_end|>; tiny vocabularies use their last two ids.
+            bos_token_id=151643 if self.vocab_size > 151645 else self.vocab_size - 2,
+            eos_token_id=151645 if self.vocab_size > 151645 else self.vocab_size - 1,
         )
         return d
 
@@ -173,7 +174,3 @@ def arch_from_hf_config(cfg: dict[str, Any] | str | os.PathLike, source: str | N
         raise ValueError(f"{where}: {exc}") from None
 
 
-def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
-    """Megatron pads the vocabulary to a multiple of `divisible_by * tp_size`."""
-    multiple = divisible_by * tp_size
-    return -(-vocab_size // multiple) * multiple

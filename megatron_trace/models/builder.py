@@ -1,0 +1,175 @@
+"""Build a Megatron-core `GPTModel` for a Qwen3 architecture on this rank's TP/PP slice.
+
+Logits leave the model vocab-parallel, `[b, s, V_pad/tp]`. Rows past the real vocabulary are
+padding: `mask_vocab_padding_` sets them to -inf before any softmax, and the HF export strips
+them (`models.convert`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..parallel import ParallelGroups
+from .qwen3 import Qwen3Arch
+
+__all__ = [
+    "VOCAB_PAD_MULTIPLE",
+    "build_model",
+    "have_transformer_engine",
+    "mask_vocab_padding_",
+    "padded_vocab",
+    "transformer_config",
+    "vocab_shard_range",
+]
+
+# Megatron pads the vocabulary to a multiple of 128*tp, which makes the padded size (and thus the
+# checkpoint's embedding shape) depend on TP: 151936 stays at TP=1 but becomes 152064 at TP=2.
+# We pad to a multiple of lcm(1024, tp) instead, so one checkpoint reshards across any TP that
+# divides 1024 (1, 2, 4, 8, ...). The cost is at most 1023 dead rows (0.4% of Qwen3's LM head).
+VOCAB_PAD_MULTIPLE = 1024
+
+
+def padded_vocab(vocab_size: int, tp_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    m = math.lcm(multiple, tp_size)
+    return -(-vocab_size // m) * m
+
+
+def vocab_shard_range(padded_size: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """Global vocab ids `[start, end)` held by `tp_rank` (contiguous, equal shards)."""
+    per = padded_size // tp_size
+    return tp_rank * per, (tp_rank + 1) * per
+
+
+def mask_vocab_padding_(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """Set padded vocab entries of a vocab-parallel shard `[..., V_pad/tp]` to -inf, in place."""
+    per = logits.shape[-1]
+    start = tp_rank * per
+    if start + per > vocab_size:
+        logits[..., max(vocab_size - start, 0):] = float("-inf")
+    return logits
+
+
+def have_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(
+    arch: Qwen3Arch,
+    groups: ParallelGroups,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    recompute_granularity: str | None = None,
+    **overrides,
+):
+    """Megatron `TransformerConfig` for `arch` on `groups`' layout.
+
+    Dropout is 0 (RL and deterministic tests need it), and the CUDA-only fusions are off on CPU.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    on_cpu = groups.device.type == "cpu"
+    kwargs = dict(
+        num_layers=arch.num_hidden_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        kv_channels=arch.head_dim,  # Qwen3: head_dim=128 even where heads*128 != hidden
+        ffn_hidden_size=arch.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=groups.tp_size,
+        pipeline_model_parallel_size=groups.pp_size,
+        context_parallel_size=groups.cp_size,
+        sequence_parallel=sequence_parallel and groups.tp_size > 1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        recompute_granularity=recompute_granularity,
+        # PP micro-batches of differing lengths (RL rollouts); the MoE dispatcher default
+        # refuses this flag although this dense model has no experts.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+    )
+    if on_cpu:
+        kwargs.update(
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            apply_rope_fusion=False,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(
+    arch: Qwen3Arch,
+    groups: ParallelGroups,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+    **config_overrides,
+):
+    """This rank's `GPTModel` stage. `use_te=None` picks the TE spec when TE and CUDA exist."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te is None:
+        use_te = have_transformer_engine()
+    if use_te and not have_transformer_engine():
+        raise ValueError("model.use_te=true but TransformerEngine with CUDA is not available")
+    if arch.num_hidden_layers % groups.pp_size:
+        raise ValueError(
+            f"pipeline size {groups.pp_size} must divide num_hidden_layers={arch.num_hidden_layers}"
+        )
+    if arch.num_key_value_heads % groups.tp_size and groups.tp_size % arch.num_key_value_heads:
+        raise ValueError(
+            f"tensor parallel size {groups.tp_size} and num_key_value_heads={arch.num_key_value_heads} "
+            "must divide one another"
+        )
+    config = transformer_config(arch, groups, params_dtype=params_dtype, **config_overrides)
+    spec = (
+        get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+        if use_te
+        else get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=padded_vocab(arch.vocab_size, groups.tp_size),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=groups.is_first_stage,
+        post_process=groups.is_last_stage,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        rotary_percent=1.0,
+        pg_collection=groups.pg_collection,
+    )
+    model.arch = arch  # the HF-side description travels with the module (export, checkpoints)
+    return model.to(groups.device)
