@@ -7,7 +7,9 @@ import warnings as _warnings
 for _msg in (r"Apex is not installed", r"Transformer Engine and Apex are not installed",
              r".*transformer.engine.*not installed", r"Using local implementations",
              # megatron-core 0.16 warns about its own default cuda_graph_scope on every config
-             r"full scope is deprecated"):
+             r"full scope is deprecated",
+             # dist_checkpointing (torch_dist) still builds on torch ShardedTensor
+             r"Please use DTensor instead"):
     _warnings.filterwarnings("ignore", message=_msg)
 
 __version__ = "0.1.0"

@@ -29,6 +29,8 @@ from .qwen3 import Qwen3Arch
 
 __all__ = [
     "HFCheckpointReader",
+    "check_hf_tensors",
+    "expected_hf_shapes",
     "export_hf_stream",
     "hf_param_names",
     "load_hf_into_model",
@@ -320,3 +322,62 @@ def export_hf_stream(model, groups: ParallelGroups, dtype: torch.dtype | None = 
             yield target.hf_names[0], full[: arch.vocab_size]  # strip vocab padding
         else:
             yield target.hf_names[0], full
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def expected_hf_shapes(arch: Qwen3Arch) -> dict[str, tuple[int, ...]]:
+    """Shape of every tensor an HF checkpoint of `arch` must hold."""
+    h, hd, v = arch.hidden_size, arch.head_dim, arch.vocab_size
+    q, kv, f = arch.num_attention_heads * hd, arch.num_key_value_heads * hd, arch.intermediate_size
+    per_layer = {
+        "input_layernorm.weight": (h,), "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "self_attn.o_proj.weight": (h, q), "post_attention_layernorm.weight": (h,),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    for layer in range(arch.num_hidden_layers):
+        shapes.update({f"model.layers.{layer}.{k}": s for k, s in per_layer.items()})
+    if not arch.tie_word_embeddings:
+        shapes["lm_head.weight"] = (v, h)
+    return shapes
+
+
+# Which config key most likely explains a shape mismatch on a tensor family.
+_SUSPECT_KEYS = {
+    "embed_tokens": "vocab_size/hidden_size", "lm_head": "vocab_size/tie_word_embeddings",
+    "q_proj": "num_attention_heads/head_dim", "k_proj": "num_key_value_heads/head_dim",
+    "v_proj": "num_key_value_heads/head_dim", "o_proj": "num_attention_heads/head_dim",
+    "q_norm": "head_dim", "k_norm": "head_dim", "proj": "intermediate_size",
+}
+
+
+def check_hf_tensors(reader: HFCheckpointReader, arch: Qwen3Arch) -> None:
+    """Refuse a checkpoint whose tensors disagree with its config (names, shapes, extras).
+
+    Reads only safetensors headers, so it is cheap even for 32B checkpoints.
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(reader.weight_map.values())):
+        with safe_open(os.path.join(reader.dir, file), "pt") as f:
+            for k in f.keys():
+                shapes[k] = tuple(f.get_slice(k).get_shape())
+    want = expected_hf_shapes(arch)
+    problems = []
+    for name, shape in want.items():
+        if name not in shapes:
+            problems.append(f"missing tensor {name}")
+        elif shapes[name] != shape:
+            family = next((v for k, v in _SUSPECT_KEYS.items() if k in name), "the config")
+            problems.append(f"{name}: config implies {shape}, checkpoint has {shapes[name]} (check {family})")
+    extra = sorted(set(shapes) - set(want))
+    if extra == ["lm_head.weight"] and arch.tie_word_embeddings:
+        extra = []  # some exports write the tied head anyway; it equals embed_tokens and is ignored
+    if extra:
+        problems.append(f"unexpected tensors (not a dense Qwen3?): {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    if problems:
+        raise ValueError(f"{reader.dir}: checkpoint does not match its config.json:\n  " + "\n  ".join(problems[:20]))

@@ -1,6 +1,6 @@
 """Distributed setup. The only package that touches Megatron's `parallel_state`."""
 
-from .spawn import RankFailure, free_port, run_on_ranks
+from .spawn import RankFailure, free_port, launch, run_on_ranks
 from .state import ParallelGroups, destroy, initialize
 
-__all__ = ["ParallelGroups", "RankFailure", "destroy", "free_port", "initialize", "run_on_ranks"]
+__all__ = ["ParallelGroups", "RankFailure", "destroy", "free_port", "initialize", "launch", "run_on_ranks"]

@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RankFailure", "free_port", "run_on_ranks"]
+__all__ = ["RankFailure", "free_port", "launch", "run_on_ranks"]
 
 
 class RankFailure(RuntimeError):
@@ -134,3 +134,25 @@ def run_on_ranks(
         if failures:
             raise RankFailure(f"{len(failures)} of {world_size} ranks failed:\n" + "\n".join(failures))
         return results
+
+
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:
+    """Run `fn` on `world_size` ranks however this process was started.
+
+    - Under torchrun (WORLD_SIZE set): call `fn` in this rank only; returns `[result]`.
+    - Otherwise on CPU, or with a single rank: spawn local gloo ranks (`run_on_ranks`).
+    - Otherwise (several CUDA ranks requested without a launcher): refuse with the command to use.
+    """
+    import torch
+
+    if "WORLD_SIZE" in os.environ and "MT_INIT_METHOD" not in os.environ:
+        launched = int(os.environ["WORLD_SIZE"])
+        if launched != world_size:
+            raise ValueError(f"started with WORLD_SIZE={launched} but the layout needs {world_size} ranks")
+        return [fn(*args, **kwargs)]
+    if world_size > 1 and torch.cuda.is_available():
+        raise ValueError(
+            f"this layout needs {world_size} GPU ranks: run it under "
+            f"`torchrun --nproc-per-node {world_size} ...` (CPU runs spawn their own gloo ranks)"
+        )
+    return run_on_ranks(fn, world_size, *args, **kwargs)

@@ -1,0 +1,75 @@
+"""Wrap a Megatron model for training: DDP grad buffers, grad finalisation, the optimizer."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..parallel import ParallelGroups
+
+__all__ = ["OptimSettings", "build_optimizer", "wrap_ddp"]
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+def wrap_ddp(model, groups: ParallelGroups, *, grad_reduce_in_fp32: bool = True):
+    """Megatron DDP around one model chunk, with grad finalisation wired into the schedule.
+
+    finalize_model_grads all-reduces grads over DP (x CP) and, for tied embeddings with PP>1,
+    between the first and last stage.
+    """
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    config = model.config
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=grad_reduce_in_fp32,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=False,
+        ),
+        module=model,
+        pg_collection=groups.pg_collection,
+    )
+    config.finalize_model_grads_func = functools.partial(finalize_model_grads, pg_collection=groups.pg_collection)
+    return ddp
+
+
+def build_optimizer(ddp_model, groups: ParallelGroups, settings: OptimSettings):
+    """Megatron's optimizer (fp32 params on CPU; mixed precision comes from the model config)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    mcfg = ddp_model.config
+    cfg = OptimizerConfig(
+        optimizer=settings.optimizer,
+        lr=settings.lr,
+        min_lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=mcfg.bf16,
+        fp16=mcfg.fp16,
+        params_dtype=mcfg.params_dtype if mcfg.params_dtype is not None else torch.float32,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    # With explicit groups Megatron refuses its extra gloo groups; on CPU every group is gloo anyway.
+    return get_megatron_optimizer(cfg, [ddp_model], pg_collection=groups.pg_collection,
+                                  use_gloo_process_groups=False)

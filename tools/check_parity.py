@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Compare Megatron logits (TP/PP, gathered) with transformers' Qwen3ForCausalLM logits.
+
+    python tools/check_parity.py --hf-dir DIR [--ckpt CKPT_DIR] --tp N --pp M [--tol 1e-4]
+
+Prints one JSON line {"max_abs_logit_diff": x, "tp": N, "pp": M, ...}; exits 1 when the
+difference exceeds --tol. Without --ckpt the Megatron model is imported from --hf-dir.
+On CPU it launches its own gloo ranks. Both sides run in float32.
+"""
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--ckpt", default=None, help="megatron-trace checkpoint to test instead of importing --hf-dir")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+
+    from megatron_trace.models.jobs import check_parity
+
+    try:
+        res = check_parity(args.hf_dir, args.ckpt, args.tp, args.pp, args.batch, args.seq, args.seed, args.device)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not res:
+        return 0  # non-zero ranks under torchrun
+    res["tol"] = args.tol
+    res["ok"] = res["max_abs_logit_diff"] <= args.tol
+    print(json.dumps(res))
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
