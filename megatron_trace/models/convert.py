@@ -376,7 +376,13 @@ def check_hf_tensors(reader: HFCheckpointReader, arch: Qwen3Arch) -> None:
             problems.append(f"{name}: config implies {shape}, checkpoint has {shapes[name]} (check {family})")
     extra = sorted(set(shapes) - set(want))
     if extra == ["lm_head.weight"] and arch.tie_word_embeddings:
-        extra = []  # some exports write the tied head anyway; it equals embed_tokens and is ignored
+        # Some exports write the tied head anyway. Harmless only if it *is* the embedding;
+        # otherwise tying would silently replace a trained head.
+        if torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+            extra = []
+        else:
+            problems.append("tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight")
+            extra = []
     if extra:
         problems.append(f"unexpected tensors (not a dense Qwen3?): {extra[:5]}{' ...' if len(extra) > 5 else ''}")
     if problems:

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random Qwen3 checkpoints written by `transformers` itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from megatron_trace.models.qwen3 import QWEN3_SIZES, Qwen3Arch
+
+# tied: 4 q heads x head_dim 32 = 128 != hidden 64 (the 0.6B/4B/32B situation), GQA 4/2.
+TINY_TIED: Qwen3Arch = QWEN3_SIZES["tiny"]
+# untied: heads*head_dim == hidden (the 1.7B/8B/14B situation), separate lm_head.
+TINY_UNTIED: Qwen3Arch = dataclasses.replace(TINY_TIED, tie_word_embeddings=False, head_dim=16)
+VARIANTS = {"tied": TINY_TIED, "untied": TINY_UNTIED}
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> dict[str, str]:
+    """{"tied": dir, "untied": dir} of fp32 HF Qwen3 checkpoints with random weights."""
+    from megatron_trace.models.hf_io import make_random_hf_model
+
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for i, (name, arch) in enumerate(VARIANTS.items()):
+        path = str(root / name)
+        make_random_hf_model(arch, path, seed=100 + i)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_batch() -> torch.Tensor:
+    return torch.randint(0, TINY_TIED.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
+    """Reference: transformers' own Qwen3ForCausalLM, loaded from disk, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    assert type(model).__name__ == "Qwen3ForCausalLM"
+    with torch.no_grad():
+        return model(ids).logits
