@@ -9,7 +9,8 @@ for _msg in (r"Apex is not installed", r"Transformer Engine and Apex are not ins
              # megatron-core 0.16 warns about its own default cuda_graph_scope on every config
              r"full scope is deprecated",
              # dist_checkpointing (torch_dist) still builds on torch ShardedTensor
-             r"Please use DTensor instead"):
+             r"Please use DTensor instead",
+             r"`load_state_dict` is deprecated"):
     _warnings.filterwarnings("ignore", message=_msg)
 
 __version__ = "0.1.0"
