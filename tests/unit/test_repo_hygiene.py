@@ -65,3 +65,14 @@ def test_ruff_clean():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "megatron_trace", "tools", "tests"],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_every_test_file_is_collected():
+    """pytest silently skips some folder names (dist, build); make sure nothing falls through."""
+    on_disk = {os.path.relpath(os.path.join(root, f), REPO)
+               for root, _, files in os.walk(os.path.join(REPO, "tests"))
+               for f in files if f.startswith("test_") and f.endswith(".py")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert on_disk == collected, on_disk ^ collected
