@@ -6,9 +6,9 @@ untied with heads*head_dim == hidden), and writes a checkpoint that a later run 
 
 import pytest
 import torch
+from conftest import VARIANTS, hf_logits
 from safetensors.torch import load_file
 
-from conftest import VARIANTS, hf_logits
 from megatron_trace.parallel import run_on_ranks
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]

@@ -6,8 +6,8 @@ The step uses grad clipping that actually clips (norm ~4 > 0.5), so the TP/PP-aw
 
 import pytest
 import torch
-
 from conftest import VARIANTS
+
 from megatron_trace.parallel import run_on_ranks
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
