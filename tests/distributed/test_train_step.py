@@ -32,13 +32,13 @@ def _step_rank(hf_dirs, ids, tp, pp):
         ddp = wrap_ddp(model, groups)
         opt = build_optimizer(ddp, groups, OptimSettings(optimizer="sgd", lr=1.0, clip_grad=0.5))
 
-        def step(data_iter, m):
+        def step(data_iter, m, vocab_size=arch.vocab_size):
             x = next(data_iter)
             pos = torch.arange(x.shape[1] - 1).unsqueeze(0).expand(x.shape[0], -1)
             logits = m(x[:, :-1], pos, None)
 
             def loss_func(logits_bsv):
-                z = mask_vocab_padding_(logits_bsv.float().clone(), arch.vocab_size, groups.tp_rank)
+                z = mask_vocab_padding_(logits_bsv.float().clone(), vocab_size, groups.tp_rank)
                 nll = vocab_parallel_cross_entropy(z, x[:, 1:].contiguous())
                 return nll.mean(), {"loss": nll.mean().detach()}
 
