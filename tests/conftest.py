@@ -46,3 +46,14 @@ def hf_logits(hf_dir: str, ids: torch.Tensor) -> torch.Tensor:
     assert type(model).__name__ == "Qwen3ForCausalLM"
     with torch.no_grad():
         return model(ids).logits
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu(n)` tests are skipped (and reported as skipped) without n CUDA devices."""
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            need = marker.args[0] if marker.args else 1
+            if n_gpus < need:
+                item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s), found {n_gpus}"))

@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from ..parallel import ParallelGroups
 from .qwen3 import Qwen3Arch
 
 __all__ = [
     "HFCheckpointReader",
+    "hf_source",
     "check_hf_tensors",
     "expected_hf_shapes",
     "export_hf_stream",
@@ -106,8 +108,8 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
-def _target(name: str, layer_offset: int, arch: Qwen3Arch) -> _Target | None:
-    """HF source of a Megatron parameter (global layer index). None for the tied output copy."""
+def hf_source(name: str, layer_offset: int, arch: Qwen3Arch) -> _Target:
+    """HF source of a Megatron parameter, given this stage's first global layer index."""
     name = _strip_wrappers(name)
     if name == "embedding.word_embeddings.weight":
         return _Target(("model.embed_tokens.weight",), "vocab")
@@ -198,7 +200,7 @@ class HFCheckpointReader:
 # ----------------------------------------------------------------------------- import
 
 
-def _shard_for_rank(target: _Target, hf: list[torch.Tensor], arch: Qwen3Arch, shape, tp_size: int, tp_rank: int,
+def _shard_for_rank(target: _Target, hf: list[torch.Tensor], arch: Qwen3Arch, tp_size: int, tp_rank: int,
                     padded_vocab: int) -> torch.Tensor:
     kind = target.kind
     if kind == "rep":
@@ -220,7 +222,7 @@ def _shard_for_rank(target: _Target, hf: list[torch.Tensor], arch: Qwen3Arch, sh
 
 
 @torch.no_grad()
-def load_hf_into_model(model, reader: HFCheckpointReader, groups: ParallelGroups) -> int:
+def load_hf_into_model(model, reader: HFCheckpointReader, groups: ParallelGroups, progress: bool = False) -> int:
     """Copy HF weights into this rank's stage; returns the number of parameters filled.
 
     Every parameter of the stage must be covered and every shape must match, else ValueError.
@@ -230,10 +232,12 @@ def load_hf_into_model(model, reader: HFCheckpointReader, groups: ParallelGroups
     offset = _layer_offset(inner)
     padded = inner.vocab_size
     count = 0
-    for name, param in _params(inner):
-        target = _target(name, offset, arch)
+    params = list(_params(inner))
+    show = progress and (not dist.is_initialized() or dist.get_rank() == 0)
+    for name, param in tqdm(params, desc="import HF weights (rank 0's stage)", unit="tensor", disable=not show):
+        target = hf_source(name, offset, arch)
         tensors = [reader.get(n) for n in target.hf_names]
-        shard = _shard_for_rank(target, tensors, arch, param.shape, groups.tp_size, groups.tp_rank, padded)
+        shard = _shard_for_rank(target, tensors, arch, groups.tp_size, groups.tp_rank, padded)
         if tuple(shard.shape) != tuple(param.shape):
             raise ValueError(
                 f"{name}: HF {target.hf_names} gives a shard of shape {tuple(shard.shape)} but the "
@@ -299,7 +303,7 @@ def export_hf_stream(model, groups: ParallelGroups, dtype: torch.dtype | None = 
             parts = _tp_gather(p.detach(), max(pdim, 0), groups) if pdim >= 0 else [p.detach()]
         else:
             parts = None
-        target = _target(gname, 0, arch)
+        target = hf_source(gname, 0, arch)
         if target.kind == "fc1":
             if parts is not None:
                 gate, up = split_fc1(parts)

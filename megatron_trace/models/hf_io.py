@@ -37,6 +37,8 @@ def save_hf_checkpoint(
     hf_config: dict,
     *,
     max_shard_bytes: int = 5 * 2**30,
+    progress: bool = False,
+    total: int | None = None,
 ) -> list[str]:
     """Write `config.json` and safetensors shards (with an index when there is more than one).
 
@@ -59,7 +61,9 @@ def save_hf_checkpoint(
         files.append(name)
         weight_map.update({k: name for k in shards[-1]})
 
-    for hf_name, tensor in stream:
+    from tqdm.auto import tqdm
+
+    for hf_name, tensor in tqdm(stream, desc="export HF weights", unit="tensor", total=total, disable=not progress):
         t = tensor.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()
         if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:

@@ -10,9 +10,15 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import initialize, launch
-from .builder import build_model
+from .builder import build_model, padded_vocab
 from .checkpoint import load_checkpoint, read_meta, save_checkpoint
-from .convert import HFCheckpointReader, check_hf_tensors, export_hf_stream, load_hf_into_model
+from .convert import (
+    HFCheckpointReader,
+    check_hf_tensors,
+    export_hf_stream,
+    hf_param_names,
+    load_hf_into_model,
+)
 from .forward import forward_logits, gather_full_logits
 from .hf_io import copy_tokenizer_files, save_hf_checkpoint
 from .qwen3 import arch_from_hf_config
@@ -46,23 +52,34 @@ def _import_rank(hf_dir: str, out: str, tp: int, pp: int, dtype: torch.dtype, de
     cfg = read_hf_config(hf_dir)
     arch = arch_from_hf_config(cfg, source=os.path.join(hf_dir, "config.json"))
     model = build_model(arch, groups, params_dtype=dtype, perform_initialization=False)
-    n = load_hf_into_model(model, HFCheckpointReader(hf_dir), groups)
+    n = load_hf_into_model(model, HFCheckpointReader(hf_dir), groups, progress=True)
     save_checkpoint(model, groups, out, hf_config=cfg, tokenizer_dir=hf_dir,
                     extra={"converted_from": os.path.abspath(hf_dir)})
     return {"rank": dist.get_rank(), "num_tensors": n}
 
 
 def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
-                           device: str = "auto") -> dict:
-    """Validate an HF Qwen3 directory and write it as a torch_dist checkpoint at TP/PP."""
+                           device: str = "auto", dry_run: bool = False) -> dict:
+    """Validate an HF Qwen3 directory and write it as a torch_dist checkpoint at TP/PP.
+
+    dry_run: validate config and tensors and report the plan, without starting ranks or writing.
+    """
     t0 = time.time()
     cfg = read_hf_config(hf_dir)
     arch = arch_from_hf_config(cfg, source=os.path.join(hf_dir, "config.json"))
     check_hf_tensors(HFCheckpointReader(hf_dir), arch)  # fail before any rank starts
+    if arch.num_hidden_layers % pp:
+        raise ValueError(f"--pp {pp} must divide num_hidden_layers={arch.num_hidden_layers}")
+    if arch.num_key_value_heads % tp and tp % arch.num_key_value_heads:
+        raise ValueError(f"--tp {tp} and num_key_value_heads={arch.num_key_value_heads} must divide one another")
     torch_dtype = _dtype(dtype, getattr(torch, str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")))
+    plan = {"out": out, "tp": tp, "pp": pp, "dtype": str(torch_dtype).removeprefix("torch."),
+            "num_params": arch.num_params, "padded_vocab_size": padded_vocab(arch.vocab_size, tp),
+            "layers_per_stage": arch.num_hidden_layers // pp}
+    if dry_run:
+        return {**plan, "dry_run": True}
     launch(_import_rank, tp * pp, hf_dir, out, tp, pp, torch_dtype, device)
-    return {"out": out, "tp": tp, "pp": pp, "dtype": str(torch_dtype).removeprefix("torch."),
-            "num_params": arch.num_params, "seconds": round(time.time() - t0, 2)}
+    return {**plan, "seconds": round(time.time() - t0, 2)}
 
 
 # ------------------------------------------------------------------ Megatron -> HF
@@ -77,7 +94,7 @@ def _export_rank(ckpt: str, out: str, tp: int, pp: int, dtype: torch.dtype | Non
         hf_config = dict(meta["hf_config"])
         if dtype is not None:
             hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        files = save_hf_checkpoint(stream, out, hf_config)
+        files = save_hf_checkpoint(stream, out, hf_config, progress=True, total=len(hf_param_names(model.arch)))
         tok = os.path.join(ckpt, "tokenizer")
         copied = copy_tokenizer_files(tok, out) if os.path.isdir(tok) else []
         return {"files": files, "tokenizer_files": copied}

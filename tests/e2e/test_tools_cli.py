@@ -56,3 +56,13 @@ def test_converter_refuses_mismatched_config(hf_dirs, tmp_path):
     assert proc.returncode == 2
     assert "head_dim" in proc.stderr and "q_proj" in proc.stderr
     assert not (tmp_path / "o").exists()  # refused before writing anything
+
+
+def test_dry_run_validates_and_writes_nothing(hf_dirs, tmp_path):
+    res = _last_json(_tool("convert_hf_to_megatron.py", "--hf-dir", hf_dirs["tied"], "--out", str(tmp_path / "o"),
+                           "--tp", "2", "--pp", "2", "--dry-run"))
+    assert res["dry_run"] and res["padded_vocab_size"] == 1024 and res["layers_per_stage"] == 1
+    assert not (tmp_path / "o").exists()
+    bad = _tool("convert_hf_to_megatron.py", "--hf-dir", hf_dirs["tied"], "--out", str(tmp_path / "o"),
+                "--pp", "3", "--dry-run", check=False)
+    assert bad.returncode == 2 and "--pp 3" in bad.stderr
