@@ -9,7 +9,6 @@ On CPU it launches its own gloo ranks. Both sides run in float32.
 """
 
 import argparse
-import json
 import sys
 
 
@@ -26,20 +25,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
-    from megatron_trace.models.jobs import check_parity
+    from megatron_trace.models.jobs import check_parity, run_tool
 
-    try:
-        res = check_parity(args.hf_dir, args.ckpt, args.tp, args.pp, args.batch, args.seq, args.seed, args.device)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if not res:
-        return 0  # non-zero ranks under torchrun
-    res["tol"] = args.tol
-    res["ok"] = res["max_abs_logit_diff"] <= args.tol
-    print(json.dumps(res))
-    return 0 if res["ok"] else 1
-
+    return run_tool(check_parity, args.hf_dir, args.ckpt, args.tp, args.pp, args.batch, args.seq, args.seed,
+                    args.device, tol=args.tol)
 
 if __name__ == "__main__":
     sys.exit(main())

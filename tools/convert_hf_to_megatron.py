@@ -8,7 +8,6 @@ The checkpoint reloads under any TP/PP (tools/convert_megatron_to_hf.py, the tra
 """
 
 import argparse
-import json
 import sys
 
 
@@ -23,17 +22,10 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     args = p.parse_args(argv)
 
-    from megatron_trace.models.jobs import convert_hf_to_megatron
+    from megatron_trace.models.jobs import convert_hf_to_megatron, run_tool
 
-    try:
-        res = convert_hf_to_megatron(args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.device,
-                                     dry_run=args.dry_run)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(res))
-    return 0
-
+    return run_tool(convert_hf_to_megatron, args.hf_dir, args.out, args.tp, args.pp, args.dtype, args.device,
+                    dry_run=args.dry_run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,6 @@ the checkpoint carries; `transformers.AutoModelForCausalLM.from_pretrained(HF_DI
 """
 
 import argparse
-import json
 import sys
 
 
@@ -22,16 +21,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args(argv)
 
-    from megatron_trace.models.jobs import convert_megatron_to_hf
+    from megatron_trace.models.jobs import convert_megatron_to_hf, run_tool
 
-    try:
-        res = convert_megatron_to_hf(args.ckpt, args.out, args.tp, args.pp, args.dtype, args.device)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(res))
-    return 0
-
+    return run_tool(convert_megatron_to_hf, args.ckpt, args.out, args.tp, args.pp, args.dtype, args.device)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Megatron distributed checkpoints (torch_dist) that reload under any TP/PP layout.
+"""Loading models: from HF directories, and torch_dist checkpoints that reload under any TP/PP.
 
 Layout of a checkpoint directory:
   <dir>/                      Megatron dist_checkpointing files (sharded by global offsets)
@@ -18,7 +18,7 @@ from ..parallel import ParallelGroups
 from .builder import build_model, padded_vocab
 from .qwen3 import Qwen3Arch, arch_from_hf_config
 
-__all__ = ["META_FILE", "load_checkpoint", "read_meta", "save_checkpoint"]
+__all__ = ["META_FILE", "load_checkpoint", "load_hf", "read_meta", "save_checkpoint"]
 
 META_FILE = "megatron_trace.json"
 _PREFIX = "model."
@@ -89,4 +89,15 @@ def load_checkpoint(ckpt_dir: str, groups: ParallelGroups, *, params_dtype: torc
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"{ckpt_dir}: checkpoint does not match the model: missing={missing} unexpected={unexpected}")
+    return model
+
+
+def load_hf(hf_dir: str, groups: ParallelGroups, *, params_dtype: torch.dtype = torch.float32,
+            progress: bool = False, **build_kwargs):
+    """Collective: build this rank's stage from an HF Qwen3 directory's config and weights."""
+    from .convert import HFCheckpointReader, load_hf_into_model
+
+    arch = arch_from_hf_config(hf_dir)
+    model = build_model(arch, groups, params_dtype=params_dtype, **build_kwargs)
+    load_hf_into_model(model, HFCheckpointReader(hf_dir), groups, progress=progress)
     return model

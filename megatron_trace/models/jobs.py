@@ -10,20 +10,21 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import initialize, launch
-from .builder import build_model, padded_vocab
-from .checkpoint import load_checkpoint, read_meta, save_checkpoint
+from .builder import padded_vocab
+from .checkpoint import load_checkpoint, load_hf, read_meta, save_checkpoint
 from .convert import (
     HFCheckpointReader,
     check_hf_tensors,
     export_hf_stream,
     hf_param_names,
-    load_hf_into_model,
 )
 from .forward import forward_logits, gather_full_logits
 from .hf_io import copy_tokenizer_files, save_hf_checkpoint
 from .qwen3 import arch_from_hf_config
 
-__all__ = ["check_parity", "convert_hf_to_megatron", "convert_megatron_to_hf", "read_hf_config"]
+__all__ = [
+    "check_parity", "convert_hf_to_megatron", "convert_megatron_to_hf", "read_hf_config", "run_tool",
+]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,13 +50,10 @@ def read_hf_config(hf_dir: str) -> dict:
 
 def _import_rank(hf_dir: str, out: str, tp: int, pp: int, dtype: torch.dtype, device: str) -> dict:
     groups = initialize(tp=tp, pp=pp, device=device)
-    cfg = read_hf_config(hf_dir)
-    arch = arch_from_hf_config(cfg, source=os.path.join(hf_dir, "config.json"))
-    model = build_model(arch, groups, params_dtype=dtype, perform_initialization=False)
-    n = load_hf_into_model(model, HFCheckpointReader(hf_dir), groups, progress=True)
-    save_checkpoint(model, groups, out, hf_config=cfg, tokenizer_dir=hf_dir,
+    model = load_hf(hf_dir, groups, params_dtype=dtype, progress=True, perform_initialization=False)
+    save_checkpoint(model, groups, out, hf_config=read_hf_config(hf_dir), tokenizer_dir=hf_dir,
                     extra={"converted_from": os.path.abspath(hf_dir)})
-    return {"rank": dist.get_rank(), "num_tensors": n}
+    return {"rank": dist.get_rank()}
 
 
 def convert_hf_to_megatron(hf_dir: str, out: str, tp: int = 1, pp: int = 1, dtype: str | None = None,
@@ -120,9 +118,7 @@ def _parity_rank(hf_dir: str | None, ckpt: str | None, tp: int, pp: int, input_i
     if ckpt:
         model = load_checkpoint(ckpt, groups, params_dtype=torch.float32, perform_initialization=False)
     else:
-        arch = arch_from_hf_config(hf_dir)
-        model = build_model(arch, groups, params_dtype=torch.float32, perform_initialization=False)
-        load_hf_into_model(model, HFCheckpointReader(hf_dir), groups)
+        model = load_hf(hf_dir, groups, params_dtype=torch.float32, perform_initialization=False)
     shard = forward_logits(model, groups, input_ids)
     full = gather_full_logits(shard, groups, model.arch.vocab_size, tuple(input_ids.shape))
     return full.cpu() if dist.get_rank() == 0 else None
@@ -130,7 +126,7 @@ def _parity_rank(hf_dir: str | None, ckpt: str | None, tp: int, pp: int, input_i
 
 @torch.no_grad()
 def check_parity(hf_dir: str, ckpt: str | None = None, tp: int = 1, pp: int = 1, batch: int = 2, seq: int = 16,
-                 seed: int = 0, device: str = "auto") -> dict:
+                 seed: int = 0, device: str = "auto", tol: float = 1e-4) -> dict:
     """Megatron (gathered, fp32) vs `transformers` Qwen3ForCausalLM logits on a fixed random batch."""
     from transformers import AutoModelForCausalLM
 
@@ -148,6 +144,8 @@ def check_parity(hf_dir: str, ckpt: str | None = None, tp: int = 1, pp: int = 1,
     diff = (ours.float() - ref).abs()
     return {
         "max_abs_logit_diff": diff.max().item(),
+        "ok": diff.max().item() <= tol,
+        "tol": tol,
         "mean_abs_logit_diff": diff.mean().item(),
         "argmax_agreement": (ours.argmax(-1) == ref.argmax(-1)).float().mean().item(),
         "tp": tp,
@@ -157,3 +155,20 @@ def check_parity(hf_dir: str, ckpt: str | None = None, tp: int = 1, pp: int = 1,
         "seq": seq,
         "vocab": arch.vocab_size,
     }
+
+
+def run_tool(job, *args, **kwargs) -> int:
+    """Run a job for a `tools/` script: print its JSON result, or the error and exit code 2.
+
+    A result with `"ok": false` exits 1; an empty result (a non-zero rank under torchrun) prints nothing.
+    """
+    import sys
+
+    try:
+        res = job(*args, **kwargs)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if res:
+        print(json.dumps(res))
+    return 1 if res.get("ok") is False else 0

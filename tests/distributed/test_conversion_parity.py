@@ -17,20 +17,17 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 def _convert_rank(hf_dirs, ids, tp, pp, ckpt_root):
     import os
 
-    from megatron_trace.models.builder import build_model
-    from megatron_trace.models.checkpoint import save_checkpoint
-    from megatron_trace.models.convert import HFCheckpointReader, export_hf_stream, load_hf_into_model
+    from megatron_trace.models.checkpoint import load_hf, save_checkpoint
+    from megatron_trace.models.convert import export_hf_stream
     from megatron_trace.models.forward import forward_logits, gather_full_logits
     from megatron_trace.models.jobs import read_hf_config
-    from megatron_trace.models.qwen3 import arch_from_hf_config
     from megatron_trace.parallel import initialize
 
     groups = initialize(tp=tp, pp=pp)
     out = {}
     for name, d in hf_dirs.items():
-        arch = arch_from_hf_config(d)
-        model = build_model(arch, groups)
-        load_hf_into_model(model, HFCheckpointReader(d), groups)
+        model = load_hf(d, groups)
+        arch = model.arch
         logits = gather_full_logits(forward_logits(model, groups, ids), groups, arch.vocab_size, tuple(ids.shape))
         exported = {k: v.clone() for k, v in export_hf_stream(model, groups)}
         if ckpt_root:
@@ -79,19 +76,16 @@ def test_hf_megatron_hf_round_trip_is_bit_identical(runs, hf_dirs, layout, varia
 
 
 def _reload_rank(ckpt_dirs, hf_dirs, ids):
-    from megatron_trace.models.builder import build_model
-    from megatron_trace.models.checkpoint import load_checkpoint
-    from megatron_trace.models.convert import HFCheckpointReader, export_hf_stream, load_hf_into_model
+    from megatron_trace.models.checkpoint import load_checkpoint, load_hf
+    from megatron_trace.models.convert import export_hf_stream
     from megatron_trace.models.forward import forward_logits, gather_full_logits
-    from megatron_trace.models.qwen3 import arch_from_hf_config
     from megatron_trace.parallel import initialize
 
     groups = initialize(tp=1, pp=1)
     out = {}
     for (src, name), ckpt in ckpt_dirs.items():
         model = load_checkpoint(ckpt, groups)
-        direct = build_model(arch_from_hf_config(hf_dirs[name]), groups)
-        load_hf_into_model(direct, HFCheckpointReader(hf_dirs[name]), groups)
+        direct = load_hf(hf_dirs[name], groups)
         a = gather_full_logits(forward_logits(model, groups, ids), groups, model.arch.vocab_size, tuple(ids.shape))
         b = gather_full_logits(forward_logits(direct, groups, ids), groups, model.arch.vocab_size, tuple(ids.shape))
         weights = {k: v.clone() for k, v in export_hf_stream(model, groups)}

@@ -16,9 +16,9 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2)]
 def _step_rank(hf_dirs, ids, tp, pp):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from megatron_trace.models.builder import build_model, mask_vocab_padding_
-    from megatron_trace.models.convert import HFCheckpointReader, export_hf_stream, load_hf_into_model
-    from megatron_trace.models.qwen3 import arch_from_hf_config
+    from megatron_trace.models.builder import mask_vocab_padding_
+    from megatron_trace.models.checkpoint import load_hf
+    from megatron_trace.models.convert import export_hf_stream
     from megatron_trace.parallel import initialize
     from megatron_trace.parallel.schedule import run_schedule
     from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
@@ -26,9 +26,8 @@ def _step_rank(hf_dirs, ids, tp, pp):
     groups = initialize(tp=tp, pp=pp)
     out = {}
     for name, d in hf_dirs.items():
-        arch = arch_from_hf_config(d)
-        model = build_model(arch, groups)
-        load_hf_into_model(model, HFCheckpointReader(d), groups)
+        model = load_hf(d, groups)
+        arch = model.arch
         ddp = wrap_ddp(model, groups)
         opt = build_optimizer(ddp, groups, OptimSettings(optimizer="sgd", lr=1.0, clip_grad=0.5))
 

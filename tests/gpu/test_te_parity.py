@@ -13,19 +13,17 @@ from megatron_trace.parallel import run_on_ranks
 
 
 def _te_rank(hf_dirs, ids):
-    from megatron_trace.models.builder import build_model
-    from megatron_trace.models.convert import HFCheckpointReader, export_hf_stream, load_hf_into_model
+    from megatron_trace.models.checkpoint import load_hf
+    from megatron_trace.models.convert import export_hf_stream
     from megatron_trace.models.forward import forward_logits, gather_full_logits
-    from megatron_trace.models.qwen3 import arch_from_hf_config
     from megatron_trace.parallel import initialize
 
     groups = initialize(device="cuda")
     out = {}
     for name, d in hf_dirs.items():
-        arch = arch_from_hf_config(d)
-        model = build_model(arch, groups, use_te=True)
+        model = load_hf(d, groups, use_te=True)
+        arch = model.arch
         names = [n for n, _ in model.named_parameters()]
-        load_hf_into_model(model, HFCheckpointReader(d), groups)
         logits = gather_full_logits(forward_logits(model, groups, ids), groups, arch.vocab_size, tuple(ids.shape))
         weights = {k: v.cpu().clone() for k, v in export_hf_stream(model, groups)}
         out[name] = (names, logits.cpu(), weights)
