@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO, hf_logits
+from safetensors.torch import load_file
 
 
 def _tool(name, *args, check=True):
@@ -32,6 +33,9 @@ def test_convert_tp2_then_back_to_hf_loads_in_transformers(hf_dirs, token_batch,
     meta = json.load(open(os.path.join(ckpt, "megatron_trace.json")))
     assert meta["saved_with"] == {"tp": 2, "pp": 1} and meta["hf_config"]["model_type"] == "qwen3"
     _tool("convert_megatron_to_hf.py", "--ckpt", ckpt, "--out", out)
+    # Through disk and a TP=2 dist checkpoint, every tensor comes back bit for bit.
+    original, written = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    assert set(written) == set(original) and all(torch.equal(written[k], v) for k, v in original.items())
     # transformers loads the export, and since the round trip is exact, so are the logits.
     assert torch.equal(hf_logits(out, token_batch), hf_logits(src, token_batch))
     assert os.path.exists(os.path.join(out, "generation_config.json"))  # carried through the checkpoint
