@@ -1,0 +1,134 @@
+"""Shared cases for the vocab-parallel primitives, run at TP=1 in-process and TP=2/3 on gloo.
+
+Every case builds full-vocabulary logits deterministically, shards them along the vocabulary
+(padding the last shard like Megatron, with the padding masked through `vocab_size`), runs our
+primitive with random upstream gradients, and returns values and the rank's gradient shard.
+`check_results` compares them with the dense float64 autograd reference.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+import dense_reference as ref
+
+V = 103  # prime: TP=2 and TP=3 both need padding
+
+
+def _case_inputs(name: str):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # str hash() differs per process
+    T = 0 if name == "empty" else 9
+    student = torch.randn(T, V, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(T, V, generator=g, dtype=torch.float64) * 3
+    targets = torch.randint(0, V, (T,), generator=g)
+    if name == "extreme":
+        student[:, ::7] = 1e4
+        student[:, 3::11] = -1e4
+        teacher[:, 1::5] = -1e4
+        teacher[:, 2::9] = 1e4
+    if name == "neginf":
+        # -inf in both (like a shared mask) and in only one side where that side's term vanishes:
+        # teacher-only -inf for FKL (p = 0), student-only -inf for RKL (q = 0).
+        student[:, 10:14] = float("-inf")
+        teacher[:, 10:14] = float("-inf")
+        teacher[:, 20:25] = float("-inf")
+        targets = torch.where((targets >= 10) & (targets < 14), torch.zeros_like(targets), targets)
+    return student, teacher, targets
+
+
+CASES = [
+    # name, temperature, entry_clip
+    ("plain", 1.0, None),
+    ("plain", 1.0, 0.05),
+    ("temp", 0.7, None),
+    ("temp", 1.6, 0.05),
+    ("extreme", 1.0, None),
+    ("extreme", 1.0, 0.05),
+    ("neginf", 1.0, None),
+    ("neginf", 0.8, 0.05),
+    ("empty", 1.0, 0.05),
+]
+
+
+def run_cases(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype, chunk_size: int | None = 4):
+    from megatron_trace.loss import token_divergence, token_logprob_and_entropy
+
+    shard = -(-V // tp_size)
+    lo, hi = tp_rank * shard, (tp_rank + 1) * shard
+    out = []
+    for name, temp, clip in CASES:
+        s_full, t_full, y = _case_inputs(name)
+        pad = shard * tp_size - V
+        s_pad = torch.cat([s_full, torch.full((s_full.shape[0], pad), 5.0, dtype=s_full.dtype)], 1)  # junk: masked
+        t_pad = torch.cat([t_full, torch.full((t_full.shape[0], pad), 5.0, dtype=t_full.dtype)], 1)
+        s = s_pad[:, lo:hi].to(dtype).requires_grad_()
+        t = t_pad[:, lo:hi].to(dtype)
+        g = torch.Generator().manual_seed(11)
+        g_lp, g_h, g_f, g_r = (torch.randn(s.shape[0], generator=g, dtype=torch.float64) for _ in range(4))
+        lp, ent = token_logprob_and_entropy(s, y, tp_group, temp, vocab_size=V, chunk_size=chunk_size,
+                                            entropy_grad=True)
+        fkl, n_clip = token_divergence(s, t, "forward", tp_group, temp, clip, vocab_size=V, chunk_size=chunk_size,
+                                       return_clip_counts=True)
+        if name == "neginf":  # RKL with student-only -inf: swap roles of the one-sided mask
+            s_r = torch.cat([t_full, torch.full((t_full.shape[0], pad), 5.0, dtype=t_full.dtype)], 1)[:, lo:hi]
+            s_r = s_r.to(dtype).requires_grad_()
+            t_r = s_pad[:, lo:hi].to(dtype)
+        else:
+            s_r, t_r = s, t
+        rkl = token_divergence(s_r, t_r, "reverse", tp_group, temp, clip, vocab_size=V, chunk_size=chunk_size)
+        loss = (lp * g_lp.to(lp.dtype)).sum() + (ent * g_h.to(ent.dtype)).sum() + (fkl * g_f.to(fkl.dtype)).sum()
+        grads = torch.autograd.grad(loss, s, allow_unused=True)[0] if s.shape[0] else torch.zeros_like(s)
+        grad_r = (torch.autograd.grad((rkl * g_r.to(rkl.dtype)).sum(), s_r)[0] if s.shape[0]
+                  else torch.zeros_like(s_r))
+        out.append(dict(case=(name, temp, clip), lp=lp.detach(), ent=ent.detach(), fkl=fkl.detach(),
+                        rkl=rkl.detach(), n_clip=n_clip, grad=grads, grad_r=grad_r, lo=lo, hi=hi))
+    return out
+
+
+def _reference(name, temp, clip):
+    s_full, t_full, y = _case_inputs(name)
+    g = torch.Generator().manual_seed(11)
+    g_lp, g_h, g_f, g_r = (torch.randn(s_full.shape[0], generator=g, dtype=torch.float64) for _ in range(4))
+    s = s_full.clone().requires_grad_()
+    lp, ent = ref.logprob_entropy(s, y, temp)
+    fkl = ref.divergence(s, t_full, "forward", temp, clip)
+    loss = (lp * g_lp).sum() + (ent * g_h).sum() + (fkl * g_f).sum()
+    grad = torch.autograd.grad(loss, s)[0] if s.shape[0] else torch.zeros_like(s)
+    if name == "neginf":
+        s_r, t_r = t_full.clone().requires_grad_(), s_full
+    else:
+        s_r, t_r = s_full.clone().requires_grad_(), t_full
+    rkl = ref.divergence(s_r, t_r, "reverse", temp, clip)
+    grad_r = torch.autograd.grad((rkl * g_r).sum(), s_r)[0] if s.shape[0] else torch.zeros_like(s_r)
+    with torch.no_grad():
+        terms = torch.log_softmax(t_full / temp, -1).exp() * (
+            ref._safe(torch.log_softmax(t_full / temp, -1)) - ref._safe(torch.log_softmax(s_full / temp, -1)))
+        n_clip = (terms > clip).sum(-1).double() if clip is not None else torch.zeros(s_full.shape[0], dtype=torch.float64)
+    return dict(lp=lp.detach(), ent=ent.detach(), fkl=fkl.detach(), rkl=rkl.detach(), n_clip=n_clip,
+                grad=grad, grad_r=grad_r)
+
+
+def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
+    """per_rank: run_cases output, or a list of them (one per TP rank)."""
+    if isinstance(per_rank, list) and per_rank and isinstance(per_rank[0], dict):
+        per_rank = [per_rank]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for i, (name, temp, clip) in enumerate(CASES):
+        want = _reference(name, temp, clip)
+        ranks = [r[i] for r in per_rank]
+        for key in ("lp", "ent", "fkl", "rkl", "n_clip"):
+            for rank, r in enumerate(ranks):
+                got = r[key].double()
+                assert got.shape == want[key].shape, (name, key)
+                err = (got - want[key]).abs().max().item() if got.numel() else 0.0
+                scale = 1.0 if dtype == torch.float64 else max(1.0, want[key].abs().max().item() if got.numel() else 1.0)
+                assert err <= tol * scale, f"{(name, temp, clip)} {key} rank {rank}: err {err}"
+        for key in ("grad", "grad_r"):
+            full = torch.cat([r[key].double() for r in ranks], dim=1)
+            assert torch.all(full[:, V:] == 0), f"{name}: gradient on padded vocab"
+            err = (full[:, :V] - want[key]).abs().max().item() if full.numel() else 0.0
+            # fp32: 1e-5 relative to the largest magnitude (extreme logits give O(1e4) gradients)
+            scale = 1.0 if dtype == torch.float64 or not full.numel() else max(1.0, want[key].abs().max().item())
+            assert err <= tol * scale, f"{(name, temp, clip)} {key}: err {err}"
