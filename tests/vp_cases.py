@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import zlib
 
-import torch
-
 import dense_reference as ref
+import torch
 
 V = 103  # prime: TP=2 and TP=3 both need padding
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 import vp_cases
+
 from megatron_trace.parallel import run_on_ranks
 
 

@@ -5,8 +5,8 @@ The TP=2 and TP=3 versions of the same cases run in tests/distributed/test_vocab
 
 import pytest
 import torch
-
 import vp_cases
+
 from megatron_trace.loss import token_divergence, token_logprob_and_entropy
 
 

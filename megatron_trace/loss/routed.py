@@ -1,0 +1,324 @@
+"""TRACE routing and the routed objective: GRPO everywhere, full-vocabulary KL on routed spans.
+
+Token layout: one micro-batch of T response tokens from B rollouts, packed. `seq_ids[t]` is the
+rollout (0..B-1) of token t and `seq_lens[b]` its full response length |y|. Rollouts are never
+split across micro-batches. Logits are `[T, V/tp]` vocab shards; teacher logits are `[R, V/tp]`
+for the R routed tokens only, in token order.
+
+Objective per rollout y (DESIGN section 2):
+  GRPO on every token: l_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A),
+  weighted 1 off-span and w_span on routed tokens, where w_span = 1 - lambda/lambda0 ("anneal",
+  TRACE), 1 ("full", all-token distillation with GRPO) or 0 ("none", pure distillation);
+  KL term lambda * (1/|y|) * sum over routed t of D_t, D_t = FKL or RKL over the full vocabulary.
+
+Normalisation (the one place it is decided). Every token carries a weight computed from
+*global* counts (all DP ranks, all micro-batches of the step), so the loss is a plain sum of
+per-token terms and the step's loss/gradient is the sum over micro-batches and ranks,
+independent of DP size and micro-batching:
+  token-mean               GRPO weight 1 / N_tokens
+  seq-mean-token-mean      GRPO weight 1 / (|y| * N_seqs)
+  seq-mean-token-sum-norm  GRPO weight 1 / (L_norm * N_seqs)   (Dr. GRPO; L_norm = max response length)
+  KL term (every mode)     lambda / (|y| * N_seqs)               (mean over rollouts of the
+                                                                  length-normalised span sum)
+The trainer must therefore *sum* (not average) gradients over DP ranks.
+
+How this differs from the paper's equations: the paper does not state how the GRPO part is
+aggregated over the batch (we default to token-mean, the DAPO recipe default), nor the direction
+of the per-entry KL clip (we clip each entry from above, see vocab_parallel). The optional k3 KL
+to a reference policy and the entropy bonus are off by default, as in the paper's recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+from .metrics import Stats
+from .vocab_parallel import token_divergence, token_logprob_and_entropy
+
+__all__ = [
+    "AGG_MODES",
+    "GlobalCounts",
+    "LossConfig",
+    "LossInputs",
+    "ROUTE_VARIANTS",
+    "Route",
+    "RouteVariant",
+    "build_routes",
+    "routed_loss",
+]
+
+
+class Route(IntEnum):
+    GRPO = 0
+    FKL = 1
+    RKL = 2
+
+
+@dataclass(frozen=True)
+class RouteVariant:
+    mask: str | None  # annotator | all | random | inverted | None (no routing)
+    action: str | None  # fkl | rkl | both
+    routed_grpo: str  # anneal | full | none: GRPO weight on routed tokens
+
+
+ROUTE_VARIANTS: dict[str, RouteVariant] = {
+    "grpo": RouteVariant(None, None, "full"),
+    "trace_fkl": RouteVariant("annotator", "fkl", "anneal"),
+    "trace_rkl": RouteVariant("annotator", "rkl", "anneal"),
+    "trace_both": RouteVariant("annotator", "both", "anneal"),
+    "all_token_fkl": RouteVariant("all", "fkl", "full"),
+    "all_token_rkl": RouteVariant("all", "rkl", "full"),
+    "random_mask": RouteVariant("random", "fkl", "anneal"),
+    "inverted_mask": RouteVariant("inverted", "fkl", "anneal"),
+}
+
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _variant(name: str) -> RouteVariant:
+    if name not in ROUTE_VARIANTS:
+        raise ValueError(f"loss.variant: unknown {name!r}; choose one of {sorted(ROUTE_VARIANTS)}")
+    return ROUTE_VARIANTS[name]
+
+
+def _random_subset(candidates: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """k of the candidate positions, chosen by a generator seeded from `seed` only."""
+    if k >= candidates.numel():
+        return candidates
+    gen = torch.Generator().manual_seed(seed)
+    return candidates[torch.randperm(candidates.numel(), generator=gen)[:k]]
+
+
+def build_routes(
+    variant: str,
+    correct: torch.Tensor,
+    key_mask: torch.Tensor,
+    error_mask: torch.Tensor,
+    seq_ids: torch.Tensor,
+    *,
+    action: str | None = None,
+    coverage_cap: float = 0.25,
+    seed: int = 0,
+    step: int = 0,
+    rollout_uids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token routes `[T]` (int8 `Route`) from rollout correctness and annotated span masks.
+
+    correct: `[B]` bool. key_mask / error_mask: `[T]` bool, the annotator's key spans (meaningful
+    on correct rollouts) and error spans (on incorrect ones). action overrides the variant's
+    (fkl | rkl | both). Ablation masks: `random` routes round(coverage_cap * |y|) random tokens
+    of each eligible rollout; `inverted` routes the tokens *outside* the annotated span of each
+    rollout that has one, at most round(coverage_cap * |y|), chosen at random when more. Random
+    choices depend only on (seed, step, rollout uid), never on the DP layout.
+    """
+    v = _variant(variant)
+    act = action or v.action
+    if act not in (None, "fkl", "rkl", "both"):
+        raise ValueError(f"loss.action must be fkl, rkl or both, got {act!r}")
+    T = seq_ids.numel()
+    routes = torch.zeros(T, dtype=torch.int8)
+    if v.mask is None or T == 0:
+        return routes
+    tok_correct = correct.bool()[seq_ids]
+    if v.mask == "all":
+        routes[:] = Route.FKL if act == "fkl" else Route.RKL
+        if act == "both":
+            routes[:] = torch.where(tok_correct, int(Route.FKL), int(Route.RKL)).to(torch.int8)
+        return routes
+    want_fkl = act in ("fkl", "both")
+    want_rkl = act in ("rkl", "both")
+    # The span each token would be routed on, and the route it would take.
+    eligible = (tok_correct & want_fkl) | (~tok_correct & want_rkl)
+    span = torch.where(tok_correct, key_mask.bool(), error_mask.bool()) & eligible
+    route_of = torch.where(tok_correct, int(Route.FKL), int(Route.RKL)).to(torch.int8)
+    if v.mask == "annotator":
+        routes[span] = route_of[span]
+        return routes
+    uids = rollout_uids if rollout_uids is not None else torch.arange(int(seq_ids.max()) + 1)
+    for b in torch.unique(seq_ids).tolist():
+        pos = torch.nonzero(seq_ids == b)[:, 0]
+        if not bool(eligible[pos[0]]):
+            continue
+        cap = int(round(coverage_cap * pos.numel()))
+        rseed = ((seed * 1_000_003 + step) * 1_000_033 + int(uids[b])) % (2**31 - 1)
+        if v.mask == "random":
+            chosen = _random_subset(pos, cap, rseed)
+        else:  # inverted: only rollouts whose annotation produced a span
+            if not bool(span[pos].any()):
+                continue
+            chosen = _random_subset(pos[~span[pos]], cap, rseed)
+        routes[chosen] = route_of[chosen]
+    return routes
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    variant: str = "trace_fkl"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    agg: str = "token-mean"
+    max_response_len: int = 0  # L_norm for seq-mean-token-sum-norm
+    lambda0: float = 0.5
+    entry_clip: float | None = 0.05
+    temperature: float = 1.0
+    routed_grpo: str | None = None  # None: the variant's default
+    kl_ref_coef: float = 0.0  # k3 KL to a reference policy
+    entropy_coef: float = 0.0
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _variant(self.variant)
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"loss.agg must be one of {AGG_MODES}, got {self.agg!r}")
+        if self.agg == "seq-mean-token-sum-norm" and self.max_response_len <= 0:
+            raise ValueError("loss.max_response_len must be set (> 0) for agg=seq-mean-token-sum-norm")
+        if self.routed_grpo not in (None, "anneal", "full", "none"):
+            raise ValueError(f"loss.routed_grpo must be anneal, full or none, got {self.routed_grpo!r}")
+        if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
+            raise ValueError(f"loss.eps_low must be in [0, 1) and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+
+    @property
+    def span_grpo_mode(self) -> str:
+        return self.routed_grpo or ROUTE_VARIANTS[self.variant].routed_grpo
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch of packed response tokens (T tokens, B rollouts)."""
+
+    targets: torch.Tensor  # [T] long: sampled token ids
+    old_logprobs: torch.Tensor  # [T] log pi_old(y_t) (rollout / behaviour policy)
+    advantages: torch.Tensor  # [T] the rollout's advantage, repeated over its tokens
+    routes: torch.Tensor  # [T] int8 Route
+    seq_ids: torch.Tensor  # [T] long: rollout index 0..B-1 within this micro-batch
+    seq_lens: torch.Tensor  # [B] long: |y|, each rollout's full response length
+    ref_logprobs: torch.Tensor | None = None  # [T] reference policy, for kl_ref_coef > 0
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Counts over the whole step (all DP ranks, all micro-batches): the normalisers."""
+
+    num_tokens: int
+    num_seqs: int
+
+    def __post_init__(self) -> None:
+        if self.num_tokens <= 0 or self.num_seqs <= 0:
+            raise ValueError(f"global counts must be positive, got {self}")
+
+
+def _grpo_weights(batch: LossInputs, counts: GlobalCounts, cfg: LossConfig, dtype) -> torch.Tensor:
+    if cfg.agg == "token-mean":
+        return torch.full(batch.targets.shape, 1.0 / counts.num_tokens, dtype=dtype)
+    if cfg.agg == "seq-mean-token-mean":
+        return 1.0 / (batch.seq_lens[batch.seq_ids].to(dtype) * counts.num_seqs)
+    return torch.full(batch.targets.shape, 1.0 / (cfg.max_response_len * counts.num_seqs), dtype=dtype)
+
+
+def routed_loss(
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    batch: LossInputs,
+    counts: GlobalCounts,
+    cfg: LossConfig,
+    lam: float,
+    tp_group=None,
+    vocab_size: int | None = None,
+) -> tuple[torch.Tensor, Stats]:
+    """This micro-batch's share of the step loss (sum over micro-batches and DP ranks = loss).
+
+    logits: `[T, V/tp]` student shard (requires grad). teacher_logits: `[R, V/tp]` at the routed
+    tokens, needed only when lam > 0 and R > 0. Returns (scalar loss, Stats).
+    """
+    T = batch.targets.numel()
+    if logits.shape[0] != T:
+        raise ValueError(f"logits have {logits.shape[0]} rows for {T} tokens")
+    dev = logits.device
+    routes = batch.routes.to(dev)
+    routed = routes != Route.GRPO
+    num_routed = int(routed.sum())
+    kl_on = lam > 0 and num_routed > 0
+    if kl_on and (teacher_logits is None or teacher_logits.shape[0] != num_routed):
+        got = None if teacher_logits is None else tuple(teacher_logits.shape)
+        raise ValueError(f"lambda={lam} with {num_routed} routed tokens needs teacher logits [{num_routed}, V/tp], got {got}")
+
+    lp, ent = token_logprob_and_entropy(logits, batch.targets.to(dev), tp_group, cfg.temperature,
+                                        vocab_size=vocab_size, chunk_size=cfg.chunk_size,
+                                        entropy_grad=cfg.entropy_coef > 0)
+    cdt = lp.dtype
+    adv = batch.advantages.to(dev, cdt)
+    log_ratio = lp - batch.old_logprobs.to(dev, cdt)
+    ratio = torch.exp(log_ratio)
+    clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+    pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
+
+    mode = cfg.span_grpo_mode
+    w_span = {"anneal": 1.0 - lam / cfg.lambda0 if cfg.lambda0 > 0 else 1.0, "full": 1.0, "none": 0.0}[mode]
+    w = _grpo_weights(batch, counts, cfg, cdt).to(dev)
+    w_pg = torch.where(routed, w * w_span, w)
+    loss_pg = (w_pg * pg).sum()
+    loss = loss_pg
+
+    stats = Stats()
+    seq_len_t = batch.seq_lens.to(dev)[batch.seq_ids.to(dev)].to(cdt)
+    if kl_on:
+        idx = torch.nonzero(routed)[:, 0]
+        student = logits[idx]
+        d = torch.empty(num_routed, dtype=cdt, device=dev)
+        n_clip = torch.zeros(num_routed, dtype=cdt, device=dev)
+        sub_routes = routes[idx]
+        for route, kind in ((Route.FKL, "forward"), (Route.RKL, "reverse")):
+            sel = torch.nonzero(sub_routes == route)[:, 0]
+            if sel.numel():
+                d_k, c_k = token_divergence(student[sel], teacher_logits[sel], kind, tp_group, cfg.temperature,
+                                            cfg.entry_clip, vocab_size=vocab_size, chunk_size=cfg.chunk_size,
+                                            return_clip_counts=True)
+                d = d.index_put((sel,), d_k)
+                n_clip[sel] = c_k
+            stats.mean(f"kl/{kind[0]}kl_mean", d.detach()[sel] if sel.numel() else d.detach()[:0])
+        loss_kl = (lam / (seq_len_t[idx] * counts.num_seqs) * d).sum()
+        loss = loss + loss_kl
+        width = vocab_size if vocab_size is not None else logits.shape[-1]
+        stats.mean_of("kl/entry_clip_frac", n_clip.sum(), num_routed * width)
+    else:
+        loss_kl = torch.zeros((), dtype=cdt, device=dev)
+        stats.mean("kl/fkl_mean", lp.detach()[:0])
+        stats.mean("kl/rkl_mean", lp.detach()[:0])
+        stats.mean_of("kl/entry_clip_frac", 0.0, 0.0)
+
+    if cfg.kl_ref_coef > 0:
+        if batch.ref_logprobs is None:
+            raise ValueError("loss.kl_ref_coef > 0 needs ref_logprobs in the batch")
+        delta = (batch.ref_logprobs.to(dev, cdt) - lp).clamp(-20.0, 20.0)
+        k3 = torch.exp(delta) - delta - 1.0
+        loss = loss + cfg.kl_ref_coef * (w * k3).sum()
+        stats.mean("kl/ref_k3", k3.detach())
+    if cfg.entropy_coef > 0:
+        loss = loss - cfg.entropy_coef * (w * ent).sum()
+
+    # ---- metrics (declared reductions; see metrics.Stats)
+    with torch.no_grad():
+        stats.sum("loss/total", loss.detach())
+        stats.sum("loss/grpo", loss_pg.detach())
+        stats.sum("loss/kl", loss_kl.detach())
+        for r in Route:
+            stats.mean(f"route/{r.name.lower()}_frac", (routes == r).to(cdt))
+        stats.mean("entropy/all", ent)
+        stats.mean("entropy/span", ent, routed)
+        stats.mean("entropy/off_span", ent, ~routed)
+        stats.mean("ppo/clip_frac_low", ((ratio < 1.0 - cfg.eps_low) & (adv < 0)).to(cdt))
+        stats.mean("ppo/clip_frac_high", ((ratio > 1.0 + cfg.eps_high) & (adv > 0)).to(cdt))
+        stats.mean("ppo/ratio_mean", ratio)
+        stats.max("ppo/ratio_max", ratio.max() if T else float("-inf"))
+        stats.min("ppo/ratio_min", ratio.min() if T else float("inf"))
+        stats.mean("ppo/logprob_diff_abs", log_ratio.abs())  # train vs behaviour policy mismatch
+        stats.max("kl/lambda", lam)
+        # Span coverage: mean over rollouts of |S_y| / |y|.
+        num_b = batch.seq_lens.numel()
+        per_seq = torch.zeros(num_b, dtype=cdt, device=dev).index_add_(0, batch.seq_ids.to(dev), routed.to(cdt))
+        stats.mean("route/span_coverage", per_seq / batch.seq_lens.to(dev, cdt).clamp(min=1))
+        stats.mean("route/rollouts_with_span", (per_seq > 0).to(cdt))
+    return loss, stats

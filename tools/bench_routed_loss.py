@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Time and peak memory of the routed loss path vs Megatron's CE and a naive full-vocab reference.
+
+    python tools/bench_routed_loss.py --vocab 151936 --tokens 2048 --routed-frac 0.25 --tp 1 [--dtype bf16] --json
+
+Measured in the same run, each in a fresh set of processes (forward + backward):
+  (a) megatron_ce: Megatron's `vocab_parallel_cross_entropy` on the logits;
+  (b) routed: our log-prob + entropy on all tokens and FKL (entry clip 0.05) on the routed rows;
+  (c) naive: gather the full vocabulary, then torch.nn.functional log-softmax/entropy/KL.
+Peak memory is the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
+above the resident size after the inputs exist, measured on the first run in its own processes
+with glibc's mmap threshold pinned so that freed tensors leave RSS. Time is the median of
+--repeats runs after one warm-up, in separate processes with the default allocator. With --tp N every
+variant runs on N gloo ranks; rank 0's numbers are reported.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+VARIANTS = ("megatron_ce", "routed", "naive")
+
+
+def _kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, chunk_size, measure):
+    import gc
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_trace.loss import token_divergence, token_logprob_and_entropy
+    from megatron_trace.models.builder import padded_vocab
+    from megatron_trace.parallel import initialize
+
+    groups = initialize(tp=tp)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    v_pad = padded_vocab(vocab, tp)
+    width = v_pad // tp
+    rank = groups.tp_rank
+    gen = torch.Generator().manual_seed(1234 + rank)
+    logits = (torch.randn(tokens, width, generator=gen) * 2).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(7))
+    n_routed = int(round(routed_frac * tokens))
+    routed = torch.randperm(tokens, generator=torch.Generator().manual_seed(8))[:n_routed].sort().values
+    teacher = (torch.randn(n_routed, width, generator=gen) * 2).to(dtype)
+
+    def run():
+        logits.grad = None
+        if variant == "megatron_ce":
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+            loss = vocab_parallel_cross_entropy(logits, targets).sum()
+        elif variant == "routed":
+            lp, _ = token_logprob_and_entropy(logits, targets, groups.tp, vocab_size=vocab, chunk_size=chunk_size)
+            fkl = token_divergence(logits[routed], teacher, "forward", groups.tp, entry_clip=0.05,
+                                   vocab_size=vocab, chunk_size=chunk_size)
+            loss = fkl.sum() - lp.sum()
+        else:
+            full = logits
+            full_t = teacher
+            if tp > 1:
+                import torch.distributed.nn.functional as dnn
+
+                full = torch.cat(dnn.all_gather(logits, group=groups.tp), dim=-1)
+                parts = [torch.empty_like(teacher) for _ in range(tp)]
+                dist.all_gather(parts, teacher, group=groups.tp)
+                full_t = torch.cat(parts, dim=-1)
+            z = full.float()[:, :vocab]
+            logq = torch.log_softmax(z, -1)
+            lp = logq.gather(1, targets[:, None])[:, 0]
+            _ = -(logq.exp() * logq).sum(-1)  # entropy metric, as (b) computes it
+            logp = torch.log_softmax(full_t.float()[:, :vocab], -1)
+            terms = torch.clamp(logp.exp() * (logp - logq[routed]), max=0.05)
+            loss = terms.sum() - lp.sum()
+        loss.backward()
+        return loss
+
+    if measure == "memory":
+        gc.collect()
+        base = _kib("VmRSS")
+        _reset_peak()
+        run()
+        return {"peak_mem_mib": (_kib("VmHWM") - base) / 1024}
+    times = []
+    for i in range(repeats + 1):
+        gc.collect()
+        if tp > 1:
+            dist.barrier(group=groups.tp)
+        t0 = time.perf_counter()
+        run()
+        if i:  # the first timed run is a warm-up
+            times.append(time.perf_counter() - t0)
+    return {"time_s": statistics.median(times)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--routed-frac", type=float, default=0.25)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: automatic)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = p.parse_args(argv)
+    if not 0 <= args.routed_frac <= 1:
+        print(f"error: --routed-frac must be in [0, 1], got {args.routed_frac}", file=sys.stderr)
+        return 2
+    variants = args.variants.split(",")
+    if bad := [v for v in variants if v not in VARIANTS]:
+        print(f"error: unknown --variants {bad}; choose from {VARIANTS}", file=sys.stderr)
+        return 2
+
+    from megatron_trace.parallel import run_on_ranks
+
+    res = {"vocab": args.vocab, "tokens": args.tokens, "routed_frac": args.routed_frac, "tp": args.tp,
+           "dtype": args.dtype, "repeats": args.repeats}
+    for v in variants:
+        if not args.json:
+            print(f"[bench] {v} ...", file=sys.stderr)
+        out = {}
+        for measure in ("memory", "time"):
+            # Memory runs pin glibc's mmap threshold so that freed tensors leave RSS (otherwise
+            # peak-RSS deltas undercount); timing runs use the default allocator, as training does.
+            if measure == "memory":
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            else:
+                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+            out.update(run_on_ranks(_bench_rank, args.tp, v, args.vocab, args.tokens, args.routed_frac, args.tp,
+                                    args.dtype, args.repeats, args.chunk_size, measure)[0])
+        res[v] = {k: round(x, 4) for k, x in out.items()}
+    if "megatron_ce" in res and "routed" in res:
+        res["time_ratio_routed_vs_megatron_ce"] = round(res["routed"]["time_s"] / res["megatron_ce"]["time_s"], 3)
+        res["mem_ratio_routed_vs_megatron_ce"] = round(
+            res["routed"]["peak_mem_mib"] / res["megatron_ce"]["peak_mem_mib"], 3)
+    if "naive" in res and "routed" in res:
+        res["mem_ratio_naive_vs_routed"] = round(res["naive"]["peak_mem_mib"] / res["routed"]["peak_mem_mib"], 3)
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
