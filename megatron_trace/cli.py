@@ -2,6 +2,7 @@
 
 Subcommands available now:
   demo     the CPU smoke path: tiny Qwen3 -> Megatron (TP=2, gloo) -> logits parity -> back to HF
+  grade    grade a JSONL of responses against a benchmark (math-verify, hard time limits)
   models   the Qwen3 size registry with parameter counts
 Training, SFT, evaluation and grading subcommands arrive with their issues (see README).
 """
@@ -59,6 +60,15 @@ def _cmd_demo(args) -> int:
     return 0 if p["max_abs_logit_diff"] <= 1e-4 else 1
 
 
+def _cmd_grade(args) -> int:
+    from .reward.grade import grade_responses
+
+    report = grade_responses(args.benchmark, args.responses, args.out, timeout_s=args.timeout,
+                             num_workers=args.workers, gpqa_csv=args.gpqa_csv)
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="directory for the artifacts (default: runs/demo)")
     d.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the converted checkpoint")
     d.set_defaults(fn=_cmd_demo)
+    g = sub.add_parser("grade", help="grade a JSONL of responses against a benchmark")
+    g.add_argument("--benchmark", required=True, help="math500 | aime24 | aime25 | amc23 | gpqa_diamond | arith")
+    g.add_argument("--responses", required=True, help='JSONL lines {"index": row, "response": text}')
+    g.add_argument("--out", default=None, help="also write a report with per-item results here")
+    g.add_argument("--timeout", type=float, default=5.0, help="hard time limit per verification, seconds")
+    g.add_argument("--workers", type=int, default=2, help="verifier processes")
+    g.add_argument("--gpqa-csv", default=None, help="official GPQA-Diamond CSV (never bundled)")
+    g.set_defaults(fn=_cmd_grade)
     m = sub.add_parser("models", help="list the Qwen3 sizes")
     m.set_defaults(fn=_cmd_models)
     return p

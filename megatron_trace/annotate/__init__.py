@@ -10,7 +10,7 @@ from .base import (
     FailureCounter,
 )
 from .segment import Segment, segment_text
-from .spans import CoverageExceeded, segments_to_token_mask
+from .spans import CoverageExceeded, annotation_to_mask, segments_to_token_mask
 
 __all__ = [
     "ERROR_TYPES",
@@ -22,6 +22,7 @@ __all__ = [
     "CoverageExceeded",
     "FailureCounter",
     "Segment",
+    "annotation_to_mask",
     "segment_text",
     "segments_to_token_mask",
 ]

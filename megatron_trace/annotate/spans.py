@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from .segment import Segment
 
-__all__ = ["CoverageExceeded", "segments_to_token_mask"]
+__all__ = ["CoverageExceeded", "annotation_to_mask", "segments_to_token_mask"]
 
 
 class CoverageExceeded(ValueError):
@@ -54,3 +54,23 @@ def segments_to_token_mask(
         masked |= toks
         kept.append(i)
     return [i in masked for i in range(n)], kept
+
+
+def annotation_to_mask(annotation, request, offsets: Sequence[tuple[int, int]], coverage_cap: float = 0.25):
+    """(token mask, annotation) for one rollout; span problems become counted failures.
+
+    A failed annotation, ids out of range, or a top span over the cap give an all-False mask
+    and an annotation whose `failure` says why, so the rollout falls back to plain GRPO.
+    """
+    from .base import Annotation
+
+    n = len(offsets)
+    if not annotation.ok:
+        return [False] * n, annotation
+    try:
+        mask, kept = segments_to_token_mask(request.segments, annotation.segment_ids, offsets, coverage_cap)
+    except CoverageExceeded:
+        return [False] * n, Annotation.failed("coverage_over_cap")
+    except IndexError:
+        return [False] * n, Annotation.failed("ids_out_of_range")
+    return mask, Annotation(tuple(kept), annotation.diagnostic)

@@ -76,3 +76,27 @@ def test_every_test_file_is_collected():
                           capture_output=True, text=True, timeout=300)
     collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
     assert on_disk == collected, on_disk ^ collected
+
+
+def _imports(path):
+    tree = ast.parse(open(path).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module
+
+
+def test_dependency_rules_of_the_layout():
+    """loss/ imports only torch (and the standard library); data/reward/annotate/tasks never import Megatron."""
+    pkg = os.path.join(REPO, "megatron_trace")
+    stdlib = set(sys.stdlib_module_names)
+    for f in os.listdir(os.path.join(pkg, "loss")):
+        if f.endswith(".py"):
+            mods = {m.split(".")[0] for m in _imports(os.path.join(pkg, "loss", f))}
+            assert mods <= stdlib | {"torch", "__future__"}, (f, mods - stdlib)
+    for sub in ("data", "reward", "annotate", "tasks", "teacher"):
+        for root, _, files in os.walk(os.path.join(pkg, sub)):
+            for f in files:
+                if f.endswith(".py"):
+                    assert not any(m.startswith("megatron.") or m == "megatron" for m in _imports(os.path.join(root, f))), f

@@ -103,3 +103,19 @@ def _fits(segs, ids, offsets):
         return True
     except CoverageExceeded:
         return False
+
+
+def test_annotation_to_mask_turns_span_problems_into_counted_failures():
+    from megatron_trace.annotate import Annotation, AnnotationRequest, FailureCounter, annotation_to_mask
+
+    text = "aaaa\nbb\ncccccccc\nd"
+    req = AnnotationRequest("p", None, True, text, tuple(segment_text(text)))
+    offs = _char_offsets(text)
+    mask, ann = annotation_to_mask(Annotation((1, 2), "key_insight"), req, offs)
+    assert ann.ok and ann.segment_ids == (1,) and sum(mask) == 2
+    counter = FailureCounter()
+    results = [annotation_to_mask(a, req, offs)[1] for a in
+               (Annotation((2,), "key_insight"), Annotation((9,), "key_insight"), Annotation.failed("timeout"))]
+    counter.add(results)
+    m = counter.as_metrics()
+    assert m["annotate/coverage_over_cap"] == 1 and m["annotate/ids_out_of_range"] == 1 and m["annotate/timeout"] == 1

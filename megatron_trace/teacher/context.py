@@ -1,0 +1,74 @@
+"""The privileged teacher context: what the teacher sees, and where its logits line up.
+
+The teacher is the policy itself, prompted with privileged information: the problem, the
+reference solution (when there is one) and the annotator's coarse diagnostic type, but never the
+annotated span text (the builder does not even receive it). The student's response tokens follow
+unchanged, so the teacher scores exactly the tokens the student produced.
+
+Alignment: with a prompt of P tokens, response token i sits at teacher position P + i and is
+predicted by the logits at position P + i - 1 (for the student, S + i - 1 with its own prompt
+length S). `TeacherInput.logit_positions` lists those teacher positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_TEMPLATE", "TeacherInput", "build_teacher_input", "privileged_prompt"]
+
+DEFAULT_TEMPLATE = (
+    "{problem}\n\n"
+    "{solution_block}"
+    "{diagnostic_block}"
+    "Please reason step by step, and put your final answer within \\boxed{{}}."
+)
+SOLUTION_BLOCK = "A verified reference solution, for your eyes only:\n{solution}\n\n"
+DIAGNOSTIC_BLOCKS = {
+    True: "A reviewer marked the decisive steps of a correct attempt as: {diagnostic}.\n\n",
+    False: "A reviewer found that an earlier attempt made a mistake of type: {diagnostic}.\n\n",
+}
+
+
+@dataclass(frozen=True)
+class TeacherInput:
+    input_ids: list[int]  # [P + n] privileged prompt, then the response tokens unchanged
+    prompt_len: int  # P
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+    @property
+    def logit_positions(self) -> list[int]:
+        """Teacher positions whose logits predict response tokens 0..n-1."""
+        return list(range(self.prompt_len - 1, len(self.input_ids) - 1))
+
+
+def privileged_prompt(problem: str, solution: str | None, diagnostic: str | None, correct: bool,
+                      template: str = DEFAULT_TEMPLATE) -> str:
+    """The teacher's user turn (before the chat template)."""
+    try:
+        return template.format(
+            problem=problem.strip(),
+            solution_block=SOLUTION_BLOCK.format(solution=solution.strip()) if solution else "",
+            diagnostic_block=DIAGNOSTIC_BLOCKS[bool(correct)].format(diagnostic=diagnostic) if diagnostic else "",
+        )
+    except KeyError as exc:
+        raise ValueError(f"teacher.template uses an unknown field {exc}; available: problem, solution_block, "
+                         "diagnostic_block") from None
+
+
+def build_teacher_input(tokenizer, problem: str, solution: str | None, diagnostic: str | None, correct: bool,
+                        response_ids: list[int], *, thinking: bool = True,
+                        template: str = DEFAULT_TEMPLATE) -> TeacherInput:
+    """Token ids of the privileged prompt (chat-templated like the student's) + the response."""
+    content = privileged_prompt(problem, solution, diagnostic, correct, template)
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=thinking)
+    else:
+        prompt = content
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if not prompt_ids:
+        raise ValueError("the teacher prompt tokenised to nothing")
+    return TeacherInput(list(prompt_ids) + list(response_ids), len(prompt_ids))
