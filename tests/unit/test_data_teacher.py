@@ -108,3 +108,13 @@ def test_self_annotator_parses_engine_replies_strictly():
     assert out[0].segment_ids == (0,) and out[0].diagnostic == "key_computation" and out[1].failure == "invalid_json"
     prompts, params = engine.calls[0]
     assert len(prompts) == 2 and all(isinstance(x, int) for x in prompts[0]) and params == {"temperature": 0.0}
+
+
+def test_parquet_source(tmp_path):
+    import datasets
+
+    path = str(tmp_path / "train.parquet")
+    datasets.Dataset.from_list([{"problem": "1+1", "answer": "2", "solution": "1+1=2"},
+                                {"problem": "z", "answer": " "}]).to_parquet(path)
+    rows, report = load_problems(path)
+    assert [r["answer"] for r in rows] == ["2"] and rows[0]["solution"] == "1+1=2" and report.num_skipped == 1
