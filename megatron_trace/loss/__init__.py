@@ -1,6 +1,7 @@
 """Pure tensor math of the TRACE objective. Imports only torch; process groups are arguments."""
 
 from .metrics import Stats
+from .mismatch import rollout_mismatch, tis_weights
 from .routed import (
     AGG_MODES,
     ROUTE_VARIANTS,
@@ -27,7 +28,9 @@ __all__ = [
     "RouteVariant",
     "Stats",
     "build_routes",
+    "rollout_mismatch",
     "routed_loss",
+    "tis_weights",
     "token_divergence",
     "token_logprob_and_entropy",
 ]

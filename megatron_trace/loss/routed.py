@@ -196,6 +196,7 @@ class LossInputs:
     seq_ids: torch.Tensor  # [T] long: rollout index 0..B-1 within this micro-batch
     seq_lens: torch.Tensor  # [B] long: |y|, each rollout's full response length
     ref_logprobs: torch.Tensor | None = None  # [T] reference policy, for kl_ref_coef > 0
+    is_weights: torch.Tensor | None = None  # [T] truncated importance weights on the GRPO term (TIS)
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,8 @@ def routed_loss(
     ratio = torch.exp(log_ratio)
     clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
     pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
+    if batch.is_weights is not None:
+        pg = pg * batch.is_weights.to(dev, cdt).detach()
 
     mode = cfg.span_grpo_mode
     w_span = {"anneal": 1.0 - lam / cfg.lambda0 if cfg.lambda0 > 0 else 1.0, "full": 1.0, "none": 0.0}[mode]
@@ -316,6 +319,8 @@ def routed_loss(
         stats.min("ppo/ratio_min", ratio.min() if T else float("inf"))
         stats.mean("ppo/logprob_diff_abs", log_ratio.abs())  # train vs behaviour policy mismatch
         stats.max("kl/lambda", lam)
+        if batch.is_weights is not None:
+            stats.mean("ppo/tis_weight_mean", batch.is_weights.to(dev, cdt))
         # Span coverage: mean over rollouts of |S_y| / |y|.
         num_b = batch.seq_lens.numel()
         per_seq = torch.zeros(num_b, dtype=cdt, device=dev).index_add_(0, batch.seq_ids.to(dev), routed.to(cdt))

@@ -118,3 +118,18 @@ def test_parquet_source(tmp_path):
                                 {"problem": "z", "answer": " "}]).to_parquet(path)
     rows, report = load_problems(path)
     assert [r["answer"] for r in rows] == ["2"] and rows[0]["solution"] == "1+1=2" and report.num_skipped == 1
+
+
+def test_self_annotator_runs_on_the_real_hf_engine():
+    import dataclasses
+
+    from megatron_trace.models.hf_io import make_random_hf_model
+    from megatron_trace.models.qwen3 import QWEN3_SIZES
+    from megatron_trace.rollout import HFEngine, SamplingParams
+
+    tok = build_char_tokenizer()
+    engine = HFEngine(make_random_hf_model(dataclasses.replace(QWEN3_SIZES["tiny"], vocab_size=len(tok)), seed=1), tok)
+    response = "1 + 1 = 2\nAnswer: 2"
+    req = AnnotationRequest("Start with 1. Add 1.", None, True, response, tuple(segment_text(response)))
+    (ann,) = SelfAnnotator(engine, tok, SamplingParams(temperature=0.0, max_new_tokens=8)).annotate([req])
+    assert ann.failure == "invalid_json"  # a random policy does not write JSON: counted, not raised

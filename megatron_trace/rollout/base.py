@@ -1,0 +1,106 @@
+"""The rollout-engine protocol and the records it produces.
+
+An engine turns prompt token ids into sampled responses with per-token log-probs. Log-probs are
+those of the *sampling distribution after temperature and before top-k/top-p*,
+log softmax(logits / temperature), which is what SGLang returns; with temperature 0 (greedy) they
+are log softmax(logits). The trainer recomputes the same quantity with the actor to measure the
+train/rollout mismatch.
+
+`generate` returns a flat list of `len(prompts) * params.n` samples, prompt-major: the n samples
+of prompt 0, then those of prompt 1, and so on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["FINISH_REASONS", "RolloutEngine", "RolloutGroup", "Sample", "SamplingParams", "sample_groups"]
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()  # stop strings: the response ends with the token completing one
+    stop_token_ids: tuple[int, ...] = ()  # in addition to the model's EOS ids; the stop token is kept
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"sampling.n and sampling.max_new_tokens must be >= 1, got {self.n}, {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k == 0 or self.top_k < -1:
+            raise ValueError(
+                f"sampling: temperature >= 0, 0 < top_p <= 1 and top_k = -1 or >= 1 are required, got "
+                f"{self.temperature}, {self.top_p}, {self.top_k}"
+            )
+
+
+@dataclass(frozen=True)
+class Sample:
+    token_ids: list[int]  # [L] response tokens, the stop token included
+    logprobs: list[float]  # [L] log-prob of each token under the sampling distribution
+    finish_reason: str  # stop | length | abort
+    weight_version: int
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    weight_version: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]: ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+        """Load HF-named tensors; returns how many were loaded. `version` (if given) is set after."""
+        ...
+
+    def finish_sync(self, version: int) -> None:
+        """Called once after the last bucket of a sync: flush caches, record the version."""
+        ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+@dataclass
+class RolloutGroup:
+    """The n samples of one prompt (a GRPO group)."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    samples: list[Sample]
+    meta: dict = field(default_factory=dict)  # problem, answer, ... carried for reward/annotation
+
+    @property
+    def num_truncated(self) -> int:
+        return sum(s.finish_reason == "length" for s in self.samples)
+
+
+def sample_groups(engine: RolloutEngine, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                  metas: Sequence[dict] | None = None) -> tuple[list[RolloutGroup], dict[str, float]]:
+    """Sample `params.n` responses per prompt; returns the groups and truncation statistics."""
+    samples = engine.generate(prompts, params)
+    if len(samples) != len(prompts) * params.n:
+        raise RuntimeError(f"engine returned {len(samples)} samples for {len(prompts)} prompts x n={params.n}")
+    groups = [
+        RolloutGroup(i, list(p), samples[i * params.n:(i + 1) * params.n], dict(metas[i]) if metas else {})
+        for i, p in enumerate(prompts)
+    ]
+    total = len(samples)
+    stats = {
+        "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / max(total, 1),
+        "rollout/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / max(total, 1),
+        "rollout/response_len_mean": sum(len(s.token_ids) for s in samples) / max(total, 1),
+    }
+    return groups, stats

@@ -1,0 +1,173 @@
+"""Rollout engine on `transformers`: batched sampling with a KV cache, on CPU or one GPU.
+
+Prompts are left-padded into one batch (each repeated n times); every step runs the model on the
+newest token with the cache, takes log softmax(logits / T) as the reported log-probs, applies
+top-k then top-p to a copy, and samples from it with a `torch.Generator` seeded from
+`params.seed`, so a seeded call is reproducible whatever else the process does. Weights are
+updated in place from HF-named tensors (no reload from disk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .base import Sample, SamplingParams
+
+__all__ = ["HFEngine"]
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass *before* it already reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class HFEngine:
+    def __init__(self, model, tokenizer=None, *, eos_token_ids: Sequence[int] | None = None, device=None):
+        """model: a transformers causal LM. tokenizer: needed only for stop strings."""
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model.to(self.device)
+        self.tokenizer = tokenizer
+        eos = eos_token_ids
+        if eos is None:
+            cfg_eos = getattr(model.config, "eos_token_id", None)
+            eos = [cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos or [])
+        self.eos_token_ids = tuple(eos)
+        self.pad_token_id = 0
+        self.weight_version = 0
+        # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
+        import inspect
+
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self._asleep = False
+
+    @classmethod
+    def from_pretrained(cls, hf_dir: str, *, device: str | None = None, dtype: torch.dtype = torch.float32,
+                        tokenizer=None) -> HFEngine:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+        return cls(model, tokenizer, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
+        params = dict(self.model.named_parameters())
+        n = 0
+        for name, tensor in named_tensors:
+            if name not in params:
+                if name == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False):
+                    continue  # tied: the embedding is the head
+                raise KeyError(f"engine has no parameter {name!r}")
+            p = params[name]
+            if tuple(p.shape) != tuple(tensor.shape):
+                raise ValueError(f"{name}: engine shape {tuple(p.shape)} != pushed {tuple(tensor.shape)}")
+            p.copy_(tensor.to(p.device, p.dtype))
+            n += 1
+        if version is not None:
+            self.weight_version = version
+        return n
+
+    def finish_sync(self, version: int) -> None:
+        self.weight_version = version
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    @torch.no_grad()
+    def probe_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Full logits `[b, s, V]` (fp32, CPU) of a right-aligned batch with no padding."""
+        return self.model(input_ids.to(self.device)).logits.float().cpu()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def sleep(self) -> None:
+        """Free accelerator memory between rollouts (weights move to host memory)."""
+        if self.device.type == "cuda" and not self._asleep:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+        self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep and self.device.type == "cuda":
+            self.model.to(self.device)
+        self._asleep = False
+
+    def shutdown(self) -> None:
+        self.model = None
+
+    # ------------------------------------------------------------------ sampling
+
+    def _stop_string_hit(self, token_ids: list[int], stops: Sequence[str]) -> bool:
+        text = self.tokenizer.decode(token_ids)
+        return any(s in text for s in stops)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
+        if self._asleep:
+            raise RuntimeError("engine is asleep: call wake() before generate()")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("sampling.stop strings need an engine built with a tokenizer")
+        if not prompts:
+            return []
+        rows = [list(p) for p in prompts for _ in range(params.n)]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("empty prompt")
+        B, L = len(rows), max(len(r) for r in rows)
+        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((B, L), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):] = torch.tensor(r)
+            mask[i, L - len(r):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), device=self.device)
+
+        out_tokens: list[list[int]] = [[] for _ in range(B)]
+        out_lps: list[list[float]] = [[] for _ in range(B)]
+        reasons = ["length"] * B
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = None
+        step_ids, step_pos, step_mask = ids, position_ids, mask
+        for _ in range(params.max_new_tokens):
+            out = self.model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_pos,
+                             use_cache=True, **{self._cache_kw: cache})
+            cache = getattr(out, self._cache_kw)
+            logits = out.logits[:, -1, :].float()
+            if params.temperature > 0:
+                logp = torch.log_softmax(logits / params.temperature, dim=-1)
+                filtered = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+                nxt = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=gen)[:, 0]
+            else:
+                logp = torch.log_softmax(logits, dim=-1)
+                nxt = logits.argmax(-1)
+            chosen_lp = logp.gather(1, nxt[:, None])[:, 0]
+            for i in torch.nonzero(~done)[:, 0].tolist():
+                tok = int(nxt[i])
+                out_tokens[i].append(tok)
+                out_lps[i].append(float(chosen_lp[i]))
+                if stop_ids.numel() and bool((stop_ids == tok).any()):
+                    reasons[i], done[i] = "stop", True
+                elif params.stop and self._stop_string_hit(out_tokens[i], params.stop):
+                    reasons[i], done[i] = "stop", True
+            if bool(done.all()):
+                break
+            step_ids = nxt[:, None]
+            step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=step_mask.dtype, device=self.device)], dim=1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = step_mask
+        return [Sample(out_tokens[i], out_lps[i], reasons[i], self.weight_version) for i in range(B)]

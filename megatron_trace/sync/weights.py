@@ -1,0 +1,125 @@
+"""Push the actor's weights into a rollout engine, in buckets, with an optional equality check.
+
+The Megatron actor (any TP/PP) streams full HF-named tensors (`models.convert.export_hf_stream`,
+a collective every model-parallel rank walks). The rank that owns the engine packs them into
+buckets of at most `bucket_bytes` and hands each bucket to `engine.update_weights`; the version
+is set with the last bucket. Other ranks pass `engine=None` and only take part in the stream.
+
+`verify=True` then compares the engine with the actor on a probe batch: the engine's logits
+(`engine.probe_logits`) against the actor's gathered logits, or, for engines without a probe
+forward, checksums of a few tensors (`engine.checksum(name)`), and raises `WeightSyncError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..models.convert import export_hf_stream
+from ..parallel import ParallelGroups
+
+__all__ = ["SyncReport", "WeightSyncError", "sync_weights", "verify_engine"]
+
+log = logging.getLogger(__name__)
+
+
+class WeightSyncError(RuntimeError):
+    """The engine's weights do not reproduce the actor after a sync."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    version: int
+    num_tensors: int
+    num_bytes: int
+    num_buckets: int
+    seconds: float
+    max_abs_logit_diff: float | None = None
+
+    def as_metrics(self) -> dict[str, float]:
+        out = {"sync/seconds": self.seconds, "sync/bytes": float(self.num_bytes), "sync/version": float(self.version),
+               "sync/buckets": float(self.num_buckets)}
+        if self.max_abs_logit_diff is not None:
+            out["sync/max_abs_logit_diff"] = self.max_abs_logit_diff
+        return out
+
+
+def _buckets(stream, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    bucket, size = [], 0
+    for name, t in stream:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_bytes: int = 512 * 2**20,
+                 dtype: torch.dtype | None = None, verify: bool = False, probe_ids: torch.Tensor | None = None,
+                 tol: float = 1e-4, stream_filter=None) -> SyncReport:
+    """Collective over the model-parallel group. `engine` is None on ranks that do not own it.
+
+    stream_filter: optional function over the (name, tensor) stream (tests use it to corrupt one).
+    """
+    t0 = time.perf_counter()
+    stream = export_hf_stream(model, groups, dtype=dtype)
+    if stream_filter is not None:
+        stream = stream_filter(stream)
+    n_t = n_b = n_buckets = 0
+    for bucket in _buckets(stream, bucket_bytes):
+        n_buckets += 1
+        n_t += len(bucket)
+        n_b += sum(t.numel() * t.element_size() for _, t in bucket)
+        if engine is not None:
+            engine.update_weights(bucket, None)
+    if engine is not None:
+        engine.finish_sync(version)  # e.g. SGLang flushes its prefix cache here
+    seconds = time.perf_counter() - t0
+    if engine is not None:
+        log.info("weight sync v%d: %d tensors, %.1f MiB in %d buckets, %.3f s", version, n_t, n_b / 2**20, n_buckets,
+                 seconds)
+    diff = None
+    if verify:
+        diff = verify_engine(model, groups, engine, probe_ids=probe_ids, tol=tol)
+    return SyncReport(version, n_t, n_b, n_buckets, seconds, diff)
+
+
+def verify_engine(model, groups: ParallelGroups, engine, *, probe_ids: torch.Tensor | None = None,
+                  tol: float = 1e-4) -> float:
+    """Max |logit| difference between engine and actor on a probe batch; raises above `tol`.
+
+    Collective: every model-parallel rank runs the actor forward; the engine owner compares and
+    the verdict is broadcast so that every rank raises (or not) together.
+    """
+    from ..models.forward import forward_logits, gather_full_logits
+
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    vocab = inner.arch.vocab_size
+    if probe_ids is None:
+        probe_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1234))
+    actor = gather_full_logits(forward_logits(model, groups, probe_ids), groups, vocab, tuple(probe_ids.shape))
+    verdict = torch.tensor([0.0], dtype=torch.float64, device=groups.device)
+    if engine is not None:
+        if hasattr(engine, "probe_logits"):
+            ours = engine.probe_logits(probe_ids)[..., :vocab]
+            verdict[0] = (ours.float() - actor.float().cpu()).abs().max().item()
+        else:
+            raise WeightSyncError("engine offers no probe_logits; use checksum verification for remote engines")
+    if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=groups.mp)
+    diff = float(verdict.item())
+    if not diff <= tol:  # also catches NaN
+        raise WeightSyncError(
+            f"after the weight sync the engine's logits differ from the actor's by {diff:.3e} (> {tol:.1e}); "
+            "a tensor was lost, mis-mapped or corrupted on the way")
+    return diff
