@@ -2,6 +2,7 @@
 
 Subcommands available now:
   demo     the CPU smoke path: tiny Qwen3 -> Megatron (TP=2, gloo) -> logits parity -> back to HF
+  train    --dry-run: validate a config and print it resolved (the loop lands with the trainer issue)
   grade    grade a JSONL of responses against a benchmark (math-verify, hard time limits)
   models   the Qwen3 size registry with parameter counts
 Training, SFT, evaluation and grading subcommands arrive with their issues (see README).
@@ -69,6 +70,18 @@ def _cmd_grade(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)  # fails here, before any work, on a bad key
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    print("error: the RL training loop is not implemented yet (trainer issue); "
+          "`megatron-trace train --config C --dry-run` validates and prints a config", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="verifier processes")
     g.add_argument("--gpqa-csv", default=None, help="official GPQA-Diamond CSV (never bundled)")
     g.set_defaults(fn=_cmd_grade)
+    t = sub.add_parser("train", help="TRACE/GRPO training (config validation and --dry-run for now)")
+    t.add_argument("--config", required=True, help="YAML config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.n=8 loss.variant=grpo")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(fn=_cmd_train)
     m = sub.add_parser("models", help="list the Qwen3 sizes")
     m.set_defaults(fn=_cmd_models)
     return p

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from megatron_trace.data.problems import _bundled
 from megatron_trace.reward import (
     TIMEOUT,
     VerifyPool,
@@ -18,8 +19,7 @@ from megatron_trace.reward import (
     grade_choice,
 )
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
-MATH500 = os.path.join(SHARED, "math500.jsonl")
+MATH500 = _bundled("math500")  # the bundled copy, byte-identical to ../shared/data/math500.jsonl
 
 
 def _cli(*args):
@@ -27,7 +27,6 @@ def _cli(*args):
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skipif(not os.path.exists(MATH500), reason="needs ../shared/data (the project data folder)")
 def test_math500_reference_solutions_grade_correct(tmp_path):
     rows = [json.loads(line) for line in open(MATH500)]
     resp = tmp_path / "responses.jsonl"

@@ -1,0 +1,89 @@
+"""Load YAML + `key=value` overrides into the typed `Config`, failing early and precisely.
+
+Unknown keys (with a suggestion), wrong types and out-of-range values all raise `ConfigError`
+naming the key, the bad value and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .schema import Config
+
+__all__ = ["ConfigError", "dump_config", "load_config"]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _all_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for f in dataclasses.fields(node):
+        key = f"{prefix}{f.name}"
+        out.append(key)
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_all_keys(value, key + "."))
+    return out
+
+
+def _field_type(key: str) -> str:
+    """The declared type of a dotted key, as written in the schema ("int", "float | None", ...)."""
+    import re
+
+    node = Config
+    parts = re.sub(r"\[\d+\]", "", key).split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return "?"
+        if i == len(parts) - 1:
+            return str(fields[part].type)
+        node = type(getattr(node(), part))
+    return "?"
+
+
+def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None) or "?"
+    if isinstance(exc, ConfigKeyError):
+        close = difflib.get_close_matches(key, _all_keys(Config()), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+    if isinstance(exc, ValidationError):
+        value = getattr(exc, "value", None)
+        return ConfigError(f"{source}: config key '{key}': value {value!r} is not a valid {_field_type(key)}")
+    return ConfigError(f"{source}: config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- dotlist overrides, validated into a `Config`."""
+    source = path or "defaults"
+    if path is not None and not os.path.exists(path):
+        raise ConfigError(f"--config {path} does not exist")
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key=value")
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        if overrides:
+            source = f"{source} + overrides"
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, source) from None
+    except ValueError as exc:  # our __post_init__ range checks
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg  # type: ignore[return-value]
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (what `--dry-run` prints and the run directory keeps)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

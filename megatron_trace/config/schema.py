@@ -1,0 +1,300 @@
+"""The typed configuration schema. Values live in YAML (`configs/`); this file holds types,
+defaults (from the paper where it gives them) and the cross-field rules.
+
+Every section validates itself in `__post_init__` and names the key to change. Loading goes
+through `OmegaConf.structured`, so unknown keys and wrong types fail at load time too
+(see `config.load`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..loss.routed import AGG_MODES, ROUTE_VARIANTS
+from ..models.qwen3 import QWEN3_SIZES
+
+__all__ = [
+    "AnnotateConfig",
+    "CheckpointConfig",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "LogConfig",
+    "LossSection",
+    "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RewardConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TeacherConfig",
+    "TrainConfig",
+]
+
+
+def _check(cond: bool, key: str, value, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"config key '{key}': value {value!r} is not allowed; expected {allowed}")
+
+
+def _one_of(key: str, value, choices) -> None:
+    _check(value in choices, key, value, f"one of {sorted(choices)}")
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/trace"  # the run directory; rerunning into it resumes
+    name: str = "trace"
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"  # a QWEN3_SIZES key, used when hf_dir and ckpt are unset
+    hf_dir: str | None = None  # start from an HF directory
+    ckpt: str | None = None  # or from a megatron-trace checkpoint
+    dtype: str = "float32"  # float32 | bfloat16
+    use_te: bool | None = None  # None: TE spec when TE and CUDA are available
+
+    def __post_init__(self) -> None:
+        _one_of("model.size", self.size.lower(), set(QWEN3_SIZES))
+        _one_of("model.dtype", self.dtype, {"float32", "bfloat16"})
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        _check(self.tp >= 1, "parallel.tp", self.tp, "an integer >= 1")
+        _check(self.pp >= 1, "parallel.pp", self.pp, "an integer >= 1")
+        _one_of("parallel.device", self.device, {"auto", "cpu", "cuda"})
+
+
+@dataclass
+class ArithTaskConfig:
+    num_ops: int = 3
+    digits: int = 2
+    num_train: int = 2000
+
+    def __post_init__(self) -> None:
+        _check(self.num_ops >= 1, "data.arith.num_ops", self.num_ops, "an integer >= 1")
+        _check(self.digits >= 1, "data.arith.digits", self.digits, "an integer >= 1")
+
+
+@dataclass
+class DataConfig:
+    source: str = "arith"  # arith | a .jsonl/.parquet path | a hub dataset name
+    max_problems: int | None = None
+    shuffle: bool = True
+    arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
+    thinking: bool = False  # Qwen3 chat template switch for the policy prompt
+
+    def __post_init__(self) -> None:
+        _check(self.max_problems is None or self.max_problems >= 1, "data.max_problems", self.max_problems,
+               "null or an integer >= 1")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | sglang
+    prompts_per_step: int = 8
+    n: int = 8  # samples per prompt (GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.engine", self.engine, {"hf", "sglang"})
+        _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
+        _check(self.n >= 2, "rollout.n", self.n, "an integer >= 2 (GRPO needs a group)")
+        _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
+        _check(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", self.top_k, "-1 (off) or an integer >= 1")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = 5.0
+    workers: int = 2
+    advantage_std: bool = True  # False: Dr. GRPO (no std normalisation)
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "a float > 0")
+        _check(self.workers >= 1, "reward.workers", self.workers, "an integer >= 1")
+
+
+@dataclass
+class ApiAnnotatorSection:
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable; keys never go in configs
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 3
+
+
+@dataclass
+class AnnotateConfig:
+    kind: str = "oracle"  # oracle | api | self
+    coverage_cap: float = 0.25
+    segment_mode: str = "line"
+    max_segment_chars: int = 300
+    cache_dir: str | None = None  # default: <run.dir>/annotator_cache
+    api: ApiAnnotatorSection = field(default_factory=ApiAnnotatorSection)
+
+    def __post_init__(self) -> None:
+        _one_of("annotate.kind", self.kind, {"oracle", "api", "self"})
+        _check(0 < self.coverage_cap <= 1, "annotate.coverage_cap", self.coverage_cap, "a float in (0, 1]")
+        _one_of("annotate.segment_mode", self.segment_mode, {"line", "paragraph"})
+        _check(self.max_segment_chars >= 1, "annotate.max_segment_chars", self.max_segment_chars, "an integer >= 1")
+
+
+@dataclass
+class TeacherConfig:
+    mode: str = "live"  # live | snapshot
+    sync_every: int = 10  # snapshot refresh period (steps)
+
+    def __post_init__(self) -> None:
+        _one_of("teacher.mode", self.mode, {"live", "snapshot"})
+        _check(self.sync_every >= 1, "teacher.sync_every", self.sync_every, "an integer >= 1")
+
+
+@dataclass
+class LossSection:
+    variant: str = "trace_fkl"
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    agg: str = "token-mean"
+    max_response_len: int = 0  # only for agg=seq-mean-token-sum-norm; 0 = rollout.max_new_tokens
+    entry_clip: float | None = 0.05
+    routed_grpo: str | None = None
+    kl_ref_coef: float = 0.0
+    entropy_coef: float = 0.0
+    tis_cap: float | None = None  # truncated importance sampling on the GRPO term; null = off
+    chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("loss.variant", self.variant, set(ROUTE_VARIANTS))
+        _one_of("loss.agg", self.agg, set(AGG_MODES))
+        _check(0 <= self.eps_low < 1, "loss.eps_low", self.eps_low, "a float in [0, 1)")
+        _check(self.eps_high >= 0, "loss.eps_high", self.eps_high, "a float >= 0")
+        _check(self.entry_clip is None or self.entry_clip > 0, "loss.entry_clip", self.entry_clip, "null or a float > 0")
+        _check(self.routed_grpo in (None, "anneal", "full", "none"), "loss.routed_grpo", self.routed_grpo,
+               "null, anneal, full or none")
+        _check(self.kl_ref_coef >= 0, "loss.kl_ref_coef", self.kl_ref_coef, "a float >= 0")
+        _check(self.entropy_coef >= 0, "loss.entropy_coef", self.entropy_coef, "a float >= 0")
+        _check(self.tis_cap is None or self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "null or a float > 0")
+
+
+@dataclass
+class ScheduleConfig:
+    lambda0: float = 0.5
+    warmup_steps: int = 10
+    decay_steps: int = 30
+    decay: str = "linear"
+
+    def __post_init__(self) -> None:
+        _check(self.lambda0 >= 0, "schedule.lambda0", self.lambda0, "a float >= 0")
+        _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(self.decay_steps >= 0, "schedule.decay_steps", self.decay_steps, "an integer >= 0")
+        _one_of("schedule.decay", self.decay, {"linear", "cosine", "exponential"})
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 0
+    lr_decay: str = "constant"  # constant | linear | cosine
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    mini_batches: int = 1  # PPO updates per rollout batch
+    micro_batch_size: int = 4  # sequences per micro-batch
+
+    def __post_init__(self) -> None:
+        _one_of("optim.optimizer", self.optimizer, {"adam", "sgd"})
+        _check(self.lr > 0, "optim.lr", self.lr, "a float > 0")
+        _check(0 <= self.min_lr <= self.lr, "optim.min_lr", self.min_lr, f"a float in [0, optim.lr={self.lr}]")
+        _check(self.lr_warmup_steps >= 0, "optim.lr_warmup_steps", self.lr_warmup_steps, "an integer >= 0")
+        _one_of("optim.lr_decay", self.lr_decay, {"constant", "linear", "cosine"})
+        _check(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, "a float >= 0 (0 = off)")
+        _check(self.mini_batches >= 1, "optim.mini_batches", self.mini_batches, "an integer >= 1")
+        _check(self.micro_batch_size >= 1, "optim.micro_batch_size", self.micro_batch_size, "an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 50  # total RL steps
+    dynamic_sampling: bool = False  # drop zero-variance groups; off for TRACE (all-correct groups carry FKL)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # steps between checkpoints
+    keep_last: int = 3
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, "checkpoint.every", self.every, "an integer >= 1")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, "an integer >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # 0 = off
+    benchmarks: list[str] = field(default_factory=lambda: ["arith"])
+    k: int = 1
+    gpqa_csv: str | None = None
+
+    def __post_init__(self) -> None:
+        from ..data.problems import BENCHMARKS
+
+        _check(self.every >= 0, "eval.every", self.every, "an integer >= 0 (0 = off)")
+        _check(self.k >= 1, "eval.k", self.k, "an integer >= 1")
+        for i, b in enumerate(self.benchmarks):
+            _one_of(f"eval.benchmarks[{i}]", b, set(BENCHMARKS))
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "megatron-trace"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossSection = field(default_factory=LossSection)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.agg == "seq-mean-token-sum-norm" and self.loss.max_response_len == 0:
+            self.loss.max_response_len = self.rollout.max_new_tokens
+        if self.annotate.kind == "self" and self.rollout.engine == "sglang" and self.parallel.device == "cpu":
+            raise ValueError("config keys 'rollout.engine'=sglang and 'parallel.device'=cpu do not go together: "
+                             "SGLang needs CUDA")
+        if self.model.hf_dir and self.model.ckpt:
+            raise ValueError("config keys 'model.hf_dir' and 'model.ckpt' are exclusive: set one of them")
