@@ -24,11 +24,15 @@ class OptimSettings:
     use_distributed_optimizer: bool = False
 
 
-def wrap_ddp(model, groups: ParallelGroups, *, grad_reduce_in_fp32: bool = True):
+def wrap_ddp(model, groups: ParallelGroups, *, grad_reduce_in_fp32: bool = True, sum_over_dp: bool = True):
     """Megatron DDP around one model chunk, with grad finalisation wired into the schedule.
 
     finalize_model_grads all-reduces grads over DP (x CP) and, for tied embeddings with PP>1,
     between the first and last stage.
+
+    sum_over_dp: our losses are already normalised by *global* counts (loss/routed.py), so DP
+    gradients must be summed, not averaged. Megatron sums when `calculate_per_token_loss` is on;
+    loss functions then return num_tokens = 0 so that it does not divide either.
     """
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -37,6 +41,7 @@ def wrap_ddp(model, groups: ParallelGroups, *, grad_reduce_in_fp32: bool = True)
     )
 
     config = model.config
+    config.calculate_per_token_loss = sum_over_dp
     ddp = DistributedDataParallel(
         config=config,
         ddp_config=DistributedDataParallelConfig(
