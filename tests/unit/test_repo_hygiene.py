@@ -88,14 +88,14 @@ def _imports(path):
 
 
 def test_dependency_rules_of_the_layout():
-    """loss/ imports only torch (and the standard library); data/reward/annotate/tasks never import Megatron."""
+    """loss/ imports only torch (and the standard library); data/reward/annotate/tasks/rollout never import Megatron."""
     pkg = os.path.join(REPO, "megatron_trace")
     stdlib = set(sys.stdlib_module_names)
     for f in os.listdir(os.path.join(pkg, "loss")):
         if f.endswith(".py"):
             mods = {m.split(".")[0] for m in _imports(os.path.join(pkg, "loss", f))}
             assert mods <= stdlib | {"torch", "__future__"}, (f, mods - stdlib)
-    for sub in ("data", "reward", "annotate", "tasks", "teacher"):
+    for sub in ("data", "reward", "annotate", "tasks", "teacher", "rollout"):
         for root, _, files in os.walk(os.path.join(pkg, sub)):
             for f in files:
                 if f.endswith(".py"):
