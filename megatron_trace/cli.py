@@ -2,7 +2,7 @@
 
 Subcommands available now:
   demo     the CPU smoke path: tiny Qwen3 -> Megatron (TP=2, gloo) -> logits parity -> back to HF
-  train    --dry-run: validate a config and print it resolved (the loop lands with the trainer issue)
+  train    run the TRACE/GRPO loop from a YAML config (--dry-run: validate and print it resolved)
   grade    grade a JSONL of responses against a benchmark (math-verify, hard time limits)
   models   the Qwen3 size registry with parameter counts
 Training, SFT, evaluation and grading subcommands arrive with their issues (see README).
@@ -77,9 +77,16 @@ def _cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    print("error: the RL training loop is not implemented yet (trainer issue); "
-          "`megatron-trace train --config C --dry-run` validates and prints a config", file=sys.stderr)
-    return 2
+    from .parallel import launch
+    from .train.loop import run_training
+
+    if os.path.exists(os.path.join(cfg.run.dir, "metrics.jsonl")):
+        raise ValueError(f"run.dir={cfg.run.dir} already holds a run (metrics.jsonl); resume is not implemented "
+                         "yet, so choose a new run.dir")
+
+    launch(run_training, cfg.parallel.tp * cfg.parallel.pp, cfg)
+    print(f"[train] done; metrics in {cfg.run.dir}/metrics.jsonl")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=2, help="verifier processes")
     g.add_argument("--gpqa-csv", default=None, help="official GPQA-Diamond CSV (never bundled)")
     g.set_defaults(fn=_cmd_grade)
-    t = sub.add_parser("train", help="TRACE/GRPO training (config validation and --dry-run for now)")
+    t = sub.add_parser("train", help="TRACE/GRPO training from a YAML config")
     t.add_argument("--config", required=True, help="YAML config (see configs/)")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.n=8 loss.variant=grpo")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")

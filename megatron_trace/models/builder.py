@@ -171,5 +171,29 @@ def build_model(
         rotary_percent=1.0,
         pg_collection=groups.pg_collection,
     )
+    _ensure_tp_attributes(model)
     model.arch = arch  # the HF-side description travels with the module (export, checkpoints)
     return model.to(groups.device)
+
+
+def _ensure_tp_attributes(model) -> None:
+    """Mark TP-sharded weights as such even when they were not initialised.
+
+    With `use_cpu_initialization` and `perform_initialization=False` (conversion, loading real
+    weights) megatron-core 0.16 never sets `tensor_model_parallel` on the sharded weights. Its
+    grad-norm code then treats every shard as a TP duplicate and counts only rank 0's, which
+    under-reports the norm and mis-clips at TP>1 (found by tests/distributed/test_loop.py).
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        dim = 1 if isinstance(module, RowParallelLinear) else 0
+        if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            w = getattr(module, "weight", None)
+            if w is not None and not getattr(w, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(w, True, dim, 1)

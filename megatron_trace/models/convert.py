@@ -271,7 +271,10 @@ def _manifest(model, groups: ParallelGroups) -> list[tuple[str, tuple[int, ...],
             continue  # tied copy on the last stage; the embedding is exported instead
         m = _LAYER.match(name)
         gname = f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else name
-        pdim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else -1
+        # From the mapping, not from Megatron's `tensor_model_parallel` attributes: those are only
+        # set when the model was built with perform_initialization=True.
+        kind = hf_source(gname, 0, arch).kind
+        pdim = -1 if kind == "rep" or groups.tp_size == 1 else (1 if kind == "row" else 0)
         local.append((gname, tuple(p.shape), p.dtype, pdim, groups.pp_rank))
     if groups.pp_size == 1:
         return local

@@ -32,7 +32,7 @@ def test_convert_tp2_then_back_to_hf_loads_in_transformers(hf_dirs, token_batch,
     assert res["tp"] == 2 and res["dtype"] == "float32"
     meta = json.load(open(os.path.join(ckpt, "megatron_trace.json")))
     assert meta["saved_with"] == {"tp": 2, "pp": 1} and meta["hf_config"]["model_type"] == "qwen3"
-    _tool("convert_megatron_to_hf.py", "--ckpt", ckpt, "--out", out)
+    _tool("convert_megatron_to_hf.py", "--ckpt", ckpt, "--out", out, "--tp", "2")  # export at TP=2 too
     # Through disk and a TP=2 dist checkpoint, every tensor comes back bit for bit.
     original, written = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
     assert set(written) == set(original) and all(torch.equal(written[k], v) for k, v in original.items())

@@ -1,0 +1,117 @@
+"""The stages of a step between rollout and the train step: reward, advantages, annotation,
+routes, teacher inputs. Pure Python/torch on the rank that owns the data; no Megatron.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..annotate import AnnotationRequest, FailureCounter, annotation_to_mask, segment_text
+from ..loss import Route, build_routes
+from ..rollout import RolloutGroup
+from ..teacher import build_teacher_input
+from ..types import TrainSample
+
+__all__ = ["ScoredGroup", "build_train_samples", "group_advantages", "response_offsets", "score_groups"]
+
+
+@dataclass
+class ScoredGroup:
+    group: RolloutGroup
+    texts: list[str]  # decoded responses
+    rewards: list[float]  # 0/1 per sample
+    advantages: list[float]
+
+
+def group_advantages(rewards: Sequence[float], use_std: bool = True, eps: float = 1e-6) -> list[float]:
+    """(r - mean) / (std + eps) within a group; Dr. GRPO (`use_std=False`) drops the std."""
+    n = len(rewards)
+    mean = sum(rewards) / n
+    if not use_std:
+        return [r - mean for r in rewards]
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / max(n - 1, 1))
+    return [(r - mean) / (std + eps) for r in rewards]
+
+
+def score_groups(groups: list[RolloutGroup], tokenizer, verify, use_std: bool = True) -> list[ScoredGroup]:
+    """verify(list of (response text, gold answer)) -> list of 'correct' | other results."""
+    texts = [[tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in g.samples] for g in groups]
+    flat = [(t, g.meta["answer"]) for g, ts in zip(groups, texts) for t in ts]
+    results = verify(flat)
+    out, k = [], 0
+    for g, ts in zip(groups, texts):
+        rewards = [1.0 if results[k + j] == "correct" else 0.0 for j in range(len(ts))]
+        k += len(ts)
+        out.append(ScoredGroup(g, ts, rewards, group_advantages(rewards, use_std)))
+    return out
+
+
+def response_offsets(tokenizer, token_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Character range of each response token in the decoded text (works for any tokenizer)."""
+    offs, prev = [], 0
+    for i in range(len(token_ids)):
+        end = len(tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True))
+        offs.append((prev, max(prev, end)))
+        prev = max(prev, end)
+    return offs
+
+
+def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, annotator, lam: float,
+                        coverage_cap: float, segment_mode: str, max_segment_chars: int, seed: int, step: int,
+                        uid_offset: int = 0, thinking: bool = False) -> tuple[list[TrainSample], dict[str, float]]:
+    """Annotate (only while lambda > 0), build routes and teacher inputs; returns samples + metrics."""
+    flat = [(sg, j) for sg in scored for j in range(len(sg.group.samples))]
+    counter = FailureCounter()
+    key_masks: list[list[bool]] = [[False] * len(sg.group.samples[j].token_ids) for sg, j in flat]
+    err_masks = [list(m) for m in key_masks]
+    diagnostics: list[str | None] = [None] * len(flat)
+    needs_annotation = lam > 0 and variant not in ("grpo", "all_token_fkl", "all_token_rkl", "random_mask")
+    if needs_annotation:
+        requests = []
+        for sg, j in flat:
+            text = sg.texts[j]
+            requests.append(AnnotationRequest(sg.group.meta["problem"], sg.group.meta.get("solution"),
+                                              sg.rewards[j] > 0, text,
+                                              tuple(segment_text(text, segment_mode, max_segment_chars))))
+        anns = annotator.annotate(requests)
+        final = []
+        for i, ((sg, j), req, ann) in enumerate(zip(flat, requests, anns)):
+            mask, ann = annotation_to_mask(ann, req, response_offsets(tokenizer, sg.group.samples[j].token_ids),
+                                           coverage_cap)
+            final.append(ann)
+            (key_masks if req.correct else err_masks)[i] = mask
+            diagnostics[i] = ann.diagnostic
+        counter.add(final)
+    samples = []
+    for i, (sg, j) in enumerate(flat):
+        s = sg.group.samples[j]
+        correct = torch.tensor([sg.rewards[j] > 0])
+        routes = build_routes(variant, correct, torch.tensor(key_masks[i], dtype=torch.bool),
+                              torch.tensor(err_masks[i], dtype=torch.bool), torch.zeros(len(s.token_ids), dtype=torch.long),
+                              coverage_cap=coverage_cap, seed=seed, step=step,
+                              rollout_uids=torch.tensor([uid_offset + i])).tolist() if lam > 0 else [0] * len(s.token_ids)
+        teacher_ids, p_len = None, 0
+        if any(r != Route.GRPO for r in routes):
+            t = build_teacher_input(tokenizer, sg.group.meta["problem"], sg.group.meta.get("solution"), diagnostics[i],
+                                    sg.rewards[j] > 0, s.token_ids, thinking=thinking)
+            teacher_ids, p_len = t.input_ids, t.prompt_len
+        samples.append(TrainSample(list(sg.group.prompt_ids), list(s.token_ids), sg.advantages[j], routes,
+                                   list(s.logprobs), teacher_ids, p_len, uid_offset + i))
+    rewards = [r for sg in scored for r in sg.rewards]
+    lens = [len(s.response_ids) for s in samples]
+    correct_lens = [n for n, r in zip(lens, rewards) if r > 0]
+    wrong_lens = [n for n, r in zip(lens, rewards) if r == 0]
+    metrics = {
+        "reward/mean": sum(rewards) / len(rewards),
+        "reward/accuracy": sum(r > 0 for r in rewards) / len(rewards),
+        "reward/zero_variance_groups": sum(len(set(sg.rewards)) == 1 for sg in scored) / len(scored),
+        "length/all": sum(lens) / len(lens),
+        "length/correct": sum(correct_lens) / len(correct_lens) if correct_lens else float("nan"),
+        "length/incorrect": sum(wrong_lens) / len(wrong_lens) if wrong_lens else float("nan"),
+        **(counter.as_metrics() if needs_annotation else {}),
+    }
+    return samples, metrics
