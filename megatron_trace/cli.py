@@ -80,10 +80,6 @@ def _cmd_train(args) -> int:
     from .parallel import launch
     from .train.loop import run_training
 
-    if os.path.exists(os.path.join(cfg.run.dir, "metrics.jsonl")):
-        raise ValueError(f"run.dir={cfg.run.dir} already holds a run (metrics.jsonl); resume is not implemented "
-                         "yet, so choose a new run.dir")
-
     launch(run_training, cfg.parallel.tp * cfg.parallel.pp, cfg)
     print(f"[train] done; metrics in {cfg.run.dir}/metrics.jsonl")
     return 0

@@ -9,6 +9,9 @@ DP share. Setup (models, engine, data, annotator) lives in `train/setup_run.py`.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 
 import torch.distributed as dist
@@ -16,6 +19,7 @@ import torch.distributed as dist
 from ..loss import ExposureTracker, LossConfig
 from ..rollout import SamplingParams, sample_groups
 from ..sync import sync_weights
+from .checkpoint import find_latest, load_run_checkpoint, save_run_checkpoint
 from .setup_run import Run
 from .stages import build_train_samples, score_groups
 from .step import train_step
@@ -29,12 +33,35 @@ def _broadcast(obj, src: int = 0):
     return box[0]
 
 
+def _fault(env: str, next_step: int) -> None:
+    """Fault injection for the resume tests: SIGKILL this process at a chosen point."""
+    if os.environ.get(env) == str(next_step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _resume(run: Run, exposure: ExposureTracker) -> None:
+    latest = find_latest(run.cfg.run.dir)
+    if latest is None:
+        return
+    state = load_run_checkpoint(run, latest)
+    run.start_step, run.cursor = state["next_step"], state["cursor"]
+    exposure.load_state_dict(state["exposure"])
+    sync_weights(run.ddp, run.groups, run.engine, version=state["next_step"])  # engine <- restored actor
+    if dist.get_rank() == 0 and run.metrics_path and os.path.exists(run.metrics_path):
+        # Drop rows of steps after the checkpoint (a crashed run may have logged them).
+        rows = [line for line in open(run.metrics_path) if json.loads(line)["step"] < run.start_step]
+        with open(run.metrics_path, "w") as f:
+            f.writelines(rows)
+
+
 def train(run: Run, steps: int | None = None) -> list[dict]:
     cfg, g = run.cfg, run.groups
     loss_cfg = LossConfig(**run.loss_kwargs)
     exposure = ExposureTracker()
+    _resume(run, exposure)
+    total = steps if steps is not None else cfg.train.steps
     history = []
-    for step in range(run.start_step, steps if steps is not None else cfg.train.steps):
+    for step in range(run.start_step, total):
         t0 = time.perf_counter()
         lam = run.schedule.lam(step)
         metrics: dict = {}
@@ -75,6 +102,12 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
             metrics.update(exposure.update(lam, metrics.get("route/span_coverage", 0.0)))
             run.log(step, metrics)
         history.append(metrics)
+        if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total:
+            save_run_checkpoint(run, step + 1, {"cursor": run.cursor, "exposure": exposure.state_dict(),
+                                                "weight_version": step + 1,
+                                                "annotator_cache": cfg.annotate.cache_dir},
+                                crash_hook=lambda n=step + 1: _fault("MT_FAULT_KILL_DURING_SAVE", n))
+            _fault("MT_FAULT_KILL_AFTER_SAVE", step + 1)
     return history
 
 

@@ -135,10 +135,12 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
                                lambda0=s.lambda0, entry_clip=cfg.loss.entry_clip, routed_grpo=cfg.loss.routed_grpo,
                                kl_ref_coef=0.0, entropy_coef=cfg.loss.entropy_coef, chunk_size=cfg.loss.chunk_size))
     if write_run_dir and dist.get_rank() == 0:
-        if os.path.exists(os.path.join(cfg.run.dir, "metrics.jsonl")):
-            # Resuming is not implemented yet: refuse rather than mix two runs in one directory.
-            raise ValueError(f"run.dir={cfg.run.dir} already holds a run (metrics.jsonl); resume is not "
-                             "implemented yet, so choose a new run.dir")
+        from .checkpoint import find_latest
+
+        metrics = os.path.join(cfg.run.dir, "metrics.jsonl")
+        if os.path.exists(metrics) and find_latest(cfg.run.dir) is None:
+            # A previous run without any checkpoint: start over, but keep its metrics aside.
+            os.replace(metrics, metrics + ".prev")
         os.makedirs(cfg.run.dir, exist_ok=True)
         with open(os.path.join(cfg.run.dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))

@@ -3,10 +3,12 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 
 
@@ -38,14 +40,81 @@ def test_demo_runs_end_to_end(tmp_path):
     assert os.path.exists(tmp_path / "demo" / "hf_roundtrip" / "model.safetensors")
 
 
-@pytest.mark.dist
-def test_train_runs_and_refuses_to_overwrite_a_run(tmp_path):
-    args = ["train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), "train.steps=2",
-            "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", f"run.dir={tmp_path / 'run'}"]
-    proc = _cli(*args)
+def _train(run_dir, env=None, steps=4):
+    """Run `megatron-trace train` in its own session; afterwards kill whatever it left behind.
+
+    A SIGKILLed rank cannot stop the multiprocessing manager that Megatron's checkpoint writer
+    started, and that orphan keeps inherited pipes open; so output goes to files and the whole
+    session is killed once the command returns.
+    """
+    args = ["train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), f"train.steps={steps}",
+            "checkpoint.every=2", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "log.progress=false",
+            f"run.dir={run_dir}"]
+    exe = shutil.which("megatron-trace", path=os.path.dirname(sys.executable))
+    log = f"{run_dir}.log"
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([exe, *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
+                                env={**os.environ, **(env or {})}, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(args, rc, "", open(log).read())
+
+
+def _final_weights(run_dir, out):
+    from safetensors.torch import load_file
+
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_megatron_to_hf.py"), "--ckpt",
+                           os.path.join(run_dir, "checkpoints", "step_000004", "model"), "--out", out],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def _rows(run_dir):
+    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if "time" not in k and "seconds" not in k} for r in rows]
+
+
+def _same_rows(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for k in x:
+            assert x[k] == y[k] or (x[k] != x[k] and y[k] != y[k]), (x["step"], k, x[k], y[k])  # NaN == NaN
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run_full")
+    proc = _train(d / "run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [0, 1] and all("reward/accuracy" in r and "kl/lambda" in r for r in rows)
-    again = _cli(*args)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
-    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 2  # nothing overwritten
+    return d / "run", _final_weights(str(d / "run"), str(d / "hf"))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("fault", ["MT_FAULT_KILL_AFTER_SAVE", "MT_FAULT_KILL_DURING_SAVE"])
+def test_kill_and_resume_is_bit_identical(uninterrupted, tmp_path, fault):
+    full_dir, full_w = uninterrupted
+    at = "2" if fault == "MT_FAULT_KILL_AFTER_SAVE" else "4"
+    crashed = _train(tmp_path / "run", env={fault: at})
+    assert crashed.returncode != 0  # SIGKILLed
+    latest = open(tmp_path / "run" / "checkpoints" / "latest").read().strip()
+    assert latest == "step_000002"  # a save killed midway never becomes "latest"
+    resumed = _train(tmp_path / "run")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    w = _final_weights(str(tmp_path / "run"), str(tmp_path / "hf"))
+    assert set(w) == set(full_w) and all(torch.equal(w[k], full_w[k]) for k in w)
+    _same_rows(_rows(tmp_path / "run"), _rows(full_dir))  # same metrics for every step, resumed ones included
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["latest", "step_000002", "step_000004"]
+
+
+def test_train_rejects_bad_config_before_any_work(tmp_path):
+    proc = _cli("train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), "optim.lr=0",
+                f"run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "'optim.lr'" in proc.stderr and not (tmp_path / "run").exists()
