@@ -169,5 +169,4 @@ class HFEngine:
             step_ids = nxt[:, None]
             step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=step_mask.dtype, device=self.device)], dim=1)
             step_pos = step_pos[:, -1:] + 1
-            mask = step_mask
         return [Sample(out_tokens[i], out_lps[i], reasons[i], self.weight_version) for i in range(B)]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..annotate import AnnotationRequest, FailureCounter, annotation_to_mask, segment_text
-from ..loss import Route, build_routes
+from ..loss import ROUTE_VARIANTS, Route, build_routes
 from ..rollout import RolloutGroup
 from ..teacher import build_teacher_input
 from ..types import TrainSample
@@ -69,7 +69,8 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
     key_masks: list[list[bool]] = [[False] * len(sg.group.samples[j].token_ids) for sg, j in flat]
     err_masks = [list(m) for m in key_masks]
     diagnostics: list[str | None] = [None] * len(flat)
-    needs_annotation = lam > 0 and variant not in ("grpo", "all_token_fkl", "all_token_rkl", "random_mask")
+    # Only variants whose masks come from annotated spans pay for the annotator.
+    needs_annotation = lam > 0 and ROUTE_VARIANTS[variant].mask in ("annotator", "inverted")
     if needs_annotation:
         requests = []
         for sg, j in flat:
