@@ -22,6 +22,7 @@ __all__ = [
     "mask_vocab_padding_",
     "padded_vocab",
     "transformer_config",
+    "unwrap_model",
     "vocab_shard_range",
 ]
 
@@ -30,6 +31,13 @@ __all__ = [
 # We pad to a multiple of lcm(1024, tp) instead, so one checkpoint reshards across any TP that
 # divides 1024 (1, 2, 4, 8, ...). The cost is at most 1023 dead rows (0.4% of Qwen3's LM head).
 VOCAB_PAD_MULTIPLE = 1024
+
+
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16 wrappers (which nest it as `.module`)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def padded_vocab(vocab_size: int, tp_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:

@@ -15,19 +15,13 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import ParallelGroups
-from .builder import build_model, padded_vocab
+from .builder import build_model, padded_vocab, unwrap_model
 from .qwen3 import Qwen3Arch, arch_from_hf_config
 
 __all__ = ["META_FILE", "load_checkpoint", "load_hf", "read_meta", "save_checkpoint"]
 
 META_FILE = "megatron_trace.json"
 _PREFIX = "model."
-
-
-def _inner(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def save_checkpoint(model, groups: ParallelGroups, ckpt_dir: str, hf_config: dict,
@@ -37,7 +31,7 @@ def save_checkpoint(model, groups: ParallelGroups, ckpt_dir: str, hf_config: dic
 
     from .hf_io import copy_tokenizer_files
 
-    inner = _inner(model)
+    inner = unwrap_model(model)
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
@@ -82,7 +76,7 @@ def load_checkpoint(ckpt_dir: str, groups: ParallelGroups, *, params_dtype: torc
     if model is None:
         dtype = params_dtype or getattr(torch, meta.get("params_dtype", "float32"))
         model = build_model(arch, groups, params_dtype=dtype, **build_kwargs)
-    inner = _inner(model)
+    inner = unwrap_model(model)
     state = dist_checkpointing.load(inner.sharded_state_dict(prefix=_PREFIX), ckpt_dir)
     state = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
     missing, unexpected = inner.load_state_dict(state, strict=False)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..parallel import ParallelGroups
+from .builder import unwrap_model
 from .qwen3 import Qwen3Arch
 
 __all__ = [
@@ -150,14 +151,8 @@ def _layer_offset(model) -> int:
     return layers[0].layer_number - 1 if layers is not None and len(layers) else 0
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def _params(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    for name, p in _unwrap(model).named_parameters():
+    for name, p in unwrap_model(model).named_parameters():
         yield _strip_wrappers(name), p
 
 
@@ -227,7 +222,7 @@ def load_hf_into_model(model, reader: HFCheckpointReader, groups: ParallelGroups
 
     Every parameter of the stage must be covered and every shape must match, else ValueError.
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     arch: Qwen3Arch = inner.arch
     offset = _layer_offset(inner)
     padded = inner.vocab_size
@@ -262,7 +257,7 @@ def _tp_gather(t: torch.Tensor, dim: int, groups: ParallelGroups) -> list[torch.
 
 def _manifest(model, groups: ParallelGroups) -> list[tuple[str, tuple[int, ...], torch.dtype, int, int]]:
     """(global megatron name, local shape, dtype, partition dim or -1, owner stage) for the pipeline."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     arch: Qwen3Arch = inner.arch
     offset = _layer_offset(inner)
     local = []
@@ -291,7 +286,7 @@ def export_hf_stream(model, groups: ParallelGroups, dtype: torch.dtype | None = 
     Collective: all ranks of the model-parallel group must iterate the stream to the end.
     Tensors are on `groups.device`; `dtype` casts them (default: the parameter dtype).
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     arch: Qwen3Arch = inner.arch
     local = dict(_params(inner))
     offset = _layer_offset(inner)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..models.builder import unwrap_model
 from ..models.convert import export_hf_stream
 from ..parallel import ParallelGroups
 
@@ -101,10 +102,7 @@ def verify_engine(model, groups: ParallelGroups, engine, *, probe_ids: torch.Ten
     """
     from ..models.forward import forward_logits, gather_full_logits
 
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
-    vocab = inner.arch.vocab_size
+    vocab = unwrap_model(model).arch.vocab_size
     if probe_ids is None:
         probe_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1234))
     actor = gather_full_logits(forward_logits(model, groups, probe_ids), groups, vocab, tuple(probe_ids.shape))

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ..loss import GlobalCounts, LossConfig, LossInputs, Stats, routed_loss, token_logprob_and_entropy
+from ..models.builder import unwrap_model
+from ..models.forward import forward_logits
 from ..parallel import ParallelGroups
 from ..parallel.schedule import run_schedule
 from ..types import TrainSample
@@ -73,9 +75,7 @@ def make_micro_batches(samples: list[TrainSample], micro_batch_size: int) -> lis
 @contextlib.contextmanager
 def _span_sparse_head(model, rows: torch.Tensor, cols: torch.Tensor):
     """Make the output layer see only hidden states at (row, col): logits come out [1, R, V/tp]."""
-    inner = model
-    while hasattr(inner, "module"):
-        inner = inner.module
+    inner = unwrap_model(model)
     head = getattr(inner, "output_layer", None)
     if head is None or not getattr(inner, "post_process", False):
         yield
@@ -91,22 +91,6 @@ def _span_sparse_head(model, rows: torch.Tensor, cols: torch.Tensor):
         yield
     finally:
         handle.remove()
-
-
-def _forward_only(model, groups: ParallelGroups, batches: list[tuple[torch.Tensor, ...]]):
-    """Run the schedule forward-only over [b, s] id tensors; last stage gets the raw outputs."""
-
-    def step(data_iter, m):
-        ids = next(data_iter).to(groups.device)
-        pos = torch.arange(ids.shape[1], device=groups.device).unsqueeze(0).expand_as(ids)
-        return m(ids, pos, None), None
-
-    outs = []
-    for ids in batches:  # one schedule call per micro-batch: shapes differ between them
-        out = run_schedule(groups, model, step, iter([ids]), num_microbatches=1, seq_length=ids.shape[1],
-                           micro_batch_size=ids.shape[0], forward_only=True)
-        outs.append(out[0] if groups.is_last_stage else None)
-    return outs
 
 
 @dataclass
@@ -147,7 +131,8 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     # 1. old log-probs (pi_old = the actor before this update)
     with torch.no_grad():
         old = []
-        for mb, logits in zip(mbs, _forward_only(ddp, groups, [mb.ids for mb in mbs])):
+        for mb in mbs:
+            logits = forward_logits(ddp, groups, mb.ids)
             if logits is None:
                 old.append(None)
                 continue
@@ -164,7 +149,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
                 if mb.teacher_ids is None:
                     continue
                 with _span_sparse_head(t_model, mb.teacher_rows, mb.teacher_cols):
-                    (out,) = _forward_only(t_model, groups, [mb.teacher_ids])
+                    out = forward_logits(t_model, groups, mb.teacher_ids)
                 teacher_logits[i] = None if out is None else out[0]  # [R, V/tp]
 
     # 3. forward/backward with the routed loss on the last stage

@@ -77,7 +77,7 @@ def _head_rank(hf_dir, tp):
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.models.forward import forward_logits
     from megatron_trace.parallel import initialize
-    from megatron_trace.train.step import _forward_only, _span_sparse_head
+    from megatron_trace.train.step import _span_sparse_head
 
     groups = initialize(tp=tp)
     model = load_hf(hf_dir, groups)
@@ -85,7 +85,7 @@ def _head_rank(hf_dir, tp):
     rows, cols = torch.tensor([0, 2, 2, 1]), torch.tensor([8, 0, 5, 3])
     dense = forward_logits(model, groups, ids)[rows, cols]
     with _span_sparse_head(model, rows, cols):
-        (sparse,) = _forward_only(model, groups, [ids])
+        sparse = forward_logits(model, groups, ids)
     return (sparse[0] - dense).abs().max().item(), tuple(sparse.shape)
 
 
