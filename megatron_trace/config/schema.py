@@ -27,6 +27,7 @@ __all__ = [
     "RewardConfig",
     "RolloutConfig",
     "RunConfig",
+    "SFTConfig",
     "ScheduleConfig",
     "TeacherConfig",
     "TrainConfig",
@@ -158,10 +159,13 @@ class AnnotateConfig:
 class TeacherConfig:
     mode: str = "live"  # live | snapshot
     sync_every: int = 10  # snapshot refresh period (steps)
+    offload: bool = False  # snapshot only: keep the copy in CPU memory between teacher passes
+    probe_tokens: int = 4  # off-span tokens per routed rollout for the leakage proxy (0 = off)
 
     def __post_init__(self) -> None:
         _one_of("teacher.mode", self.mode, {"live", "snapshot"})
         _check(self.sync_every >= 1, "teacher.sync_every", self.sync_every, "an integer >= 1")
+        _check(self.probe_tokens >= 0, "teacher.probe_tokens", self.probe_tokens, "an integer >= 0")
 
 
 @dataclass
@@ -215,6 +219,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     mini_batches: int = 1  # PPO updates per rollout batch
+    distributed_optimizer: bool = False  # shard optimizer state over DP (GPU/nccl only)
     micro_batch_size: int = 4  # sequences per micro-batch
 
     def __post_init__(self) -> None:
@@ -232,9 +237,39 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 50  # total RL steps
     dynamic_sampling: bool = False  # drop zero-variance groups; off for TRACE (all-correct groups carry FKL)
+    dynamic_max_rounds: int = 4  # rollout rounds per step when refilling dropped groups
+    mode: str = "full"  # full | rollout_only | train_only (debug modes, see README)
+    save_records: bool = False  # write each step's stage records to <run.dir>/records/
+    records_dir: str | None = None  # train_only: the records to train on
+    key_token_lift: bool = True  # forward pass after the update on key-span rollouts (lambda > 0)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
+        _check(self.dynamic_max_rounds >= 1, "train.dynamic_max_rounds", self.dynamic_max_rounds, "an integer >= 1")
+        _one_of("train.mode", self.mode, {"full", "rollout_only", "train_only"})
+        _check(self.mode != "train_only" or bool(self.records_dir), "train.records_dir", self.records_dir,
+               "a directory of saved records when train.mode=train_only")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 300  # optimizer steps of cross-entropy on reference solutions
+    batch_size: int = 32  # sequences per step
+    lr: float = 1.0e-3
+    min_lr: float = 1.0e-4
+    warmup_steps: int = 20
+    privileged_frac: float = 0.3  # share of examples in the teacher (privileged-context) format
+    heldout: int = 200  # held-out problems scored (greedy) at the end
+    export_hf: bool = True  # write <run.dir>/hf (config.json, safetensors, tokenizer)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "sft.steps", self.steps, "an integer >= 1")
+        _check(self.batch_size >= 1, "sft.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "sft.lr", self.lr, "a float > 0")
+        _check(0 <= self.min_lr <= self.lr, "sft.min_lr", self.min_lr, f"a float in [0, sft.lr={self.lr}]")
+        _check(self.warmup_steps >= 0, "sft.warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0 <= self.privileged_frac <= 1, "sft.privileged_frac", self.privileged_frac, "a float in [0, 1]")
+        _check(self.heldout >= 0, "sft.heldout", self.heldout, "an integer >= 0")
 
 
 @dataclass
@@ -266,8 +301,9 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     tensorboard: bool = True
-    wandb: bool = False
+    wandb: bool = False  # needs `pip install wandb`; fails at setup if missing
     wandb_project: str = "megatron-trace"
+    wandb_entity: str | None = None
     progress: bool = True
 
 
@@ -287,6 +323,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -5,6 +5,7 @@ Layout of `<run.dir>/checkpoints/`:
     model/                      torch_dist model checkpoint (reloads under any TP/PP)
     optim_rank{r}.pt            this rank's optimizer state (same layout required to resume)
     rng_rank{r}.pt              torch CPU/CUDA RNG and the Megatron RNG-tracker streams
+    teacher_rank{r}.pt          the teacher snapshot (teacher.mode=snapshot): weights + version
     trainer_state.json          step, data cursor, exposure sums, weight version, annotator cache
   latest                        the name of the newest complete checkpoint
 
@@ -71,6 +72,8 @@ def save_run_checkpoint(run, next_step: int, trainer_state: dict, *, crash_hook=
     save_checkpoint(run.ddp, run.groups, os.path.join(tmp, "model"), hf_config=run.arch.to_hf_dict())
     torch.save(run.optimizer.state_dict(), os.path.join(tmp, f"optim_rank{rank}.pt"))
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if getattr(run, "teacher", None) is not None:
+        torch.save(run.teacher.state_dict(), os.path.join(tmp, f"teacher_rank{rank}.pt"))
     if crash_hook is not None:
         crash_hook()  # tests: die in the middle of a save
     dist.barrier()
@@ -106,4 +109,7 @@ def load_run_checkpoint(run, path: str) -> dict:
     load_checkpoint(os.path.join(path, "model"), run.groups, model=run.ddp)
     run.optimizer.load_state_dict(torch.load(os.path.join(path, f"optim_rank{rank}.pt"), weights_only=False))
     _set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
+    teacher_file = os.path.join(path, f"teacher_rank{rank}.pt")
+    if getattr(run, "teacher", None) is not None and os.path.exists(teacher_file):
+        run.teacher.load_state_dict(torch.load(teacher_file, weights_only=False))
     return state

@@ -2,29 +2,37 @@
 
 Per step k: prompts -> rollouts (n per prompt) -> rewards -> group advantages ->
 [lambda_k > 0: annotate -> token routes -> privileged teacher inputs] -> train step (old
-log-probs, span-sparse teacher pass, routed loss, optimizer) -> weight sync -> metrics.
-Rank 0 owns the rollout engine and builds the step's records; every rank then trains on its
-DP share. Setup (models, engine, data, annotator) lives in `train/setup_run.py`.
+log-probs, span-sparse teacher pass, routed loss, `optim.mini_batches` optimizer updates) ->
+weight sync -> metrics, with checkpoint cadence.
+Rank 0 owns the rollout engine and builds the step's records (`make_batch`); every rank then
+trains on its DP share. Setup (models, engine, data, annotator) lives in `train/setup_run.py`.
+
+Debug modes (`train.mode`): `rollout_only` stops after the records (saved under
+`<run.dir>/records/`), `train_only` reads them back instead of sampling (`train.records_dir`);
+`tools/replay.py` reruns one saved step under another TP/PP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
 
+import torch
 import torch.distributed as dist
 
 from ..loss import ExposureTracker, LossConfig
 from ..rollout import SamplingParams, sample_groups
 from ..sync import sync_weights
+from ..types import TrainSample
 from .checkpoint import find_latest, load_run_checkpoint, save_run_checkpoint
 from .setup_run import Run
 from .stages import build_train_samples, score_groups
 from .step import train_step
 
-__all__ = ["run_training", "train"]
+__all__ = ["load_record", "make_batch", "run_training", "save_record", "train", "train_one_step"]
 
 
 def _broadcast(obj, src: int = 0):
@@ -39,6 +47,95 @@ def _fault(env: str, next_step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict]:
+    """Rank 0: prompts -> rollouts -> rewards/advantages -> [annotate -> routes -> teacher inputs]."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    kept, metrics, rounds, sampled, t_reward = [], {}, 0, 0, 0.0
+    while len(kept) < cfg.rollout.prompts_per_step and rounds < cfg.train.dynamic_max_rounds:
+        prompts, metas = run.next_prompts(cfg.rollout.prompts_per_step - len(kept))
+        params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                                seed=cfg.seed * 100_003 + step * 101 + rounds)
+        groups, m = sample_groups(run.engine, prompts, params, metas)
+        metrics = metrics or m  # the first round's rollout statistics
+        t_r = time.perf_counter()
+        scored = score_groups(groups, run.tokenizer, run.verify, cfg.reward.advantage_std)
+        t_reward += time.perf_counter() - t_r
+        sampled += len(scored)
+        rounds += 1
+        if not cfg.train.dynamic_sampling:
+            kept = scored
+            break
+        # Dynamic sampling: zero-variance groups have zero advantage; drop them and refill.
+        kept += [sg for sg in scored if len(set(sg.rewards)) > 1]
+    if not kept:  # every group had zero variance in every round: train on the last round (no GRPO signal)
+        kept = scored
+    if cfg.train.dynamic_sampling:
+        metrics.update({"sampling/rounds": float(rounds), "sampling/groups_sampled": float(sampled),
+                        "sampling/groups_kept": float(len(kept))})
+    t1 = time.perf_counter()
+    samples, m = build_train_samples(
+        kept, run.tokenizer, variant=cfg.loss.variant, annotator=run.annotator, lam=lam,
+        coverage_cap=cfg.annotate.coverage_cap, segment_mode=cfg.annotate.segment_mode,
+        max_segment_chars=cfg.annotate.max_segment_chars, seed=cfg.seed, step=step,
+        uid_offset=step * cfg.rollout.prompts_per_step * cfg.rollout.n * cfg.train.dynamic_max_rounds,
+        thinking=cfg.data.thinking)
+    metrics.update(m)
+    metrics.update({"time/rollout": t1 - t0 - t_reward, "time/reward": t_reward,
+                    "time/annotate_and_route": time.perf_counter() - t1})
+    return samples, metrics
+
+
+def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], loss_cfg: LossConfig,
+                   sync: bool = True) -> dict:
+    """Every rank: [snapshot refresh] -> train step -> weight sync. Returns the metrics (last stage's)."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    teacher = run.teacher
+    if teacher is not None and teacher.due(step) and step <= run.schedule.last_active_step:
+        teacher.refresh(run.ddp, step)
+    with teacher.on_device() if teacher is not None else contextlib.nullcontext() as t_module:
+        result = train_step(run.ddp, run.optimizer, run.groups, samples, loss_cfg, lam,
+                            micro_batch_size=cfg.optim.micro_batch_size, vocab_size=run.arch.vocab_size,
+                            teacher=t_module, mini_batches=cfg.optim.mini_batches, tis_cap=cfg.loss.tis_cap,
+                            lr=run.lr(step), probe_tokens=cfg.teacher.probe_tokens,
+                            key_token_lift=cfg.train.key_token_lift)
+    metrics = dict(result.metrics)
+    metrics["time/train"] = time.perf_counter() - t0
+    if teacher is not None:
+        metrics["teacher/snapshot_version"] = float(teacher.version)
+    if sync:
+        metrics.update(sync_weights(run.ddp, run.groups, run.engine, version=step + 1).as_metrics())
+    return metrics
+
+
+def _gather_to_rank0(metrics: dict) -> dict:
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, metrics)
+    out = {}
+    for p in parts:  # the loss metrics live on the last PP stage
+        out.update(p)
+    return out
+
+
+def save_record(run_dir: str, step: int, lam: float, samples: list[TrainSample], metrics: dict) -> str:
+    """A step's stage records: the rollouts, rewards/advantages, routes and teacher inputs."""
+    os.makedirs(os.path.join(run_dir, "records"), exist_ok=True)
+    path = os.path.join(run_dir, "records", f"step_{step:06d}.pt")
+    torch.save({"step": step, "lambda": lam, "samples": [vars(s) for s in samples], "metrics": metrics}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def load_record(path: str) -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"stage record {path} does not exist (train.records_dir / --record)")
+    rec = torch.load(path, weights_only=False)
+    rec["samples"] = [TrainSample(**s) for s in rec["samples"]]
+    return rec
+
+
 def _resume(run: Run, exposure: ExposureTracker) -> None:
     latest = find_latest(run.cfg.run.dir)
     if latest is None:
@@ -46,7 +143,8 @@ def _resume(run: Run, exposure: ExposureTracker) -> None:
     state = load_run_checkpoint(run, latest)
     run.start_step, run.cursor = state["next_step"], state["cursor"]
     exposure.load_state_dict(state["exposure"])
-    sync_weights(run.ddp, run.groups, run.engine, version=state["next_step"])  # engine <- restored actor
+    if run.cfg.train.mode != "train_only":
+        sync_weights(run.ddp, run.groups, run.engine, version=state["next_step"])  # engine <- restored actor
     if dist.get_rank() == 0 and run.metrics_path and os.path.exists(run.metrics_path):
         # Drop rows of steps after the checkpoint (a crashed run may have logged them).
         rows = [line for line in open(run.metrics_path) if json.loads(line)["step"] < run.start_step]
@@ -55,7 +153,7 @@ def _resume(run: Run, exposure: ExposureTracker) -> None:
 
 
 def train(run: Run, steps: int | None = None) -> list[dict]:
-    cfg, g = run.cfg, run.groups
+    cfg, mode = run.cfg, run.cfg.train.mode
     loss_cfg = LossConfig(**run.loss_kwargs)
     exposure = ExposureTracker()
     _resume(run, exposure)
@@ -64,41 +162,21 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
     for step in range(run.start_step, total):
         t0 = time.perf_counter()
         lam = run.schedule.lam(step)
-        metrics: dict = {}
+        samples, metrics = None, {}
         if dist.get_rank() == 0:
-            prompts, metas = run.next_prompts(cfg.rollout.prompts_per_step)
-            params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                    top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                                    seed=cfg.seed * 100_003 + step)
-            groups, metrics = sample_groups(run.engine, prompts, params, metas)
-            t1 = time.perf_counter()
-            scored = score_groups(groups, run.tokenizer, run.verify, cfg.reward.advantage_std)
-            t2 = time.perf_counter()
-            samples, m = build_train_samples(
-                scored, run.tokenizer, variant=cfg.loss.variant, annotator=run.annotator, lam=lam,
-                coverage_cap=cfg.annotate.coverage_cap, segment_mode=cfg.annotate.segment_mode,
-                max_segment_chars=cfg.annotate.max_segment_chars, seed=cfg.seed, step=step,
-                uid_offset=step * len(prompts) * cfg.rollout.n, thinking=cfg.data.thinking)
-            metrics.update(m)
-            metrics.update({"time/rollout": t1 - t0, "time/reward": t2 - t1,
-                            "time/annotate_and_route": time.perf_counter() - t2})
-        else:
-            samples = None
-        samples = _broadcast(samples)
-        mine = samples[g.dp_rank::g.dp_size]
-        t3 = time.perf_counter()
-        result = train_step(run.ddp, run.optimizer, g, mine, loss_cfg, lam,
-                            micro_batch_size=cfg.optim.micro_batch_size, vocab_size=run.arch.vocab_size)
-        t4 = time.perf_counter()
-        sync = sync_weights(run.ddp, g, run.engine, version=step + 1)
-        # The loss metrics live on the last PP stage; collect them on rank 0.
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, result.metrics)
+            if mode == "train_only":
+                rec = load_record(os.path.join(cfg.train.records_dir, f"step_{step:06d}.pt"))
+                samples, metrics, lam = rec["samples"], dict(rec["metrics"]), rec["lambda"]
+            else:
+                samples, metrics = make_batch(run, step, lam)
+                if cfg.train.save_records or mode == "rollout_only":
+                    save_record(cfg.run.dir, step, lam, samples, metrics)
+        samples, lam = _broadcast((samples, lam))
+        if mode != "rollout_only":
+            metrics.update(_gather_to_rank0(train_one_step(run, step, lam, samples, loss_cfg,
+                                                           sync=mode == "full")))
         if dist.get_rank() == 0:
-            for p in parts:
-                metrics.update(p)
-            metrics.update({"kl/lambda": lam, "time/train": t4 - t3, **sync.as_metrics(),
-                            "time/step": time.perf_counter() - t0})
+            metrics.update({"kl/lambda": lam, "time/step": time.perf_counter() - t0})
             metrics.update(exposure.update(lam, metrics.get("route/span_coverage", 0.0)))
             run.log(step, metrics)
         history.append(metrics)
@@ -118,14 +196,19 @@ def run_training(cfg) -> None:
     from .setup_run import setup_run
 
     run = setup_run(cfg)
-    bar = tqdm(total=cfg.train.steps, desc="train", disable=dist.get_rank() != 0 or not cfg.log.progress)
+    bar = tqdm(total=cfg.train.steps, initial=0, desc=f"train [{cfg.train.mode}]",
+               disable=dist.get_rank() != 0 or not cfg.log.progress)
     log = run.log
 
     def log_and_tick(step, metrics):
         log(step, metrics)
-        bar.update(1)
+        bar.n = step + 1
+        bar.refresh()
         bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.2f}", lam=f"{metrics['kl/lambda']:.2f}")
 
     run.log = log_and_tick
-    train(run)
-    bar.close()
+    try:
+        train(run)
+    finally:
+        bar.close()
+        run.close()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from ..parallel import ParallelGroups
 
-__all__ = ["OptimSettings", "build_optimizer", "wrap_ddp"]
+__all__ = ["OptimSettings", "build_optimizer", "lr_at", "wrap_ddp"]
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,25 @@ class OptimSettings:
     use_distributed_optimizer: bool = False
 
 
-def wrap_ddp(model, groups: ParallelGroups, *, grad_reduce_in_fp32: bool = True, sum_over_dp: bool = True):
+def lr_at(step: int, total_steps: int, lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
+          decay: str = "constant") -> float:
+    """The learning rate of (0-based) `step`: linear warm-up to `lr` over `warmup_steps`, then
+    constant, or linear/cosine decay to `min_lr` at the last step."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if decay == "constant":
+        return lr
+    span = max(total_steps - 1 - warmup_steps, 1)
+    frac = min(max((step - warmup_steps) / span, 0.0), 1.0)
+    if decay == "linear":
+        return min_lr + (lr - min_lr) * (1.0 - frac)
+    if decay == "cosine":
+        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    raise ValueError(f"optim.lr_decay={decay!r}: expected constant, linear or cosine")
+
+
+def wrap_ddp(model, groups: ParallelGroups, *, grad_reduce_in_fp32: bool = True, sum_over_dp: bool = True,
+             use_distributed_optimizer: bool = False):
     """Megatron DDP around one model chunk, with grad finalisation wired into the schedule.
 
     finalize_model_grads all-reduces grads over DP (x CP) and, for tied embeddings with PP>1,
@@ -47,7 +66,7 @@ def wrap_ddp(model, groups: ParallelGroups, *, grad_reduce_in_fp32: bool = True,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=grad_reduce_in_fp32,
             overlap_grad_reduce=False,
-            use_distributed_optimizer=False,
+            use_distributed_optimizer=use_distributed_optimizer,
         ),
         module=model,
         pg_collection=groups.pg_collection,

@@ -5,6 +5,7 @@ routes, teacher inputs. Pure Python/torch on the rank that owns the data; no Meg
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -71,6 +72,7 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
     diagnostics: list[str | None] = [None] * len(flat)
     # Only variants whose masks come from annotated spans pay for the annotator.
     needs_annotation = lam > 0 and ROUTE_VARIANTS[variant].mask in ("annotator", "inverted")
+    t_ann = 0.0
     if needs_annotation:
         requests = []
         for sg, j in flat:
@@ -78,7 +80,9 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
             requests.append(AnnotationRequest(sg.group.meta["problem"], sg.group.meta.get("solution"),
                                               sg.rewards[j] > 0, text,
                                               tuple(segment_text(text, segment_mode, max_segment_chars))))
+        t_ann = time.perf_counter()
         anns = annotator.annotate(requests)
+        t_ann = time.perf_counter() - t_ann
         final = []
         for i, ((sg, j), req, ann) in enumerate(zip(flat, requests, anns)):
             mask, ann = annotation_to_mask(ann, req, response_offsets(tokenizer, sg.group.samples[j].token_ids),
@@ -113,6 +117,7 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         "length/all": sum(lens) / len(lens),
         "length/correct": sum(correct_lens) / len(correct_lens) if correct_lens else float("nan"),
         "length/incorrect": sum(wrong_lens) / len(wrong_lens) if wrong_lens else float("nan"),
+        "time/annotate": t_ann,
         **(counter.as_metrics() if needs_annotation else {}),
     }
     return samples, metrics

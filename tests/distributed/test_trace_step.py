@@ -1,5 +1,6 @@
-"""The TRACE train step on Megatron: TP=2 and PP=2 equal one process; span-sparse teacher head;
-a non-finite loss skips the step without touching the weights."""
+"""The TRACE train step on Megatron: TP=2 and PP=2 equal one process (with 2 PPO mini-batches,
+TIS and the diagnostics on); the diagnostics equal dense float64 recomputations; span-sparse
+teacher head; a non-finite loss skips the step without touching the weights."""
 
 import math
 
@@ -23,11 +24,53 @@ def samples(nan_at=None):
         routes = [int(x) for x in torch.randint(0, 3, (L,), generator=g)] if i % 2 == 0 else [0] * L
         priv = torch.randint(0, VOCAB, (P + 2,), generator=g).tolist()
         adv = float("nan") if i == nan_at else float(torch.randn(1, generator=g))
-        out.append(TrainSample(prompt, resp, adv, routes, None, priv + resp if any(routes) else None, len(priv), i))
+        engine_lp = (-torch.rand(L, generator=g) * 8).tolist()
+        out.append(TrainSample(prompt, resp, adv, routes, engine_lp, priv + resp if any(routes) else None, len(priv), i))
     return out
 
 
-def _rank(hf_dir, tp, pp, lam, nan_at=None):
+STEP_KW = dict(micro_batch_size=2, mini_batches=2, tis_cap=2.0, probe_tokens=2)
+
+
+def _dense_lp(model, groups, ids):
+    from megatron_trace.models.forward import forward_logits, gather_full_logits
+
+    full = gather_full_logits(forward_logits(model, groups, ids), groups, VOCAB, tuple(ids.shape))
+    return torch.log_softmax(full.double(), dim=-1)
+
+
+def _reference_diagnostics(ddp, groups, batch, step):
+    """Dense float64 recomputation of the mismatch, leakage and key-token-lift metrics."""
+    from megatron_trace.loss import Route
+    from megatron_trace.train.step import probe_positions
+
+    diffs, leaks, lifts = [], [], []
+    for s in batch:
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        p, n = len(s.prompt_ids), len(s.response_ids)
+        lp_all = _dense_lp(ddp, groups, ids)[0, p - 1:p - 1 + n]  # [n, V]
+        lp = lp_all.gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
+        diffs += (lp - torch.tensor(s.rollout_logprobs, dtype=torch.float64)).abs().tolist()
+        if any(s.routes):
+            t_lp = _dense_lp(ddp, groups, torch.tensor([s.teacher_ids]))[0]
+            for i in probe_positions(s, STEP_KW["probe_tokens"]):
+                t = t_lp[s.teacher_prompt_len - 1 + i]
+                leaks.append(float((t.exp() * (t - lp_all[i])).sum()))
+        lifts.append((lp, [r == Route.FKL for r in s.routes]))
+    step()
+    for (old, key), s in zip(lifts, batch):
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        p, n = len(s.prompt_ids), len(s.response_ids)
+        new = _dense_lp(ddp, groups, ids)[0, p - 1:p - 1 + n].gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
+        lifts_s = (new - old)[torch.tensor(key)]
+        key[:] = lifts_s.tolist()
+    lift = [x for _, k in lifts for x in k]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return {"mismatch/logprob_abs_diff": mean(diffs), "mismatch/logprob_abs_diff_max": max(diffs),
+            "teacher/leakage_kl_offspan": mean(leaks), "kl/key_token_lift": mean(lift)}
+
+
+def _rank(hf_dir, tp, pp, lam, nan_at=None, with_reference=False, mini_batches=2):
     from megatron_trace.loss import LossConfig
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.models.convert import export_hf_stream
@@ -39,10 +82,17 @@ def _rank(hf_dir, tp, pp, lam, nan_at=None):
     ddp = wrap_ddp(load_hf(hf_dir, groups), groups)
     opt = build_optimizer(ddp, groups, OptimSettings(optimizer="sgd", lr=1.0, clip_grad=1.0))
     before = {k: v.clone() for k, v in export_hf_stream(ddp, groups)}
-    res = train_step(ddp, opt, groups, samples(nan_at), LossConfig(variant="trace_both"), lam, micro_batch_size=4,
-                     vocab_size=VOCAB)
+    batch = samples(nan_at)
+    box = {}
+
+    def step():
+        box["res"] = train_step(ddp, opt, groups, batch, LossConfig(variant="trace_both"), lam, vocab_size=VOCAB,
+                                **{**STEP_KW, "mini_batches": mini_batches})
+
+    ref = _reference_diagnostics(ddp, groups, batch, step) if with_reference else step()
+    res = box["res"]
     after = {k: v.clone() for k, v in export_hf_stream(ddp, groups)}
-    return res.metrics, res.skipped, before, after
+    return (res.metrics, ref) if with_reference else (res.metrics, res.skipped, before, after)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +115,14 @@ def single(hf_dir):
 def test_trace_step_matches_single_process(hf_dir, single, tp, pp):
     ref_metrics, ref_skipped, _, ref_after = single
     assert not ref_skipped and ref_metrics["kl/fkl_mean"] > 0 and ref_metrics["route/fkl_frac"] > 0
+    assert ref_metrics["optim/updates"] == 2 and ref_metrics["ppo/tis_weight_mean"] > 0
     for metrics, skipped, _, after in run_on_ranks(_rank, tp * pp, hf_dir, tp, pp, 0.3):
         assert not skipped
         for k, w in ref_after.items():
             assert (after[k] - w).abs().max().item() <= 1e-5, k
         for k, v in metrics.items():  # non-last PP stages only report the optimizer metrics
+            if "time" in k:
+                continue
             assert math.isclose(v, ref_metrics[k], rel_tol=1e-5, abs_tol=1e-6), (k, v, ref_metrics[k])
 
 
@@ -97,6 +150,29 @@ def test_span_sparse_head_equals_dense_logits_at_routed_positions(hf_dir):
 
 @pytest.mark.dist
 def test_non_finite_loss_skips_the_step(hf_dir):
-    (metrics, skipped, before, after) = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.3, 1)[0]
-    assert skipped and metrics["optim/skipped"] == 1.0
+    (metrics, skipped, before, after) = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.3, 1, False, 1)[0]
+    assert skipped and metrics["optim/skipped"] == 1.0 and metrics["optim/updates"] == 0.0
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.dist
+def test_non_finite_mini_batch_skips_only_its_update(hf_dir):
+    (metrics, skipped, before, after) = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.3, 1, False, 2)[0]
+    assert skipped and metrics["optim/skipped"] == 1.0 and metrics["optim/updates"] == 1.0
+    assert not all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.dist
+def test_step_diagnostics_equal_dense_float64_recomputation(hf_dir):
+    metrics, ref = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.3, None, True)[0]
+    for k, v in ref.items():
+        assert math.isclose(metrics[k], v, rel_tol=1e-4, abs_tol=1e-6), (k, metrics[k], v)
+    assert ref["teacher/leakage_kl_offspan"] > 0 and ref["kl/key_token_lift"] != 0
+    assert metrics["time/teacher"] > 0 and metrics["time/key_token_lift"] > 0
+
+
+@pytest.mark.dist
+def test_lambda_zero_skips_teacher_and_lift(hf_dir):
+    metrics, skipped, _, _ = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.0)[0]
+    assert not skipped and metrics["time/teacher"] == 0.0 and metrics["time/key_token_lift"] == 0.0
+    assert "teacher/leakage_kl_offspan" not in metrics and metrics["loss/kl"] == 0.0
