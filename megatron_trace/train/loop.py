@@ -88,8 +88,11 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
 
 
 def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], loss_cfg: LossConfig,
-                   sync: bool = True) -> dict:
-    """Every rank: [snapshot refresh] -> train step -> weight sync. Returns the metrics (last stage's)."""
+                   sync: bool = True, teacher_outputs: dict | None = None) -> dict:
+    """Every rank: [snapshot refresh] -> train step -> weight sync. Returns the metrics (last stage's).
+
+    teacher_outputs: a dict to fill with the teacher's per-routed-token outputs (stage records).
+    """
     cfg = run.cfg
     t0 = time.perf_counter()
     teacher = run.teacher
@@ -100,7 +103,9 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
                             micro_batch_size=cfg.optim.micro_batch_size, vocab_size=run.arch.vocab_size,
                             teacher=t_module, mini_batches=cfg.optim.mini_batches, tis_cap=cfg.loss.tis_cap,
                             lr=run.lr(step), probe_tokens=cfg.teacher.probe_tokens,
-                            key_token_lift=cfg.train.key_token_lift)
+                            key_token_lift=cfg.train.key_token_lift, record_teacher=teacher_outputs is not None)
+    if teacher_outputs is not None:
+        teacher_outputs.update(result.teacher_outputs)
     metrics = dict(result.metrics)
     metrics["time/train"] = time.perf_counter() - t0
     if teacher is not None:
@@ -119,11 +124,14 @@ def _gather_to_rank0(metrics: dict) -> dict:
     return out
 
 
-def save_record(run_dir: str, step: int, lam: float, samples: list[TrainSample], metrics: dict) -> str:
-    """A step's stage records: the rollouts, rewards/advantages, routes and teacher inputs."""
+def save_record(run_dir: str, step: int, lam: float, samples: list[TrainSample], metrics: dict,
+                teacher_outputs: dict | None = None) -> str:
+    """A step's stage records: the rollouts, rewards/advantages, routes, teacher inputs and (after
+    training) the teacher's outputs at the routed tokens."""
     os.makedirs(os.path.join(run_dir, "records"), exist_ok=True)
     path = os.path.join(run_dir, "records", f"step_{step:06d}.pt")
-    torch.save({"step": step, "lambda": lam, "samples": [vars(s) for s in samples], "metrics": metrics}, path + ".tmp")
+    torch.save({"step": step, "lambda": lam, "samples": [vars(s) for s in samples], "metrics": metrics,
+                "teacher_outputs": teacher_outputs or {}}, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
 
@@ -173,8 +181,15 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
                     save_record(cfg.run.dir, step, lam, samples, metrics)
         samples, lam = _broadcast((samples, lam))
         if mode != "rollout_only":
-            metrics.update(_gather_to_rank0(train_one_step(run, step, lam, samples, loss_cfg,
-                                                           sync=mode == "full")))
+            record = cfg.train.save_records and mode == "full"
+            outputs = {} if record else None
+            rollout_metrics = dict(metrics)
+            metrics.update(_gather_to_rank0(train_one_step(run, step, lam, samples, loss_cfg, sync=mode == "full",
+                                                           teacher_outputs=outputs)))
+            if record:
+                merged = _gather_to_rank0(outputs)
+                if dist.get_rank() == 0:
+                    save_record(cfg.run.dir, step, lam, samples, rollout_metrics, merged)
         if dist.get_rank() == 0:
             metrics.update({"kl/lambda": lam, "time/step": time.perf_counter() - t0})
             metrics.update(exposure.update(lam, metrics.get("route/span_coverage", 0.0)))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -135,6 +135,9 @@ def _span_sparse_head(model, rows: torch.Tensor, cols: torch.Tensor):
 class StepResult:
     metrics: dict[str, float]
     skipped: bool  # True if any mini-batch update was skipped
+    # record_teacher: per rollout uid, the teacher's log-prob of each routed token and its entropy
+    # there (vocab-reduced, so identical under any TP); filled on the last PP stage only.
+    teacher_outputs: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
 
 def _global_counts(samples: list[TrainSample], groups: ParallelGroups) -> GlobalCounts:
@@ -178,7 +181,7 @@ def _packed(mb: MicroBatch, field: str) -> list:
 def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample], loss_cfg: LossConfig, lam: float,
                *, micro_batch_size: int = 4, vocab_size: int, teacher=None, mini_batches: int = 1,
                tis_cap: float | None = None, lr: float | None = None, probe_tokens: int = 4,
-               key_token_lift: bool = True) -> StepResult:
+               key_token_lift: bool = True, record_teacher: bool = False) -> StepResult:
     """`mini_batches` optimizer updates over the step's rollouts (the global list, same on every rank).
 
     Each DP rank trains on its share (every dp_size-th rollout) of each mini-batch. teacher: the
@@ -194,15 +197,16 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     use_teacher = lam > 0 and any(any(s.routes) for s in samples)
     have_engine_lp = all(s.rollout_logprobs is not None for s in samples)
     do_lift = key_token_lift and lam > 0 and any(r == Route.FKL for s in samples for r in s.routes)
+    # While lambda > 0 these columns always exist (NaN when a step has no spans), for plots.
     pre = Stats()  # diagnostics from the forward-only passes (last stage only)
     if have_engine_lp:
         pre.mean_of("mismatch/logprob_abs_diff", 0.0, 0.0)
         pre.mean_of("mismatch/k3_kl", 0.0, 0.0)
         pre.max("mismatch/logprob_abs_diff_max", 0.0)
-    if use_teacher:
+    if lam > 0:
         pre.mean_of("teacher/leakage_kl_offspan", 0.0, 0.0)
-    if do_lift:
-        pre.mean_of("kl/key_token_lift", 0.0, 0.0)
+        if key_token_lift:
+            pre.mean_of("kl/key_token_lift", 0.0, 0.0)
 
     # 1. old log-probs (pi_old = the actor before this step's updates), the mismatch and TIS weights
     old: list[torch.Tensor | None] = []
@@ -234,6 +238,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     # 2. teacher logits at routed positions (+ the leakage probes) only
     t1 = time.perf_counter()
     teacher_logits: list[torch.Tensor | None] = [None] * len(mbs)
+    teacher_outputs: dict[int, dict[str, list[float]]] = {}
     if use_teacher:
         t_model = teacher if teacher is not None else ddp
         with torch.no_grad():
@@ -247,6 +252,8 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
                 out = out[0]  # [R + Q, V/tp]
                 r = mb.num_routed
                 teacher_logits[i] = out[:r]
+                if record_teacher:
+                    _record_teacher(teacher_outputs, mb, out[:r], groups, loss_cfg.temperature, vocab_size)
                 if mb.probe_idx.numel():
                     leak = token_divergence(probe_student[i], out[r:], "forward", groups.tp, loss_cfg.temperature,
                                             None, vocab_size=vocab_size)
@@ -330,4 +337,16 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
                     "train/num_rollouts": float(len(samples)), **timers})
     if lr is not None:
         metrics["optim/lr"] = lr
-    return StepResult(metrics, skipped > 0)
+    return StepResult(metrics, skipped > 0, teacher_outputs)
+
+
+def _record_teacher(out: dict, mb: MicroBatch, logits: torch.Tensor, groups: ParallelGroups, temperature: float,
+                    vocab_size: int) -> None:
+    targets = torch.tensor([s.response_ids[i] for s in mb.samples for i in s.routed_positions], device=logits.device)
+    lp, ent = token_logprob_and_entropy(logits, targets, groups.tp, temperature, vocab_size=vocab_size)
+    k = 0
+    for s in mb.samples:
+        n = len(s.routed_positions)
+        if n:
+            out[s.uid] = {"logprob": lp[k:k + n].tolist(), "entropy": ent[k:k + n].tolist()}
+            k += n

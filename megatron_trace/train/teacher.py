@@ -35,7 +35,8 @@ class SnapshotTeacher:
             self.module.to("cpu")
 
     def due(self, step: int) -> bool:
-        return step % self.sync_every == 0 and self.version != step
+        """A refresh is due at multiples of sync_every, and whenever the snapshot holds no weights yet."""
+        return self.version < 0 or (step % self.sync_every == 0 and self.version != step)
 
     @torch.no_grad()
     def refresh(self, actor, step: int) -> None:
