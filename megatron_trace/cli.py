@@ -3,9 +3,10 @@
 Subcommands available now:
   demo     the CPU smoke path: tiny Qwen3 -> Megatron (TP=2, gloo) -> logits parity -> back to HF
   train    run the TRACE/GRPO loop from a YAML config (--dry-run: validate and print it resolved)
+  sft      cross-entropy warm start on reference solutions (same config, same machinery)
   grade    grade a JSONL of responses against a benchmark (math-verify, hard time limits)
   models   the Qwen3 size registry with parameter counts
-Training, SFT, evaluation and grading subcommands arrive with their issues (see README).
+Evaluation arrives with its issue (see README).
 """
 
 from __future__ import annotations
@@ -85,6 +86,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sft(args) -> int:
+    from .config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dump_config(cfg), end="")
+        return 0
+    from .parallel import launch
+    from .train.sft import run_sft
+
+    report = next(r for r in launch(run_sft, cfg.parallel.tp * cfg.parallel.pp, cfg) if r)
+    how = "reused the cached model" if report.get("cached") else f"trained {report['steps']} steps"
+    print(f"[sft] {how}: loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}")
+    if "heldout_accuracy" in report:
+        print(f"[sft] held-out accuracy {report['heldout_accuracy']:.3f} on {report['num_heldout']} problems; "
+              f"reference log-prob student {report['ref_logprob_student']:.3f} vs privileged teacher "
+              f"{report['ref_logprob_teacher']:.3f}")
+    print(f"[sft] HF model in {report['hf_dir']}; report in {os.path.join(cfg.run.dir, 'sft_report.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.n=8 loss.variant=grpo")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(fn=_cmd_train)
+    f = sub.add_parser("sft", help="cross-entropy warm start on reference solutions")
+    f.add_argument("--config", required=True, help="YAML config (see configs/); the sft.* keys")
+    f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.steps=100")
+    f.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    f.set_defaults(fn=_cmd_sft)
     m = sub.add_parser("models", help="list the Qwen3 sizes")
     m.set_defaults(fn=_cmd_models)
     return p

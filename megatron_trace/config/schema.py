@@ -241,12 +241,13 @@ class TrainConfig:
     mode: str = "full"  # full | rollout_only | train_only (debug modes, see README)
     save_records: bool = False  # write each step's stage records to <run.dir>/records/
     records_dir: str | None = None  # train_only: the records to train on
-    key_token_lift: bool = True  # forward pass after the update on key-span rollouts (lambda > 0)
+    key_token_lift: int = 4  # rollouts with key spans re-scored after the update (lambda > 0); 0 = off
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
         _check(self.dynamic_max_rounds >= 1, "train.dynamic_max_rounds", self.dynamic_max_rounds, "an integer >= 1")
         _one_of("train.mode", self.mode, {"full", "rollout_only", "train_only"})
+        _check(self.key_token_lift >= 0, "train.key_token_lift", self.key_token_lift, "an integer >= 0 (0 = off)")
         _check(self.mode != "train_only" or bool(self.records_dir), "train.records_dir", self.records_dir,
                "a directory of saved records when train.mode=train_only")
 

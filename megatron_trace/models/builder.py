@@ -30,7 +30,11 @@ __all__ = [
 # checkpoint's embedding shape) depend on TP: 151936 stays at TP=1 but becomes 152064 at TP=2.
 # We pad to a multiple of lcm(1024, tp) instead, so one checkpoint reshards across any TP that
 # divides 1024 (1, 2, 4, 8, ...). The cost is at most 1023 dead rows (0.4% of Qwen3's LM head).
+# Small vocabularies (the tiny CPU models' 102 characters) pad to lcm(128, tp) instead, so that
+# their LM head and vocab-parallel losses are not mostly padding (102 -> 128, not 1024).
 VOCAB_PAD_MULTIPLE = 1024
+SMALL_VOCAB = 32768
+SMALL_VOCAB_PAD_MULTIPLE = 128
 
 
 def unwrap_model(model):
@@ -40,7 +44,11 @@ def unwrap_model(model):
     return model
 
 
-def padded_vocab(vocab_size: int, tp_size: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+def padded_vocab(vocab_size: int, tp_size: int, multiple: int | None = None) -> int:
+    """The TP-invariant padded vocabulary (see above); depends on the vocabulary size, not on TP
+    (for every TP dividing the multiple)."""
+    if multiple is None:
+        multiple = SMALL_VOCAB_PAD_MULTIPLE if vocab_size < SMALL_VOCAB else VOCAB_PAD_MULTIPLE
     m = math.lcm(multiple, tp_size)
     return -(-vocab_size // m) * m
 

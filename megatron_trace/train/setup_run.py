@@ -165,16 +165,10 @@ def _build_engine(cfg: Config, hf_model, dtype, tokenizer, device):
     return HFEngine(hf_model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], device=device)
 
 
-def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
+def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dtype):
+    """(arch, this rank's GPTModel stage, the HF model it came from or None) per `model.*`."""
     from ..models.hf_io import make_random_hf_model
 
-    groups = initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.parallel.device, seed=cfg.seed)
-    if cfg.optim.distributed_optimizer and groups.device.type == "cpu":
-        raise ValueError("config key 'optim.distributed_optimizer': value True is not allowed on CPU "
-                         "(gloo has no reduce-scatter); set it to false")
-    tok_dir = cfg.model.hf_dir or (os.path.join(cfg.model.ckpt, "tokenizer") if cfg.model.ckpt else None)
-    tokenizer, problems, verify, closers = _load_data(cfg, tok_dir)
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     hf_model = None
     if cfg.model.ckpt:
         from ..models.checkpoint import load_checkpoint, read_meta
@@ -193,6 +187,18 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
             reader = _DictReader(dict(hf_model.state_dict()))
         model = build_model(arch, groups, params_dtype=dtype, use_te=cfg.model.use_te, perform_initialization=False)
         load_hf_into_model(model, reader, groups)
+    return arch, model, hf_model
+
+
+def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
+    groups = initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.parallel.device, seed=cfg.seed)
+    if cfg.optim.distributed_optimizer and groups.device.type == "cpu":
+        raise ValueError("config key 'optim.distributed_optimizer': value True is not allowed on CPU "
+                         "(gloo has no reduce-scatter); set it to false")
+    tok_dir = cfg.model.hf_dir or (os.path.join(cfg.model.ckpt, "tokenizer") if cfg.model.ckpt else None)
+    tokenizer, problems, verify, closers = _load_data(cfg, tok_dir)
+    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+    arch, model, hf_model = build_actor(cfg, groups, tokenizer, dtype)
     ddp = wrap_ddp(model, groups, use_distributed_optimizer=cfg.optim.distributed_optimizer)
     o = cfg.optim
     optimizer = build_optimizer(ddp, groups, OptimSettings(optimizer=o.optimizer, lr=o.lr, weight_decay=o.weight_decay,
@@ -212,6 +218,8 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
             if cfg.model.hf_dir:
                 hf_model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, dtype=dtype)
             else:  # from a checkpoint: the shape here, the weights from the actor (synced below)
+                from ..models.checkpoint import read_meta
+
                 hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_meta(cfg.model.ckpt)["hf_config"]))
         engine = _build_engine(cfg, hf_model, dtype, tokenizer, groups.device)
         closers.append(engine.shutdown)

@@ -181,12 +181,14 @@ def _packed(mb: MicroBatch, field: str) -> list:
 def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample], loss_cfg: LossConfig, lam: float,
                *, micro_batch_size: int = 4, vocab_size: int, teacher=None, mini_batches: int = 1,
                tis_cap: float | None = None, lr: float | None = None, probe_tokens: int = 4,
-               key_token_lift: bool = True, record_teacher: bool = False) -> StepResult:
+               key_token_lift: int = 4, record_teacher: bool = False) -> StepResult:
     """`mini_batches` optimizer updates over the step's rollouts (the global list, same on every rank).
 
     Each DP rank trains on its share (every dp_size-th rollout) of each mini-batch. teacher: the
     module for the teacher pass (default: `ddp` itself, the live teacher). lr: set before the
-    updates (the LR schedule lives in the loop).
+    updates (the LR schedule lives in the loop). key_token_lift: how many rollouts with key spans
+    (the first ones in global order, so the number is layout-independent) to re-score after the
+    update for the key-token lift; 0 = off.
     """
     timers: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -196,7 +198,9 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     # Decided on the global list so that every DP rank declares the same metric names.
     use_teacher = lam > 0 and any(any(s.routes) for s in samples)
     have_engine_lp = all(s.rollout_logprobs is not None for s in samples)
-    do_lift = key_token_lift and lam > 0 and any(r == Route.FKL for s in samples for r in s.routes)
+    lift_uids = {s.uid for s in samples if Route.FKL in s.routes}
+    lift_uids = set(sorted(lift_uids, key=[s.uid for s in samples].index)[:key_token_lift]) if lam > 0 else set()
+    do_lift = bool(lift_uids)
     # While lambda > 0 these columns always exist (NaN when a step has no spans), for plots.
     pre = Stats()  # diagnostics from the forward-only passes (last stage only)
     if have_engine_lp:
@@ -214,12 +218,13 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     probe_student: list[torch.Tensor | None] = []
     with torch.no_grad():
         for mb in mbs:
-            logits = forward_logits(ddp, groups, mb.ids)
+            with _span_sparse_head(ddp, mb.rows, mb.cols):  # the LM head at response positions only
+                logits = forward_logits(ddp, groups, mb.ids)
             if logits is None:
                 old.append(None), is_w.append(None), probe_student.append(None)
                 continue
-            packed = logits[mb.rows, mb.cols]
-            lp, _ = token_logprob_and_entropy(packed, mb.ids[mb.rows, mb.cols + 1].to(logits.device),
+            packed = logits[0]  # [T, V/tp]
+            lp, _ = token_logprob_and_entropy(packed, mb.ids[mb.rows, mb.cols + 1].to(packed.device),
                                               groups.tp, loss_cfg.temperature, vocab_size=vocab_size)
             old.append(lp)
             probe_student.append(packed[mb.probe_idx.to(packed.device)] if use_teacher else None)
@@ -316,18 +321,25 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     # 4. key-token lift: mean change of log p on FKL-routed (key-span) tokens across this step
     t4 = time.perf_counter()
     if do_lift:
+        old_of = {}  # uid -> its old log-probs (last stage)
+        for i, mb in enumerate(mbs):
+            if old[i] is not None:
+                k = 0
+                for s in mb.samples:
+                    old_of[s.uid] = old[i][k:k + len(s.response_ids)]
+                    k += len(s.response_ids)
+        mine = [s for group in minis for s in group if s.uid in lift_uids]
         with torch.no_grad():
-            for i, mb in enumerate(mbs):
-                key = torch.tensor(_packed(mb, "routes")) == Route.FKL
-                if not key.any():
-                    continue
-                logits = forward_logits(ddp, groups, mb.ids)
+            for mb in make_micro_batches(mine, micro_batch_size):
+                with _span_sparse_head(ddp, mb.rows, mb.cols):
+                    logits = forward_logits(ddp, groups, mb.ids)
                 if logits is None:
                     continue
-                lp, _ = token_logprob_and_entropy(logits[mb.rows, mb.cols], mb.ids[mb.rows, mb.cols + 1].to(logits.device),
+                lp, _ = token_logprob_and_entropy(logits[0], mb.ids[mb.rows, mb.cols + 1].to(logits.device),
                                                   groups.tp, loss_cfg.temperature, vocab_size=vocab_size)
-                key = key.to(lp.device)
-                pre.mean("kl/key_token_lift", (lp - old[i])[key])
+                before = torch.cat([old_of[s.uid] for s in mb.samples])
+                key = (torch.tensor(_packed(mb, "routes")) == Route.FKL).to(lp.device)
+                pre.mean("kl/key_token_lift", (lp - before)[key])
     timers["time/key_token_lift"] = time.perf_counter() - t4 if do_lift else 0.0
 
     metrics = stats.merge(pre).reduce(groups.dp, device=groups.device) if groups.is_last_stage else {}

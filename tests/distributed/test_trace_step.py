@@ -29,7 +29,7 @@ def samples(nan_at=None):
     return out
 
 
-STEP_KW = dict(micro_batch_size=2, mini_batches=2, tis_cap=2.0, probe_tokens=2)
+STEP_KW = dict(micro_batch_size=2, mini_batches=2, tis_cap=2.0, probe_tokens=2, key_token_lift=2)
 
 
 def _dense_lp(model, groups, ids):
@@ -64,7 +64,9 @@ def _reference_diagnostics(ddp, groups, batch, step):
         new = _dense_lp(ddp, groups, ids)[0, p - 1:p - 1 + n].gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
         lifts_s = (new - old)[torch.tensor(key)]
         key[:] = lifts_s.tolist()
-    lift = [x for _, k in lifts for x in k]
+    with_keys = [k for _, k in lifts if any(isinstance(x, float) for x in k)]
+    assert len(with_keys) > STEP_KW["key_token_lift"]  # the cap matters in this batch
+    lift = [x for k in with_keys[:STEP_KW["key_token_lift"]] for x in k]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {"mismatch/logprob_abs_diff": mean(diffs), "mismatch/logprob_abs_diff_max": max(diffs),
             "teacher/leakage_kl_offspan": mean(leaks), "kl/key_token_lift": mean(lift)}

@@ -95,3 +95,5 @@ def test_transformer_config_mapping():
     # TP-invariant padding: one checkpoint shape for every TP dividing 1024.
     assert {padded_vocab(151936, tp) for tp in (1, 2, 4, 8)} == {152576}
     assert padded_vocab(1000, 3) % 3 == 0 and padded_vocab(1000, 3) >= 1000
+    # Small vocabularies (the tiny char-level models) pad to 128, still TP-invariant.
+    assert {padded_vocab(102, tp) for tp in (1, 2, 4, 8)} == {128}
