@@ -334,5 +334,11 @@ class Config:
         if self.annotate.kind == "self" and self.rollout.engine == "sglang" and self.parallel.device == "cpu":
             raise ValueError("config keys 'rollout.engine'=sglang and 'parallel.device'=cpu do not go together: "
                              "SGLang needs CUDA")
+        if self.optim.distributed_optimizer and self.parallel.device == "cpu":
+            raise ValueError("config key 'optim.distributed_optimizer': value True is not allowed with "
+                             "parallel.device=cpu (gloo has no reduce-scatter); set it to false")
+        if self.rollout.engine == "sglang" and not self.model.hf_dir:
+            raise ValueError("config key 'rollout.engine': value 'sglang' needs model.hf_dir (the engine loads "
+                             "the HF directory; convert a checkpoint with tools/convert_megatron_to_hf.py)")
         if self.model.hf_dir and self.model.ckpt:
             raise ValueError("config keys 'model.hf_dir' and 'model.ckpt' are exclusive: set one of them")

@@ -39,6 +39,12 @@ def test_defaults_follow_the_paper():
     ("eval.benchmarks=[math5000]", ["'eval.benchmarks[0]'", "math5000", "math500"]),
     ("loss.entry_clip=big", ["'loss.entry_clip'", "'big'", "float | None"]),
     ("schedule.decay=step", ["'schedule.decay'", "'step'", "cosine"]),
+    ("train.mode=train_only", ["'train.records_dir'", "None", "train.mode=train_only"]),
+    ("train.mode=replay", ["'train.mode'", "'replay'", "rollout_only"]),
+    ("train.key_token_lift=-1", ["'train.key_token_lift'", "-1", ">= 0"]),
+    ("optim.lr_decay=step", ["'optim.lr_decay'", "'step'", "cosine"]),
+    ("sft.privileged_frac=2", ["'sft.privileged_frac'", "2.0", "[0, 1]"]),
+    ("teacher.probe_tokens=-2", ["'teacher.probe_tokens'", "-2", ">= 0"]),
 ])
 def test_bad_values_name_key_value_and_allowed(override, needles):
     with pytest.raises(ConfigError) as err:
@@ -73,3 +79,15 @@ def test_cli_dry_run_prints_resolved_config_and_rejects_typos():
     bad = subprocess.run([exe, "train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), "optim.lr=0",
                           "--dry-run"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "'optim.lr'" in bad.stderr
+
+
+def test_lr_schedule_shapes():
+    from megatron_trace.train.setup import lr_at
+
+    assert [lr_at(s, 10, 1.0, 0.0, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    lin = [lr_at(s, 6, 1.0, 0.2, 1, "linear") for s in range(6)]
+    assert lin[0] == 1.0 and lin[1] == 1.0 and abs(lin[-1] - 0.2) < 1e-12 and lin == sorted(lin, reverse=True)
+    cos = [lr_at(s, 5, 1.0, 0.0, 0, "cosine") for s in range(5)]
+    assert cos[0] == 1.0 and abs(cos[2] - 0.5) < 1e-12 and abs(cos[-1]) < 1e-12
+    with pytest.raises(ValueError, match="optim.lr_decay"):
+        lr_at(5, 10, 1.0, 0.0, 0, "step")
