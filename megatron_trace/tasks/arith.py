@@ -28,6 +28,7 @@ __all__ = [
     "ArithProblem",
     "Step",
     "extract_answer",
+    "grade_arith",
     "generate",
     "parse_steps",
     "split_of",
@@ -124,6 +125,14 @@ def extract_answer(response: str) -> int | None:
 def verify(response: str, gold: str | int) -> bool:
     got = extract_answer(response)
     return got is not None and got == int(gold)
+
+
+def grade_arith(response: str, gold: str | int) -> str:
+    """The verifier-pool form of `verify`: "correct", "wrong" or "no_answer"."""
+    got = extract_answer(response)
+    if got is None:
+        return "no_answer"
+    return "correct" if got == int(gold) else "wrong"
 
 
 def parse_steps(response: str) -> list[tuple[int, Step | None]]:

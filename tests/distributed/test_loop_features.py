@@ -50,11 +50,23 @@ class FirstSegmentAnnotator:
         return [Annotation((0,), "logic_error" if not r.correct else "key_computation") for r in requests]
 
 
-def _rank(rundir, overrides, steps):
+def _rank(rundir, overrides, steps, nan_step=None):
     from megatron_trace.config import load_config
     from megatron_trace.models.convert import export_hf_stream
+    from megatron_trace.train import loop
     from megatron_trace.train.loop import train
     from megatron_trace.train.setup_run import setup_run
+
+    if nan_step is not None:  # inject a non-finite advantage (hence loss) at one step
+        make_batch = loop.make_batch
+
+        def poisoned(run, step, lam):
+            samples, metrics = make_batch(run, step, lam)
+            if step == nan_step:
+                samples[0].advantage = float("nan")
+            return samples, metrics
+
+        loop.make_batch = poisoned
 
     cfg = load_config("configs/tiny_cpu.yaml", [f"run.dir={rundir}", *BASE, *overrides])
     run = setup_run(cfg)
@@ -67,8 +79,8 @@ def _rank(rundir, overrides, steps):
     return history, weights
 
 
-def _go(rundir, overrides=(), steps=4, world=1):
-    return run_on_ranks(_rank, world, str(rundir), list(overrides), steps)[0]
+def _go(rundir, overrides=(), steps=4, world=1, nan_step=None):
+    return run_on_ranks(_rank, world, str(rundir), list(overrides), steps, nan_step)[0]
 
 
 def _strip(m):
@@ -121,12 +133,15 @@ def test_snapshot_teacher_lags_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.dist
-def test_dynamic_sampling_with_mini_batches(tmp_path):
+def test_dynamic_sampling_mini_batches_and_a_non_finite_step(tmp_path):
     hist, _ = _go(tmp_path / "dyn", ["train.dynamic_sampling=true", "optim.mini_batches=2",
-                                     "optim.micro_batch_size=2"], steps=2)
+                                     "optim.micro_batch_size=2"], steps=3, nan_step=1)
     for m in hist:
         assert m["reward/zero_variance_groups"] == 0.0 and m["sampling/groups_kept"] == 2
-        assert m["sampling/groups_sampled"] >= 2 and m["optim/updates"] == 2
+        assert m["sampling/groups_sampled"] >= 2
+    # Step 1's first mini-batch holds the NaN: that update is skipped and counted; training goes on.
+    assert [(m["optim/updates"], m["optim/skipped"]) for m in hist] == [(2, 0), (1, 1), (2, 0)]
+    assert math.isfinite(hist[2]["loss/total"]) and math.isfinite(hist[2]["optim/grad_norm"])
 
 
 @pytest.mark.dist
