@@ -285,16 +285,34 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # 0 = off
-    benchmarks: list[str] = field(default_factory=lambda: ["arith"])
-    k: int = 1
-    gpqa_csv: str | None = None
+    every: int = 0  # in-loop evaluation every N steps; 0 = off
+    benchmarks: list[str] = field(default_factory=lambda: ["math500", "aime24", "aime25", "amc23", "gpqa_diamond"])
+    k: int = 8  # samples per problem (avg@k)
+    temperature: float = 0.6  # the paper's decoding
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 32768
+    thinking: bool = True  # Qwen3 thinking mode
+    limit: int | None = None  # first N problems per benchmark (in-loop subsets); null = all
+    arith_n: int = 200  # size of the synthetic held-out set
+    bootstrap_samples: int = 2000
+    batch_prompts: int = 16
+    gpqa_csv: str | None = None  # the official GPQA-Diamond CSV (never bundled), or env MT_GPQA_CSV
 
     def __post_init__(self) -> None:
         from ..data.problems import BENCHMARKS
 
         _check(self.every >= 0, "eval.every", self.every, "an integer >= 0 (0 = off)")
         _check(self.k >= 1, "eval.k", self.k, "an integer >= 1")
+        _check(self.temperature >= 0, "eval.temperature", self.temperature, "a float >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "a float in (0, 1]")
+        _check(self.top_k == -1 or self.top_k >= 1, "eval.top_k", self.top_k, "-1 (off) or an integer >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "null or an integer >= 1")
+        _check(self.arith_n >= 1, "eval.arith_n", self.arith_n, "an integer >= 1")
+        _check(self.bootstrap_samples >= 100, "eval.bootstrap_samples", self.bootstrap_samples, "an integer >= 100")
+        _check(self.batch_prompts >= 1, "eval.batch_prompts", self.batch_prompts, "an integer >= 1")
+        _check(len(self.benchmarks) > 0, "eval.benchmarks", self.benchmarks, "a non-empty list")
         for i, b in enumerate(self.benchmarks):
             _one_of(f"eval.benchmarks[{i}]", b, set(BENCHMARKS))
 

@@ -98,7 +98,7 @@ def load_gpqa_csv(path: str, seed: int = 0) -> list[dict]:
     if not path or not os.path.exists(path):
         raise FileNotFoundError(
             f"GPQA-Diamond CSV not found at {path!r}: it is not redistributed; download the official "
-            "gpqa_diamond.csv and pass its path (benchmarks.gpqa_diamond.path / --gpqa-csv)")
+            "gpqa_diamond.csv and pass its path (eval.gpqa_csv, the env var MT_GPQA_CSV, or grade --gpqa-csv)")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in GPQA_COLUMNS if c not in (reader.fieldnames or [])]

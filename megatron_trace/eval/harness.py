@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from .metrics import avg_at_k, bootstrap_ci, pass_at_k_mean
 
-__all__ = ["EvalSettings", "evaluate", "summarize"]
+__all__ = ["EvalSettings", "eval_metrics", "evaluate", "settings_from_config", "summarize"]
 
 VERIFIERS = {
     "math": "megatron_trace.reward.math.grade_math",
@@ -179,3 +179,23 @@ def summarize(per_problem: Sequence[Sequence[dict]], k: int, bootstrap_samples: 
         "no_answer_rate": sum(r["grade"] == "no_answer" for r in flat) / n,
         "timeout_rate": sum(r["grade"] == "timeout" for r in flat) / n,
     }
+
+
+def settings_from_config(cfg, *, limit: int | None = None) -> EvalSettings:
+    """EvalSettings from a Config's `eval.*` keys (and the synthetic task's shape from `data.arith`)."""
+    e, a = cfg.eval, cfg.data.arith
+    return EvalSettings(benchmarks=list(e.benchmarks), k=e.k, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
+                        max_new_tokens=e.max_new_tokens, thinking=e.thinking, limit=limit if limit else e.limit,
+                        seed=cfg.seed, batch_prompts=e.batch_prompts, bootstrap_samples=e.bootstrap_samples,
+                        gpqa_csv=e.gpqa_csv,
+                        arith={"n": e.arith_n, "seed": cfg.seed, "num_ops": a.num_ops, "digits": a.digits})
+
+
+def eval_metrics(report: dict) -> dict[str, float]:
+    """Flat metrics for metrics.jsonl / TensorBoard."""
+    out = {"eval/average": report["average"]}
+    for b, v in report["benchmarks"].items():
+        out.update({f"eval/{b}/avg@k": v["avg@k"], f"eval/{b}/ci95_low": v["ci95"][0],
+                    f"eval/{b}/ci95_high": v["ci95"][1], f"eval/{b}/mean_length": v["mean_length"],
+                    f"eval/{b}/truncation_rate": v["truncation_rate"], f"eval/{b}/no_answer_rate": v["no_answer_rate"]})
+    return out

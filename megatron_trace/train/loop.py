@@ -3,7 +3,7 @@
 Per step k: prompts -> rollouts (n per prompt) -> rewards -> group advantages ->
 [lambda_k > 0: annotate -> token routes -> privileged teacher inputs] -> train step (old
 log-probs, span-sparse teacher pass, routed loss, `optim.mini_batches` optimizer updates) ->
-weight sync -> metrics, with checkpoint cadence.
+weight sync -> metrics, with checkpoint and eval cadences.
 Rank 0 owns the rollout engine and builds the step's records (`make_batch`); every rank then
 trains on its DP share. Setup (models, engine, data, annotator) lives in `train/setup_run.py`.
 
@@ -32,7 +32,7 @@ from .setup_run import Run
 from .stages import build_train_samples, score_groups
 from .step import train_step
 
-__all__ = ["load_record", "make_batch", "run_training", "save_record", "train", "train_one_step"]
+__all__ = ["evaluate_in_loop", "load_record", "make_batch", "run_training", "save_record", "train", "train_one_step"]
 
 
 def _broadcast(obj, src: int = 0):
@@ -115,6 +115,18 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
     return metrics
 
 
+def evaluate_in_loop(run: Run, weights_step: int) -> dict:
+    """Rank 0: avg@k of the engine's current weights on `eval.benchmarks` (first `eval.limit`
+    problems each); samples and reports under `<run.dir>/eval/step_N/`."""
+    from ..eval import eval_metrics, evaluate, settings_from_config
+
+    t0 = time.perf_counter()
+    out = os.path.join(run.cfg.run.dir, "eval", f"step_{weights_step:06d}") if run.metrics_path else None
+    report = evaluate(run.engine, run.tokenizer, settings_from_config(run.cfg), out_dir=out,
+                      model=f"{run.cfg.run.name}@step{weights_step}", progress=False)
+    return {**eval_metrics(report), "time/eval": time.perf_counter() - t0}
+
+
 def _gather_to_rank0(metrics: dict) -> dict:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, metrics)
@@ -191,6 +203,8 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
                 if dist.get_rank() == 0:
                     save_record(cfg.run.dir, step, lam, samples, rollout_metrics, merged)
         if dist.get_rank() == 0:
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and mode == "full":
+                metrics.update(evaluate_in_loop(run, step + 1))
             metrics.update({"kl/lambda": lam, "time/step": time.perf_counter() - t0})
             metrics.update(exposure.update(lam, metrics.get("route/span_coverage", 0.0)))
             run.log(step, metrics)
