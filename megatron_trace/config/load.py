@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import os
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .schema import Config
@@ -61,8 +61,28 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: config key '{key}': {exc.msg if hasattr(exc, 'msg') else exc}")
 
 
+def _load_yaml(path: str, seen: tuple[str, ...] = ()):
+    """A YAML file with its `include:` list (paths relative to the file) merged in first."""
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError(f"{path}: include cycle ({' -> '.join(seen + (real,))})")
+    if not os.path.exists(path):
+        raise ConfigError(f"{seen[-1] if seen else '--config'}: included file {path} does not exist")
+    node = OmegaConf.load(path)
+    includes = node.pop("include", None) if isinstance(node, DictConfig) else None
+    if includes is None:
+        return node
+    if isinstance(includes, str):
+        includes = [includes]
+    base = OmegaConf.create()
+    for inc in includes:
+        base = OmegaConf.merge(base, _load_yaml(os.path.join(os.path.dirname(path), str(inc)), seen + (real,)))
+    return OmegaConf.merge(base, node)
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- dotlist overrides, validated into a `Config`."""
+    """Defaults <- YAML file (after its `include:` files, in order) <- dotlist overrides, validated
+    into a `Config`."""
     source = path or "defaults"
     if path is not None and not os.path.exists(path):
         raise ConfigError(f"--config {path} does not exist")
@@ -72,7 +92,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, _load_yaml(path))
         if overrides:
             source = f"{source} + overrides"
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))

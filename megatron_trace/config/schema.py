@@ -16,6 +16,7 @@ from ..models.qwen3 import QWEN3_SIZES
 __all__ = [
     "AnnotateConfig",
     "CheckpointConfig",
+    "ClusterConfig",
     "Config",
     "DataConfig",
     "EvalConfig",
@@ -318,6 +319,19 @@ class EvalConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Job shape for the launchers (launch/); TP x PP must divide nodes x gpus_per_node."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    time: str = "04:00:00"
+
+    def __post_init__(self) -> None:
+        _check(self.nodes >= 1, "cluster.nodes", self.nodes, "an integer >= 1")
+        _check(self.gpus_per_node >= 1, "cluster.gpus_per_node", self.gpus_per_node, "an integer >= 1")
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
     wandb: bool = False  # needs `pip install wandb`; fails at setup if missing
@@ -345,6 +359,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         if self.loss.agg == "seq-mean-token-sum-norm" and self.loss.max_response_len == 0:
@@ -358,5 +373,9 @@ class Config:
         if self.rollout.engine == "sglang" and not self.model.hf_dir:
             raise ValueError("config key 'rollout.engine': value 'sglang' needs model.hf_dir (the engine loads "
                              "the HF directory; convert a checkpoint with tools/convert_megatron_to_hf.py)")
+        world = self.cluster.nodes * self.cluster.gpus_per_node
+        if self.parallel.device == "cuda" and world % (self.parallel.tp * self.parallel.pp):
+            raise ValueError(f"config keys 'parallel.tp'={self.parallel.tp} x 'parallel.pp'={self.parallel.pp} must "
+                             f"divide cluster.nodes x cluster.gpus_per_node = {world}")
         if self.model.hf_dir and self.model.ckpt:
             raise ValueError("config keys 'model.hf_dir' and 'model.ckpt' are exclusive: set one of them")

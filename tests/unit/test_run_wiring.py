@@ -93,7 +93,22 @@ def test_wandb_sink_logs_scalars_and_resumes_the_same_run(tmp_path, monkeypatch)
 @pytest.mark.parametrize("overrides, needle", [
     (["optim.distributed_optimizer=true", "parallel.device=cpu"], "'optim.distributed_optimizer'"),
     (["rollout.engine=sglang"], "needs model.hf_dir"),
+    (["parallel.device=cuda", "parallel.tp=3", "cluster.nodes=1", "cluster.gpus_per_node=8"], "must divide"),
 ])
 def test_cross_field_rules(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(None, overrides)
+
+
+def test_config_includes_merge_in_order_and_refuse_cycles(tmp_path):
+    (tmp_path / "a.yaml").write_text("rollout:\n  n: 4\n  top_k: 5\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\nrollout:\n  n: 6\n")
+    (tmp_path / "c.yaml").write_text("include: [b.yaml]\nrollout:\n  top_p: 0.5\n")
+    c = load_config(str(tmp_path / "c.yaml"), ["rollout.top_k=7"])
+    assert (c.rollout.n, c.rollout.top_k, c.rollout.top_p) == (6, 7, 0.5)
+    (tmp_path / "a.yaml").write_text("include: [c.yaml]\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("include: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(str(tmp_path / "d.yaml"))
