@@ -1,0 +1,91 @@
+"""PNG plots of one or several runs' metrics.jsonl, overlaid for comparison.
+
+One file per figure; each figure has named panels (the keys of FIGURES), and every run is a line
+in every panel. `plot_runs` returns, per file, the panel titles it drew and the metrics found,
+and writes that manifest to `plots.json` next to the PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+__all__ = ["FIGURES", "load_metrics", "plot_runs"]
+
+# file -> [(panel title, [metric keys])]
+FIGURES: dict[str, list[tuple[str, list[str]]]] = {
+    "reward.png": [("reward (mean over rollouts)", ["reward/mean"]),
+                   ("held-out avg@k (in-loop eval)", ["eval/average"])],
+    "entropy.png": [("entropy, all tokens", ["entropy/all"]), ("entropy on spans", ["entropy/span"]),
+                    ("entropy off spans", ["entropy/off_span"])],
+    "length.png": [("response length, all", ["length/all"]), ("length, correct", ["length/correct"]),
+                   ("length, incorrect", ["length/incorrect"])],
+    "lambda.png": [("KL weight lambda", ["kl/lambda"]), ("learning rate", ["optim/lr"])],
+    "routes.png": [("FKL-routed token fraction", ["route/fkl_frac"]),
+                   ("RKL-routed token fraction", ["route/rkl_frac"]),
+                   ("span coverage", ["route/span_coverage"])],
+    "exposure.png": [("cumulative exposure sum lambda^2 * coverage", ["exposure/lambda2_coverage_cum"]),
+                     ("cumulative sum lambda * coverage", ["exposure/lambda_coverage_cum"])],
+    "mismatch.png": [("train/rollout |log-prob diff|", ["mismatch/logprob_abs_diff"]),
+                     ("train/rollout k3 KL", ["mismatch/k3_kl"])],
+}
+
+
+def load_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl")
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    if not rows:
+        raise ValueError(f"{path} is empty")
+    return rows
+
+
+def _series(rows: list[dict], key: str, smooth: float) -> tuple[list[int], list[float]]:
+    xs, ys, ema = [], [], None
+    for r in rows:
+        v = r.get(key)
+        if not isinstance(v, (int, float)) or math.isnan(v):
+            continue
+        ema = v if ema is None or smooth <= 0 else smooth * ema + (1 - smooth) * v
+        xs.append(r["step"])
+        ys.append(ema)
+    return xs, ys
+
+
+def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = None, smooth: float = 0.0) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [load_metrics(d) for d in run_dirs]
+    labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = {}
+    for fname, panels in FIGURES.items():
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+        found = []
+        for ax, (title, keys) in zip(axes[0], panels):
+            for rows, label in zip(runs, labels):
+                for key in keys:
+                    xs, ys = _series(rows, key, smooth)
+                    if xs:
+                        ax.plot(xs, ys, label=label if len(keys) == 1 else f"{label}: {key}", lw=1.5)
+                        found.append(key)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if ax.lines:
+                ax.legend(fontsize=7)
+            else:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, fname), dpi=110)
+        plt.close(fig)
+        manifest[fname] = {"panels": [t for t, _ in panels], "metrics": sorted(set(found))}
+    with open(os.path.join(out_dir, "plots.json"), "w") as f:
+        json.dump({"runs": labels, "files": manifest}, f, indent=1)
+    return manifest
