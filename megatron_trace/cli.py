@@ -1,7 +1,8 @@
 """`megatron-trace` command line.
 
 Subcommands available now:
-  demo     the CPU smoke path: tiny Qwen3 -> Megatron (TP=2, gloo) -> logits parity -> back to HF
+  demo     the embedded demo: SFT base -> TRACE RL -> held-out eval on CPU (--compare: 4 variants)
+  smoke    the foundation smoke path: tiny Qwen3 -> Megatron (TP=2, gloo) -> logits parity -> back to HF
   train    run the TRACE/GRPO loop from a YAML config (--dry-run: validate and print it resolved)
   sft      cross-entropy warm start on reference solutions (same config, same machinery)
   eval     avg@k / pass@k with bootstrap CIs on MATH-500, AIME24/25, AMC23, GPQA-Diamond, arith
@@ -18,6 +19,8 @@ import os
 import sys
 import time
 
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
 
 def _cmd_models(args) -> int:
     from .models.qwen3 import QWEN3_SIZES
@@ -30,6 +33,16 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from .demo import format_report, run_demo
+
+    report = run_demo(args.out, config=args.config, sft_config=args.sft_config, overrides=args.overrides,
+                      compare=args.compare)
+    print(format_report(report))
+    print(f"[demo] report: {os.path.join(os.path.abspath(args.out), 'demo_report.json')}")
+    return 0
+
+
+def _cmd_smoke(args) -> int:
     from tqdm import tqdm
 
     from .models.hf_io import make_random_hf_model
@@ -49,17 +62,16 @@ def _cmd_demo(args) -> int:
         ("Megatron -> HF", lambda: report.update(export=convert_megatron_to_hf(ckpt, back, device="cpu"))),
     ]
     t0 = time.time()
-    for desc, fn in tqdm(stages, desc="demo", unit="stage"):
-        tqdm.write(f"[demo] {desc}")
+    for desc, fn in tqdm(stages, desc="smoke", unit="stage"):
+        tqdm.write(f"[smoke] {desc}")
         fn()
     report["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out, "demo_report.json"), "w") as f:
+    with open(os.path.join(out, "smoke_report.json"), "w") as f:
         json.dump(report, f, indent=2)
     p = report["parity"]
-    print(f"[demo] max |logit diff| Megatron(PP=2, from a TP={args.tp} checkpoint) vs transformers: "
+    print(f"[smoke] max |logit diff| Megatron(PP=2, from a TP={args.tp} checkpoint) vs transformers: "
           f"{p['max_abs_logit_diff']:.2e} ({'ok' if p['max_abs_logit_diff'] <= 1e-4 else 'FAIL'})")
-    print(f"[demo] artifacts and report in {out}")
-    print("[demo] the RL demo (GRPO + TRACE on a synthetic verifiable task) lands with the demo issue")
+    print(f"[smoke] artifacts and report in {out}")
     return 0 if p["max_abs_logit_diff"] <= 1e-4 else 1
 
 
@@ -130,10 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="CPU smoke run of the Megatron/Qwen3 foundation")
-    d.add_argument("--out", default="runs/demo", help="directory for the artifacts (default: runs/demo)")
-    d.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the converted checkpoint")
+    d = sub.add_parser("demo", help="the embedded demo: SFT base -> TRACE RL -> held-out eval, on CPU")
+    d.add_argument("--out", default="runs/demo", help="directory for everything (default: runs/demo)")
+    d.add_argument("--config", default=os.path.join(_CONFIGS, "tiny_cpu.yaml"), help="the RL config")
+    d.add_argument("--sft-config", default=os.path.join(_CONFIGS, "tiny_cpu_sft.yaml"), help="the base's SFT config")
+    d.add_argument("--compare", action="store_true", help="GRPO, all-token FKL, TRACE-FKL and TRACE-RKL from one base")
+    d.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     d.set_defaults(fn=_cmd_demo)
+    sm = sub.add_parser("smoke", help="CPU smoke run of the Megatron/Qwen3 foundation (convert, parity, export)")
+    sm.add_argument("--out", default="runs/smoke", help="directory for the artifacts (default: runs/smoke)")
+    sm.add_argument("--tp", type=int, default=2, help="tensor-parallel size of the converted checkpoint")
+    sm.set_defaults(fn=_cmd_smoke)
     g = sub.add_parser("grade", help="grade a JSONL of responses against a benchmark")
     g.add_argument("--benchmark", required=True, help="math500 | aime24 | aime25 | amc23 | gpqa_diamond | arith")
     g.add_argument("--responses", required=True, help='JSONL lines {"index": row, "response": text}')

@@ -161,7 +161,11 @@ def math_prompt(problem: str, tokenizer=None, *, thinking: bool = True, kind: st
     """The user turn for `problem`, rendered with the tokenizer's chat template when it has one.
 
     thinking: Qwen3's switch (`enable_thinking`); templates without it ignore the flag.
+    kind: "math", "choice", or "arith" (the synthetic task: the bare problem and a newline, no chat
+    template and no instruction, so that the tiny CPU models see short sequences).
     """
+    if kind == "arith":
+        return f"{problem.strip()}\n"
     instruction = CHOICE_INSTRUCTION if kind == "choice" else MATH_INSTRUCTION
     content = f"{problem.strip()}\n\n{instruction}"
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):

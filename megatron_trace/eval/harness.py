@@ -116,8 +116,7 @@ def evaluate(engine, tokenizer, settings: EvalSettings, *, out_dir: str | None =
             bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc=f"eval {name}", disable=not progress)
             for start in range(0, len(todo), s.batch_prompts):
                 idx = todo[start:start + s.batch_prompts]
-                prompts = [tokenizer(math_prompt(rows[i]["problem"], tokenizer, thinking=s.thinking,
-                                                 kind="choice" if kind == "choice" else "math"),
+                prompts = [tokenizer(math_prompt(rows[i]["problem"], tokenizer, thinking=s.thinking, kind=kind),
                                      add_special_tokens=False)["input_ids"] for i in idx]
                 # The seed depends on the problem, so a resumed run samples exactly what it would have.
                 outs = []

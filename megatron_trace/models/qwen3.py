@@ -83,6 +83,10 @@ QWEN3_SIZES: dict[str, Qwen3Arch] = {
     "tiny": Qwen3Arch(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
                       max_position_embeddings=2048),
+    # The embedded demo's policy (about 0.8M parameters with the 102-character vocabulary).
+    "demo": Qwen3Arch(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=384, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
+                      max_position_embeddings=2048),
     "0.6b": Qwen3Arch(1024, 28, 16, 8, 3072, tie_word_embeddings=True),
     "1.7b": Qwen3Arch(2048, 28, 16, 8, 6144, tie_word_embeddings=True),
     "4b": Qwen3Arch(2560, 36, 32, 8, 9728, tie_word_embeddings=True),

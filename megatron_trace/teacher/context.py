@@ -23,6 +23,11 @@ DEFAULT_TEMPLATE = (
     "Please reason step by step, and put your final answer within \\boxed{{}}."
 )
 SOLUTION_BLOCK = "A verified reference solution, for your eyes only:\n{solution}\n\n"
+# The synthetic task's compact form (no chat template, no instruction; see data.problems.math_prompt).
+ARITH_TEMPLATE = "{problem}\n{solution_block}{diagnostic_block}"
+ARITH_SOLUTION_BLOCK = "Reference:\n{solution}\n"
+ARITH_DIAGNOSTIC_BLOCKS = {True: "Key steps: {diagnostic}\n", False: "Mistake: {diagnostic}\n"}
+
 DIAGNOSTIC_BLOCKS = {
     True: "A reviewer marked the decisive steps of a correct attempt as: {diagnostic}.\n\n",
     False: "A reviewer found that an earlier attempt made a mistake of type: {diagnostic}.\n\n",
@@ -45,13 +50,18 @@ class TeacherInput:
 
 
 def privileged_prompt(problem: str, solution: str | None, diagnostic: str | None, correct: bool,
-                      template: str = DEFAULT_TEMPLATE) -> str:
-    """The teacher's user turn (before the chat template)."""
+                      template: str = DEFAULT_TEMPLATE, kind: str = "math") -> str:
+    """The teacher's user turn (before the chat template). kind="arith": the compact form."""
+    arith = kind == "arith"
+    if arith and template == DEFAULT_TEMPLATE:
+        template = ARITH_TEMPLATE
+    sol_block = ARITH_SOLUTION_BLOCK if arith else SOLUTION_BLOCK
+    diag_blocks = ARITH_DIAGNOSTIC_BLOCKS if arith else DIAGNOSTIC_BLOCKS
     try:
         return template.format(
             problem=problem.strip(),
-            solution_block=SOLUTION_BLOCK.format(solution=solution.strip()) if solution else "",
-            diagnostic_block=DIAGNOSTIC_BLOCKS[bool(correct)].format(diagnostic=diagnostic) if diagnostic else "",
+            solution_block=sol_block.format(solution=solution.strip()) if solution else "",
+            diagnostic_block=diag_blocks[bool(correct)].format(diagnostic=diagnostic) if diagnostic else "",
         )
     except KeyError as exc:
         raise ValueError(f"teacher.template uses an unknown field {exc}; available: problem, solution_block, "
@@ -60,10 +70,11 @@ def privileged_prompt(problem: str, solution: str | None, diagnostic: str | None
 
 def build_teacher_input(tokenizer, problem: str, solution: str | None, diagnostic: str | None, correct: bool,
                         response_ids: list[int], *, thinking: bool = True,
-                        template: str = DEFAULT_TEMPLATE) -> TeacherInput:
-    """Token ids of the privileged prompt (chat-templated like the student's) + the response."""
-    content = privileged_prompt(problem, solution, diagnostic, correct, template)
-    if getattr(tokenizer, "chat_template", None):
+                        template: str = DEFAULT_TEMPLATE, kind: str = "math") -> TeacherInput:
+    """Token ids of the privileged prompt (chat-templated like the student's, except for the
+    compact synthetic-task form, kind="arith") + the response."""
+    content = privileged_prompt(problem, solution, diagnostic, correct, template, kind)
+    if kind != "arith" and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=thinking)
     else:

@@ -41,7 +41,9 @@ def _job(config: str, overrides: list[str], repeats: int):
     from .loop import _broadcast, _gather_to_rank0, make_batch, train_one_step
     from .setup_run import setup_run
 
-    cfg = load_config(config, [*overrides, "log.wandb=false", "log.tensorboard=false"])
+    # TRACE at 25% coverage whatever the config's cap; no in-loop eval in the timed steps.
+    cfg = load_config(config, ["annotate.coverage_cap=0.25", *overrides, "log.wandb=false", "log.tensorboard=false",
+                               "eval.every=0"])
     run = setup_run(cfg, write_run_dir=False)
     run.verify = lambda items: ["correct"] * len(items)
     params = list(run.ddp.parameters())

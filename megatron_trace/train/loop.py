@@ -80,7 +80,7 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
         coverage_cap=cfg.annotate.coverage_cap, segment_mode=cfg.annotate.segment_mode,
         max_segment_chars=cfg.annotate.max_segment_chars, seed=cfg.seed, step=step,
         uid_offset=step * cfg.rollout.prompts_per_step * cfg.rollout.n * cfg.train.dynamic_max_rounds,
-        thinking=cfg.data.thinking)
+        thinking=cfg.data.thinking, prompt_kind=run.prompt_kind)
     metrics.update(m)
     metrics.update({"time/rollout": t1 - t0 - t_reward, "time/reward": t_reward,
                     "time/annotate_and_route": time.perf_counter() - t1})

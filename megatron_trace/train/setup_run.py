@@ -65,10 +65,14 @@ class Run:
         for _ in range(n):
             row = self.problems[self.cursor % len(self.problems)]
             self.cursor += 1
-            text = math_prompt(row["problem"], self.tokenizer, thinking=self.cfg.data.thinking)
+            text = math_prompt(row["problem"], self.tokenizer, thinking=self.cfg.data.thinking, kind=self.prompt_kind)
             ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             metas.append(row)
         return ids, metas
+
+    @property
+    def prompt_kind(self) -> str:
+        return "arith" if self.cfg.data.source == "arith" else "math"
 
     def log(self, step: int, metrics: dict) -> None:
         if self.metrics_path:

@@ -42,7 +42,7 @@ def _as_dict(cfg: Config) -> dict:
 
 
 def sft_examples(problems: list[dict], tokenizer, *, privileged_frac: float, seed: int,
-                 thinking: bool = False) -> list[TrainSample]:
+                 thinking: bool = False, kind: str = "arith") -> list[TrainSample]:
     """One example per problem: plain prompt, or (privileged_frac of them) the teacher's prompt."""
     from ..annotate.base import KEY_TYPES
     from ..data.problems import math_prompt
@@ -54,10 +54,10 @@ def sft_examples(problems: list[dict], tokenizer, *, privileged_frac: float, see
         response = tokenizer(row["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if rng.random() < privileged_frac:
             t = build_teacher_input(tokenizer, row["problem"], row["solution"], rng.choice(KEY_TYPES), True,
-                                    response, thinking=thinking)
+                                    response, thinking=thinking, kind=kind)
             prompt = t.input_ids[: t.prompt_len]
         else:
-            prompt = tokenizer(math_prompt(row["problem"], tokenizer, thinking=thinking),
+            prompt = tokenizer(math_prompt(row["problem"], tokenizer, thinking=thinking, kind=kind),
                                add_special_tokens=False)["input_ids"]
         out.append(TrainSample(prompt, response, 0.0, [0] * len(response), uid=i))
     return out
@@ -116,7 +116,8 @@ def _evaluate(hf_dir: str, tokenizer, heldout: list[dict], verify, thinking: boo
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     engine = HFEngine(model, tokenizer, eos_token_ids=[tokenizer.eos_token_id])
-    prompts = [tokenizer(math_prompt(r["problem"], tokenizer, thinking=thinking), add_special_tokens=False)["input_ids"]
+    prompts = [tokenizer(math_prompt(r["problem"], tokenizer, thinking=thinking, kind="arith"),
+                         add_special_tokens=False)["input_ids"]
                for r in heldout]
     texts = []
     for i in range(0, len(prompts), 32):
@@ -136,7 +137,7 @@ def _evaluate(hf_dir: str, tokenizer, heldout: list[dict], verify, thinking: boo
         response = tokenizer(row["solution"], add_special_tokens=False)["input_ids"]
         student.append(ref_logprob(prompt, response))
         t = build_teacher_input(tokenizer, row["problem"], row["solution"], "key_computation", True, response,
-                                thinking=thinking)
+                                thinking=thinking, kind="arith")
         teacher.append(ref_logprob(t.input_ids[: t.prompt_len], response))
     n = len(correct)
     return {"heldout_accuracy": sum(correct) / n if n else float("nan"), "num_heldout": n,

@@ -63,7 +63,8 @@ def response_offsets(tokenizer, token_ids: Sequence[int]) -> list[tuple[int, int
 
 def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, annotator, lam: float,
                         coverage_cap: float, segment_mode: str, max_segment_chars: int, seed: int, step: int,
-                        uid_offset: int = 0, thinking: bool = False) -> tuple[list[TrainSample], dict[str, float]]:
+                        uid_offset: int = 0, thinking: bool = False,
+                        prompt_kind: str = "math") -> tuple[list[TrainSample], dict[str, float]]:
     """Annotate (only while lambda > 0), build routes and teacher inputs; returns samples + metrics."""
     flat = [(sg, j) for sg in scored for j in range(len(sg.group.samples))]
     counter = FailureCounter()
@@ -102,7 +103,7 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         teacher_ids, p_len = None, 0
         if any(r != Route.GRPO for r in routes):
             t = build_teacher_input(tokenizer, sg.group.meta["problem"], sg.group.meta.get("solution"), diagnostics[i],
-                                    sg.rewards[j] > 0, s.token_ids, thinking=thinking)
+                                    sg.rewards[j] > 0, s.token_ids, thinking=thinking, kind=prompt_kind)
             teacher_ids, p_len = t.input_ids, t.prompt_len
         samples.append(TrainSample(list(sg.group.prompt_ids), list(s.token_ids), sg.advantages[j], routes,
                                    list(s.logprobs), teacher_ids, p_len, uid_offset + i))

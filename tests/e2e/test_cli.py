@@ -22,7 +22,7 @@ def test_models_lists_every_size():
     proc = _cli("models")
     assert proc.returncode == 0
     rows = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()[1:]}
-    assert set(rows) == {"tiny", "0.6b", "1.7b", "4b", "8b", "14b", "32b"}
+    assert set(rows) == {"tiny", "demo", "0.6b", "1.7b", "4b", "8b", "14b", "32b"}
     assert rows["8b"] == "8.191B"
 
 
@@ -32,10 +32,10 @@ def test_unknown_subcommand_fails_loudly():
 
 
 @pytest.mark.dist
-def test_demo_runs_end_to_end(tmp_path):
-    proc = _cli("demo", "--out", str(tmp_path / "demo"))
+def test_smoke_runs_end_to_end(tmp_path):
+    proc = _cli("smoke", "--out", str(tmp_path / "demo"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.load(open(tmp_path / "demo" / "demo_report.json"))
+    report = json.load(open(tmp_path / "demo" / "smoke_report.json"))
     assert report["parity"]["max_abs_logit_diff"] <= 1e-4 and report["convert"]["tp"] == 2
     assert os.path.exists(tmp_path / "demo" / "hf_roundtrip" / "model.safetensors")
 

@@ -19,7 +19,7 @@ MATH = ["math500", "aime24", "aime25", "amc23"]
 
 
 def _problem_of(prompt: str) -> str:
-    return prompt.rsplit("\n\n", 1)[0]  # the prompt is "<problem>\n\n<instruction>" (no chat template)
+    return prompt.rsplit("\n\n", 1)[0].strip()  # "<problem>\n\n<instruction>", or "<problem>\n" for arith
 
 
 def _answers(names, **kw):
