@@ -80,8 +80,11 @@ class ArithTaskConfig:
     num_ops: int = 3
     digits: int = 2
     num_train: int = 2000
+    ops: str = "+-*"  # operators to draw from
 
     def __post_init__(self) -> None:
+        _check(bool(self.ops) and not set(self.ops) - set("+-*"), "data.arith.ops", self.ops,
+               "a non-empty subset of '+-*'")
         _check(self.num_ops >= 1, "data.arith.num_ops", self.num_ops, "an integer >= 1")
         _check(self.digits >= 1, "data.arith.digits", self.digits, "an integer >= 1")
 

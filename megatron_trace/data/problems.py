@@ -138,7 +138,7 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 def load_benchmark(name: str, *, gpqa_csv: str | None = None, arith_n: int = 200, arith_seed: int = 0,
-                   arith_ops: int = 3, arith_digits: int = 2) -> tuple[Benchmark, list[dict]]:
+                   arith_ops: int = 3, arith_digits: int = 2, arith_operators: str = "+-*") -> tuple[Benchmark, list[dict]]:
     if name not in BENCHMARKS:
         raise ValueError(f"--benchmark: unknown {name!r}; choose one of {sorted(BENCHMARKS)}")
     b = BENCHMARKS[name]
@@ -150,7 +150,7 @@ def load_benchmark(name: str, *, gpqa_csv: str | None = None, arith_n: int = 200
         from ..tasks.arith import generate
 
         rows = [p.to_row() for p in generate(arith_n, split="heldout", seed=arith_seed, num_ops=arith_ops,
-                                             digits=arith_digits)]
+                                             digits=arith_digits, ops=arith_operators)]
     return b, rows
 
 

@@ -56,7 +56,8 @@ def _load(name: str, s: EvalSettings) -> tuple[str, list[dict]]:
 
     a = s.arith
     b, rows = load_benchmark(name, gpqa_csv=s.gpqa_csv, arith_n=a.get("n", 200), arith_seed=a.get("seed", 0),
-                             arith_ops=a.get("num_ops", 3), arith_digits=a.get("digits", 2))
+                             arith_ops=a.get("num_ops", 3), arith_digits=a.get("digits", 2),
+                             arith_operators=a.get("ops", "+-*"))
     kind = "arith" if b.source == "arith" else b.kind
     return kind, rows[: s.limit] if s.limit else rows
 
@@ -187,7 +188,8 @@ def settings_from_config(cfg, *, limit: int | None = None) -> EvalSettings:
                         max_new_tokens=e.max_new_tokens, thinking=e.thinking, limit=limit if limit else e.limit,
                         seed=cfg.seed, batch_prompts=e.batch_prompts, bootstrap_samples=e.bootstrap_samples,
                         gpqa_csv=e.gpqa_csv,
-                        arith={"n": e.arith_n, "seed": cfg.seed, "num_ops": a.num_ops, "digits": a.digits})
+                        arith={"n": e.arith_n, "seed": cfg.seed, "num_ops": a.num_ops, "digits": a.digits,
+                               "ops": a.ops})
 
 
 def eval_metrics(report: dict) -> dict[str, float]:

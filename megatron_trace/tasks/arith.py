@@ -80,13 +80,13 @@ def split_of(problem_text: str, heldout_frac: float = 0.1) -> str:
     return "heldout" if h < heldout_frac else "train"
 
 
-def _draw(rng: random.Random, num_ops: int, digits: int) -> ArithProblem:
+def _draw(rng: random.Random, num_ops: int, digits: int, ops: str = "+-*") -> ArithProblem:
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     mlo, mhi = (2, 9) if digits <= 2 else (10 ** (digits - 2), 10 ** (digits - 1) - 1)
     value = rng.randint(lo, hi)
     start, steps = value, []
     for _ in range(num_ops):
-        op = rng.choice("+-*")
+        op = rng.choice(ops)
         b = rng.randint(mlo, mhi) if op == "*" else rng.randint(lo, hi)
         result = _OPS[op][1](value, b)
         steps.append(Step(value, op, b, result))
@@ -95,20 +95,24 @@ def _draw(rng: random.Random, num_ops: int, digits: int) -> ArithProblem:
 
 
 def generate(n: int, *, split: str = "train", num_ops: int = 3, digits: int = 2, seed: int = 0,
-             heldout_frac: float = 0.1) -> list[ArithProblem]:
-    """`n` distinct problems of `split` ("train" or "heldout"), reproducible from `seed`."""
+             heldout_frac: float = 0.1, ops: str = "+-*") -> list[ArithProblem]:
+    """`n` distinct problems of `split` ("train" or "heldout"), reproducible from `seed`.
+    ops: the operators to draw from (a subset of "+-*")."""
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
     if num_ops < 1 or digits < 1:
         raise ValueError(f"task.num_ops and task.digits must be >= 1, got {num_ops}, {digits}")
-    rng = random.Random(f"{seed}-{num_ops}-{digits}")
+    if not ops or set(ops) - set("+-*"):
+        raise ValueError(f"task ops {ops!r} must be a non-empty subset of '+-*'")
+    # The default keeps the original seed string, so existing problem sets do not change.
+    rng = random.Random(f"{seed}-{num_ops}-{digits}" + ("" if ops == "+-*" else f"-{ops}"))
     out, seen = [], set()
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 200 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct {split} problems with num_ops={num_ops}, digits={digits}")
-        p = _draw(rng, num_ops, digits)
+        p = _draw(rng, num_ops, digits, ops)
         if p.problem in seen or split_of(p.problem, heldout_frac) != split:
             continue
         seen.add(p.problem)

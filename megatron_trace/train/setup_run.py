@@ -109,7 +109,8 @@ def _load_data(cfg: Config, tokenizer_dir: str | None):
         from ..tasks.tokenizer import build_char_tokenizer
 
         a = cfg.data.arith
-        problems = [p.to_row() for p in generate(a.num_train, seed=cfg.seed, num_ops=a.num_ops, digits=a.digits)]
+        problems = [p.to_row() for p in generate(a.num_train, seed=cfg.seed, num_ops=a.num_ops, digits=a.digits,
+                                                 ops=a.ops)]
         return build_char_tokenizer(), problems, _arith_verify, []
     from transformers import AutoTokenizer
 

@@ -213,7 +213,7 @@ def run_sft(cfg: Config) -> dict | None:
 
         a = cfg.data.arith
         heldout = [p.to_row() for p in generate(s.heldout, split="heldout", seed=cfg.seed, num_ops=a.num_ops,
-                                                digits=a.digits)] if s.heldout else []
+                                                digits=a.digits, ops=a.ops)] if s.heldout else []
         report = {"config_key": key, "steps": s.steps, "train_seconds": train_seconds,
                   "params": arch.num_params, "hf_dir": hf_dir,
                   "first_loss": first_loss, "final_loss": m["sft/loss"]}
