@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the embedded demo: SFT base -> TRACE RL -> held-out eval, on CPU")
     d.add_argument("--out", default="runs/demo", help="directory for everything (default: runs/demo)")
-    d.add_argument("--config", default=os.path.join(_CONFIGS, "tiny_cpu.yaml"), help="the RL config")
+    d.add_argument("--config", default=os.path.join(_CONFIGS, "tiny_cpu_demo.yaml"), help="the RL config")
     d.add_argument("--sft-config", default=os.path.join(_CONFIGS, "tiny_cpu_sft.yaml"), help="the base's SFT config")
     d.add_argument("--compare", action="store_true", help="GRPO, all-token FKL, TRACE-FKL and TRACE-RKL from one base")
     d.add_argument("overrides", nargs="*", help="key=value overrides for every stage")

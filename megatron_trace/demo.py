@@ -52,9 +52,8 @@ def _train(cfg) -> None:
     launch(run_training, cfg.parallel.tp * cfg.parallel.pp, cfg)
 
 
-def _last_metrics(run_dir: str) -> dict:
-    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
-    return rows[-1] if rows else {}
+def _metrics_rows(run_dir: str) -> list[dict]:
+    return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
 def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], compare: bool = False) -> dict:
@@ -111,7 +110,9 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
     for v, f in finals.items():
         gain_ci = paired_bootstrap_ci([f["scores"][i] for i in idx], [base["scores"][i] for i in idx],
                                       num_samples=4000, seed=common.seed)
-        last = _last_metrics(runs[v])
+        rows = _metrics_rows(runs[v])
+        last = rows[-1] if rows else {}
+        report.setdefault("base_entropy", rows[0].get("entropy/all") if rows else None)  # step 0 = the base
         report["variants"][v] = {"final_accuracy": f["accuracy"], "accuracy_gain": f["accuracy"] - base["accuracy"],
                                  "accuracy_gain_ci95": list(gain_ci), "mean_length": f["mean_length"],
                                  "final_entropy": last.get("entropy/all"),
@@ -128,7 +129,8 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
 def format_report(report: dict) -> str:
     lines = [f"held-out problems: {report['num_heldout']} (avg@{report['k']}), wall time {report['wall_seconds']:.0f} s",
              "", "| policy | accuracy | gain [95% CI] | mean length | entropy | exposure |", "| --- | --- | --- | --- | --- | --- |",
-             f"| base (SFT) | {100 * report['base_accuracy']:.1f}% | | {report['base_mean_length']:.1f} | | |"]
+             f"| base (SFT) | {100 * report['base_accuracy']:.1f}% | | {report['base_mean_length']:.1f} | "
+             f"{'-' if report.get('base_entropy') is None else format(report['base_entropy'], '.3f')} | |"]
     for v, m in report["variants"].items():
         lo, hi = m["accuracy_gain_ci95"]
         ent = "-" if m["final_entropy"] is None else f"{m['final_entropy']:.3f}"
