@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .schema import Config
 
-__all__ = ["ConfigError", "dump_config", "load_config"]
+__all__ = ["ConfigError", "config_to_dict", "dump_config", "load_config"]
 
 
 class ConfigError(ValueError):
@@ -107,3 +107,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what `--dry-run` prints and the run directory keeps)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as plain Python containers (W&B, cache keys)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

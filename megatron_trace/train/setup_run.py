@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import Config, dump_config
+from ..config import Config, config_to_dict, dump_config
 from ..data.problems import math_prompt
 from ..loss import ROUTE_VARIANTS, KLSchedule
 from ..models.builder import build_model
@@ -269,7 +269,7 @@ def _open_run_dir(run: Run) -> None:
         except ImportError:
             raise ValueError("config key 'log.wandb': value True needs the wandb package (pip install wandb)") from None
         run._wandb = wandb.init(project=cfg.log.wandb_project, entity=cfg.log.wandb_entity, name=cfg.run.name,
-                                dir=cfg.run.dir, config=json.loads(json.dumps(dump_config_dict(cfg))), resume="allow",
+                                dir=cfg.run.dir, config=config_to_dict(cfg), resume="allow",
                                 id=_wandb_id(cfg.run.dir))
         run._closers.append(run._wandb.finish)
 
@@ -284,8 +284,3 @@ def _wandb_id(run_dir: str) -> str:
             f.write(uuid.uuid4().hex[:16])
     return open(path).read().strip()
 
-
-def dump_config_dict(cfg: Config) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..config import Config, dump_config
+from ..config import Config, config_to_dict, dump_config
 from ..loss import token_logprob_and_entropy
 from ..types import TrainSample
 
@@ -31,14 +31,8 @@ __all__ = ["run_sft", "sft_examples"]
 
 
 def _config_key(cfg: Config) -> str:
-    keep = {k: v for k, v in json.loads(json.dumps(_as_dict(cfg))).items() if k in ("seed", "model", "data", "sft")}
+    keep = {k: v for k, v in config_to_dict(cfg).items() if k in ("seed", "model", "data", "sft")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _as_dict(cfg: Config) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
 def sft_examples(problems: list[dict], tokenizer, *, privileged_frac: float, seed: int,

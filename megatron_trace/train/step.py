@@ -131,6 +131,19 @@ def _span_sparse_head(model, rows: torch.Tensor, cols: torch.Tensor):
         handle.remove()
 
 
+def _response_logprobs(model, groups: ParallelGroups, mb: MicroBatch, temperature: float, vocab_size: int):
+    """Forward only, the LM head at response positions: (log-probs `[T]`, logits `[T, V/tp]`) on
+    the last stage, None elsewhere."""
+    with _span_sparse_head(model, mb.rows, mb.cols):
+        logits = forward_logits(model, groups, mb.ids)
+    if logits is None:
+        return None
+    packed = logits[0]  # [T, V/tp]
+    lp, _ = token_logprob_and_entropy(packed, mb.ids[mb.rows, mb.cols + 1].to(packed.device), groups.tp,
+                                      temperature, vocab_size=vocab_size)
+    return lp, packed
+
+
 @dataclass
 class StepResult:
     metrics: dict[str, float]
@@ -218,14 +231,13 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     probe_student: list[torch.Tensor | None] = []
     with torch.no_grad():
         for mb in mbs:
-            with _span_sparse_head(ddp, mb.rows, mb.cols):  # the LM head at response positions only
-                logits = forward_logits(ddp, groups, mb.ids)
-            if logits is None:
-                old.append(None), is_w.append(None), probe_student.append(None)
+            out = _response_logprobs(ddp, groups, mb, loss_cfg.temperature, vocab_size)
+            if out is None:
+                old.append(None)
+                is_w.append(None)
+                probe_student.append(None)
                 continue
-            packed = logits[0]  # [T, V/tp]
-            lp, _ = token_logprob_and_entropy(packed, mb.ids[mb.rows, mb.cols + 1].to(packed.device),
-                                              groups.tp, loss_cfg.temperature, vocab_size=vocab_size)
+            lp, packed = out
             old.append(lp)
             probe_student.append(packed[mb.probe_idx.to(packed.device)] if use_teacher else None)
             engine_lp = None
@@ -331,12 +343,10 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
         mine = [s for group in minis for s in group if s.uid in lift_uids]
         with torch.no_grad():
             for mb in make_micro_batches(mine, micro_batch_size):
-                with _span_sparse_head(ddp, mb.rows, mb.cols):
-                    logits = forward_logits(ddp, groups, mb.ids)
-                if logits is None:
+                out = _response_logprobs(ddp, groups, mb, loss_cfg.temperature, vocab_size)
+                if out is None:
                     continue
-                lp, _ = token_logprob_and_entropy(logits[0], mb.ids[mb.rows, mb.cols + 1].to(logits.device),
-                                                  groups.tp, loss_cfg.temperature, vocab_size=vocab_size)
+                lp = out[0]
                 before = torch.cat([old_of[s.uid] for s in mb.samples])
                 key = (torch.tensor(_packed(mb, "routes")) == Route.FKL).to(lp.device)
                 pre.mean("kl/key_token_lift", (lp - before)[key])
