@@ -61,7 +61,10 @@ def _sft_step(ddp, optimizer, groups, batch: list[TrainSample], micro_batch_size
     from ..parallel.schedule import run_schedule
     from .step import _global_counts, _grads_finite, make_micro_batches
 
-    mine = batch[groups.dp_rank::groups.dp_size]
+    # Length-sorted micro-batches: plain and privileged examples differ ~2x in length, so mixing
+    # them pads every micro-batch to the longest. The loss is a global token sum, so the order of
+    # examples across micro-batches does not change it.
+    mine = sorted(batch[groups.dp_rank::groups.dp_size], key=lambda s: len(s.prompt_ids) + len(s.response_ids))
     mbs = make_micro_batches(mine, micro_batch_size)
     counts = _global_counts(mine, groups)
     ddp.train()
