@@ -3,7 +3,7 @@
     megatron-trace demo [--out runs/demo] [--compare] [key=value ...]
 
 1. base: `megatron-trace sft` with configs/tiny_cpu_sft.yaml (cached in <out>/sft);
-2. RL: `megatron-trace train` with configs/tiny_cpu.yaml from that base (hf engine, oracle
+2. RL: `megatron-trace train` with configs/tiny_cpu_demo.yaml from that base (hf engine, oracle
    annotator, live teacher with the reference solution as privileged context) into <out>/<variant>;
 3. evaluation of the base and of the final policy on the same held-out problems, same seed
    (`megatron-trace eval`), a paired bootstrap CI of the gain, plots, and demo_report.json.

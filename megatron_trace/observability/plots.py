@@ -63,17 +63,29 @@ def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = N
     runs = [load_metrics(d) for d in run_dirs]
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
+    # One colour per run in every panel (a panel where some runs log nothing must not shift the
+    # colours of the rest); within a run, several metrics of one panel differ by line style, or
+    # by colour when there is a single run.
+    from matplotlib.colors import to_hex
+
+    cycle = [to_hex(c) for c in plt.rcParams["axes.prop_cycle"].by_key()["color"]]
+    colors = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+    styles = ["-", "--", ":", "-."]
     manifest = {}
     for fname, panels in FIGURES.items():
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-        found = []
+        found, series = [], []
         for ax, (title, keys) in zip(axes[0], panels):
             for rows, label in zip(runs, labels):
-                for key in keys:
+                for j, key in enumerate(keys):
                     xs, ys = _series(rows, key, smooth)
                     if xs:
-                        ax.plot(xs, ys, label=label if len(keys) == 1 else f"{label}: {key}", lw=1.5)
+                        color, ls = (cycle[j % len(cycle)], "-") if len(runs) == 1 else \
+                            (colors[label], styles[j % len(styles)])
+                        ax.plot(xs, ys, label=label if len(keys) == 1 else f"{label}: {key}", lw=1.5, color=color,
+                                ls=ls)
                         found.append(key)
+                        series.append([title, label, key, color])
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.grid(alpha=0.3)
@@ -85,7 +97,7 @@ def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = N
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, fname), dpi=110)
         plt.close(fig)
-        manifest[fname] = {"panels": [t for t, _ in panels], "metrics": sorted(set(found))}
+        manifest[fname] = {"panels": [t for t, _ in panels], "metrics": sorted(set(found)), "series": series}
     with open(os.path.join(out_dir, "plots.json"), "w") as f:
-        json.dump({"runs": labels, "files": manifest}, f, indent=1)
+        json.dump({"runs": labels, "colors": colors, "files": manifest}, f, indent=1)
     return manifest

@@ -24,11 +24,11 @@ def test_demo_pipeline_and_report(tmp_path):
         assert key in report, key
     lo, hi = report["accuracy_gain_ci95"]
     assert report["num_heldout"] == 6 and lo <= report["final_accuracy"] - report["base_accuracy"] <= hi
-    assert report["variant"] == "trace_rkl"  # the demo config's variant: TRACE with both routes
-    assert "| base (SFT) |" in proc.stdout and "| trace_rkl |" in proc.stdout
+    assert report["variant"] == "trace_fkl"  # the demo config's variant
+    assert "| base (SFT) |" in proc.stdout and "| trace_fkl |" in proc.stdout
     assert (out / "plots" / "reward.png").stat().st_size > 1000
     base = [json.loads(x) for x in (out / "eval_base" / "samples.jsonl").read_text().splitlines()]
-    final = [json.loads(x) for x in (out / "eval_trace_rkl" / "samples.jsonl").read_text().splitlines()]
+    final = [json.loads(x) for x in (out / "eval_trace_fkl" / "samples.jsonl").read_text().splitlines()]
     assert [(r["index"], r["sample"]) for r in base] == [(r["index"], r["sample"]) for r in final]  # same problems
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # everything cached now
     assert again.returncode == 0 and json.loads((out / "demo_report.json").read_text())["final_accuracy"] == \

@@ -48,6 +48,24 @@ def test_plots_overlay_runs_with_expected_panels(tmp_path):
     assert "eval/average" not in manifest["files"]["reward.png"]["metrics"]
 
 
+def test_each_run_keeps_its_colour_in_every_panel(tmp_path):
+    from megatron_trace.observability.plots import plot_runs
+
+    for name in ("grpo", "trace"):
+        (tmp_path / name).mkdir()
+        _run(tmp_path / name, 6, 1.0)
+    # GRPO logs no span entropy: that panel holds only the second run, which must keep its colour
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    (tmp_path / "grpo" / "metrics.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "entropy/span"}) + "\n" for r in rows))
+    manifest = plot_runs([str(tmp_path / "grpo"), str(tmp_path / "trace")], str(tmp_path / "plots"))
+    colors = json.loads((tmp_path / "plots" / "plots.json").read_text())["colors"]
+    assert colors["grpo"] != colors["trace"]
+    ent = manifest["entropy.png"]["series"]
+    assert [s[1] for s in ent if s[2] == "entropy/span"] == ["trace"]
+    assert all(color == colors[label] for fname in manifest for _, label, _, color in manifest[fname]["series"])
+
+
 def test_plot_tool_errors_name_the_run(tmp_path):
     out = subprocess.run([sys.executable, "tools/plot_metrics.py", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=120)
