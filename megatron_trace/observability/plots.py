@@ -74,7 +74,7 @@ def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = N
     manifest = {}
     for fname, panels in FIGURES.items():
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
-        found, series = [], []
+        series = []
         for ax, (title, keys) in zip(axes[0], panels):
             for rows, label in zip(runs, labels):
                 for j, key in enumerate(keys):
@@ -84,7 +84,6 @@ def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = N
                             (colors[label], styles[j % len(styles)])
                         ax.plot(xs, ys, label=label if len(keys) == 1 else f"{label}: {key}", lw=1.5, color=color,
                                 ls=ls)
-                        found.append(key)
                         series.append([title, label, key, color])
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
@@ -97,7 +96,7 @@ def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = N
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, fname), dpi=110)
         plt.close(fig)
-        manifest[fname] = {"panels": [t for t, _ in panels], "metrics": sorted(set(found)), "series": series}
+        manifest[fname] = {"panels": [t for t, _ in panels], "metrics": sorted({k for _, _, k, _ in series}), "series": series}
     with open(os.path.join(out_dir, "plots.json"), "w") as f:
         json.dump({"runs": labels, "colors": colors, "files": manifest}, f, indent=1)
     return manifest
