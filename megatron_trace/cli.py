@@ -91,10 +91,10 @@ def _cmd_train(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    from .parallel import launch
+    from .parallel import launch_layout
     from .train.loop import run_training
 
-    launch(run_training, cfg.parallel.tp * cfg.parallel.pp, cfg)
+    launch_layout(run_training, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg)
     print(f"[train] done; metrics in {cfg.run.dir}/metrics.jsonl")
     return 0
 
@@ -106,10 +106,10 @@ def _cmd_sft(args) -> int:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
-    from .parallel import launch
+    from .parallel import launch_layout
     from .train.sft import run_sft
 
-    report = next(r for r in launch(run_sft, cfg.parallel.tp * cfg.parallel.pp, cfg) if r)
+    report = next(r for r in launch_layout(run_sft, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg) if r)
     how = "reused the cached model" if report.get("cached") else f"trained {report['steps']} steps"
     print(f"[sft] {how}: loss {report['first_loss']:.3f} -> {report['final_loss']:.3f}")
     if "heldout_accuracy" in report:

@@ -25,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "ParallelConfig",
+    "RemoteRolloutSection",
     "RewardConfig",
     "RolloutConfig",
     "RunConfig",
@@ -67,11 +68,15 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    # Data-parallel replicas. null: WORLD_SIZE / (tp * pp) under torchrun, 1 when the CLI spawns
+    # its own gloo ranks on CPU (there it spawns tp * pp * dp ranks).
+    dp: int | None = None
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
         _check(self.tp >= 1, "parallel.tp", self.tp, "an integer >= 1")
         _check(self.pp >= 1, "parallel.pp", self.pp, "an integer >= 1")
+        _check(self.dp is None or self.dp >= 1, "parallel.dp", self.dp, "null or an integer >= 1")
         _one_of("parallel.device", self.device, {"auto", "cpu", "cuda"})
 
 
@@ -103,8 +108,39 @@ class DataConfig:
 
 
 @dataclass
+class RemoteRolloutSection:
+    """rollout.placement=remote: SGLang servers that the trainer only sends requests to."""
+
+    urls: list[str] = field(default_factory=list)  # http://host:port of each `sglang.launch_server`
+    router_url: str | None = None  # or one sglang-router in front of them (then urls are optional)
+    weight_sync: str = "distributed"  # distributed (NCCL/gloo broadcast from rank 0) | none
+    master_address: str | None = None  # rank 0's address as the servers reach it (default: its hostname)
+    master_port: int = 0  # 0 = a free port
+    backend: str = "auto"  # nccl | gloo | auto (nccl on CUDA)
+    health_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for i, u in enumerate(self.urls):
+            _check(u.startswith(("http://", "https://")), f"rollout.remote.urls[{i}]", u, "an http(s):// URL")
+        _check(self.router_url is None or self.router_url.startswith(("http://", "https://")),
+               "rollout.remote.router_url", self.router_url, "null or an http(s):// URL")
+        _one_of("rollout.remote.weight_sync", self.weight_sync, {"distributed", "none"})
+        _one_of("rollout.remote.backend", self.backend, {"auto", "nccl", "gloo"})
+        _check(0 <= self.master_port < 65536, "rollout.remote.master_port", self.master_port, "0 or a TCP port")
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf | sglang
+    # colocated: one engine per DP replica on that replica's GPUs (its first TP group);
+    # remote: SGLang servers (rollout.remote.*), the trainer ranks do not generate;
+    # rank0: one engine on global rank 0 (debugging)
+    placement: str = "colocated"
+    mem_fraction_static: float = 0.5  # colocated SGLang: share of each GPU for its weights + KV cache
+    max_retries: int = 2  # a failed request is retried on another engine this many times, then counted
+    request_timeout_s: float = 1800.0  # one generate request (remote); a slower one counts as failed
+    chunk_prompts: int = 0  # remote: prompts per request (0 = split evenly over the live servers)
+    remote: RemoteRolloutSection = field(default_factory=RemoteRolloutSection)
     prompts_per_step: int = 8
     n: int = 8  # samples per prompt (GRPO group size)
     temperature: float = 1.0
@@ -114,6 +150,15 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, {"hf", "sglang"})
+        _one_of("rollout.placement", self.placement, {"colocated", "remote", "rank0"})
+        _check(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", self.mem_fraction_static,
+               "a float in (0, 1)")
+        _check(self.max_retries >= 0, "rollout.max_retries", self.max_retries, "an integer >= 0")
+        _check(self.request_timeout_s > 0, "rollout.request_timeout_s", self.request_timeout_s, "a float > 0")
+        _check(self.chunk_prompts >= 0, "rollout.chunk_prompts", self.chunk_prompts, "an integer >= 0")
+        _check(self.placement != "remote" or bool(self.remote.urls or self.remote.router_url),
+               "rollout.remote.urls", list(self.remote.urls),
+               "at least one server URL (or rollout.remote.router_url) when rollout.placement=remote")
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
         _check(self.n >= 2, "rollout.n", self.n, "an integer >= 2 (GRPO needs a group)")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
@@ -246,6 +291,9 @@ class TrainConfig:
     save_records: bool = False  # write each step's stage records to <run.dir>/records/
     records_dir: str | None = None  # train_only: the records to train on
     key_token_lift: int = 4  # rollouts with key spans re-scored after the update (lambda > 0); 0 = off
+    # Colocated rollout: move the optimizer state to host memory and free the gradient buffers
+    # while the engine generates; both come back before the train step.
+    offload_during_rollout: bool = False
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -380,5 +428,9 @@ class Config:
         if self.parallel.device == "cuda" and world % (self.parallel.tp * self.parallel.pp):
             raise ValueError(f"config keys 'parallel.tp'={self.parallel.tp} x 'parallel.pp'={self.parallel.pp} must "
                              f"divide cluster.nodes x cluster.gpus_per_node = {world}")
+        p = self.parallel
+        if p.dp is not None and self.parallel.device == "cuda" and p.tp * p.pp * p.dp != world:
+            raise ValueError(f"config key 'parallel.dp'={p.dp}: tp*pp*dp = {p.tp * p.pp * p.dp} ranks, but the "
+                             f"cluster section gives {world} GPUs; set parallel.dp=null to derive it")
         if self.model.hf_dir and self.model.ckpt:
             raise ValueError("config keys 'model.hf_dir' and 'model.ckpt' are exclusive: set one of them")

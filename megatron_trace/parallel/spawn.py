@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RankFailure", "free_port", "launch", "run_on_ranks"]
+__all__ = ["RankFailure", "free_port", "launch", "launch_layout", "resolve_dp", "run_on_ranks"]
 
 
 class RankFailure(RuntimeError):
@@ -156,3 +156,33 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -
             f"`torchrun --nproc-per-node {world_size} ...` (CPU runs spawn their own gloo ranks)"
         )
     return run_on_ranks(fn, world_size, *args, **kwargs)
+
+
+def _under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "MT_INIT_METHOD" not in os.environ
+
+
+def resolve_dp(tp: int, pp: int, dp: int | None = None) -> int:
+    """The data-parallel size of a run: WORLD_SIZE / (tp * pp) under torchrun, else `dp` or 1.
+
+    A configured `dp` that disagrees with the launched WORLD_SIZE is an error, as is a WORLD_SIZE
+    that tp * pp does not divide.
+    """
+    if dp is not None and dp < 1:
+        raise ValueError(f"parallel.dp must be >= 1, got {dp}")
+    if not _under_torchrun():
+        return dp or 1
+    world = int(os.environ["WORLD_SIZE"])
+    if world % (tp * pp):
+        raise ValueError(f"started with WORLD_SIZE={world}, which parallel.tp x parallel.pp = {tp} x {pp} "
+                         "does not divide")
+    derived = world // (tp * pp)
+    if dp is not None and dp != derived:
+        raise ValueError(f"config key 'parallel.dp'={dp} but WORLD_SIZE={world} with tp={tp}, pp={pp} gives "
+                         f"dp={derived}; set parallel.dp=null (or {derived})")
+    return derived
+
+
+def launch_layout(fn: Callable[..., Any], tp: int, pp: int, dp: int | None, *args: Any, **kwargs: Any) -> list[Any]:
+    """`launch` for a tp x pp x dp layout (dp from `resolve_dp`)."""
+    return launch(fn, tp * pp * resolve_dp(tp, pp, dp), *args, **kwargs)

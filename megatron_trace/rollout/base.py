@@ -8,6 +8,11 @@ train/rollout mismatch.
 
 `generate` returns a flat list of `len(prompts) * params.n` samples, prompt-major: the n samples
 of prompt 0, then those of prompt 1, and so on.
+
+Seeds. `generate(..., seeds=[s_0, ...])` gives every prompt its own seed (the dispatcher derives it
+from (run seed, step, prompt uid) with `prompt_seed`); sample j of prompt i then draws from
+`sample_seed(s_i, j)`. A prompt's samples therefore do not depend on which engine serves it or on
+what else is in its batch. Without `seeds`, `params.seed` seeds the whole call.
 """
 
 from __future__ import annotations
@@ -18,9 +23,36 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["FINISH_REASONS", "RolloutEngine", "RolloutGroup", "Sample", "SamplingParams", "sample_groups"]
+__all__ = ["FINISH_REASONS", "MEMORY_TAGS", "RolloutEngine", "RolloutGroup", "Sample", "SamplingParams", "prompt_seed", "sample_groups",
+           "sample_seed"]
 
 FINISH_REASONS = ("stop", "length", "abort")
+MEMORY_TAGS = ("weights", "kv_cache", "cuda_graph")  # SGLang's release/resume tags
+
+
+_SEED_MOD = 2**31 - 1  # SGLang's sampling_seed and torch generators both accept it
+
+
+def _mix(*parts: int) -> int:
+    """A stable 31-bit hash of integers (splitmix64 steps; no dependence on PYTHONHASHSEED)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+        x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x % _SEED_MOD
+
+
+def prompt_seed(seed: int, step: int, uid: int) -> int:
+    """The sampling seed of one prompt: a function of (run seed, step, prompt uid) only."""
+    return _mix(seed, step, uid)
+
+
+def sample_seed(prompt_seed_: int, j: int) -> int:
+    """The seed of sample j of a prompt whose seed is `prompt_seed_`."""
+    return _mix(prompt_seed_, j, 0x5A)
 
 
 @dataclass(frozen=True)
@@ -56,7 +88,8 @@ class Sample:
 class RolloutEngine(Protocol):
     weight_version: int
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]: ...
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Sample]: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         """Load HF-named tensors; returns how many were loaded. `version` (if given) is set after."""
@@ -66,9 +99,14 @@ class RolloutEngine(Protocol):
         """Called once after the last bucket of a sync: flush caches, record the version."""
         ...
 
-    def sleep(self) -> None: ...
+    def sleep(self, tags: Sequence[str] | None = None) -> None:
+        """Release memory for training. tags: a subset of MEMORY_TAGS; None = all of them.
+        An asleep engine refuses `generate` with an error that says so."""
+        ...
 
-    def wake(self) -> None: ...
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        """Restore what `sleep` released (the loop wakes "weights" before a sync and "kv_cache" after)."""
+        ...
 
     def shutdown(self) -> None: ...
 

@@ -5,6 +5,11 @@ newest token with the cache, takes log softmax(logits / T) as the reported log-p
 top-k then top-p to a copy, and samples from it with a `torch.Generator` seeded from
 `params.seed`, so a seeded call is reproducible whatever else the process does. Weights are
 updated in place from HF-named tensors (no reload from disk).
+
+With per-prompt `seeds` every row has its own generator (`sample_seed(seeds[i], j)`) and each
+prompt's n rows form their own batch, so a prompt's samples are bit-identical whichever engine
+serves it and whatever else it is asked for (`generate_rows` is the same with explicit row seeds,
+for servers that receive already-derived per-request seeds).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .base import Sample, SamplingParams
+from .base import MEMORY_TAGS, Sample, SamplingParams, sample_seed
 
 __all__ = ["HFEngine"]
 
@@ -50,7 +55,7 @@ class HFEngine:
         import inspect
 
         self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        self._asleep = False
+        self._asleep_tags: set[str] = set()
 
     @classmethod
     def from_pretrained(cls, hf_dir: str, *, device: str | None = None, dtype: torch.dtype = torch.float32,
@@ -93,17 +98,27 @@ class HFEngine:
 
     # ------------------------------------------------------------------ lifecycle
 
-    def sleep(self) -> None:
-        """Free accelerator memory between rollouts (weights move to host memory)."""
-        if self.device.type == "cuda" and not self._asleep:
+    @property
+    def asleep(self) -> bool:
+        return bool(self._asleep_tags)
+
+    def sleep(self, tags: Sequence[str] | None = None) -> None:
+        """Release accelerator memory for training. "weights": the model moves to host memory
+        (on CPU there is nothing to move); "kv_cache"/"cuda_graph": this engine keeps no cache or
+        graph between calls, so they only mark the engine asleep."""
+        tags = set(MEMORY_TAGS if tags is None else tags)
+        if tags - set(MEMORY_TAGS):
+            raise ValueError(f"unknown memory tags {sorted(tags - set(MEMORY_TAGS))}; expected a subset of {MEMORY_TAGS}")
+        if "weights" in tags and "weights" not in self._asleep_tags and self.device.type == "cuda":
             self.model.to("cpu")
             torch.cuda.empty_cache()
-        self._asleep = True
+        self._asleep_tags |= tags
 
-    def wake(self) -> None:
-        if self._asleep and self.device.type == "cuda":
+    def wake(self, tags: Sequence[str] | None = None) -> None:
+        tags = set(MEMORY_TAGS if tags is None else tags)
+        if "weights" in tags and "weights" in self._asleep_tags and self.device.type == "cuda":
             self.model.to(self.device)
-        self._asleep = False
+        self._asleep_tags -= tags
 
     def shutdown(self) -> None:
         self.model = None
@@ -114,17 +129,34 @@ class HFEngine:
         text = self.tokenizer.decode(token_ids)
         return any(s in text for s in stops)
 
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[int] | None = None) -> list[Sample]:
+        if seeds is None:
+            return self.generate_rows([list(p) for p in prompts for _ in range(params.n)], params)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        out: list[Sample] = []
+        for p, s in zip(prompts, seeds):  # one batch per prompt: batch-composition independent
+            out += self.generate_rows([list(p)] * params.n, params, [sample_seed(s, j) for j in range(params.n)])
+        return out
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Sample]:
-        if self._asleep:
-            raise RuntimeError("engine is asleep: call wake() before generate()")
+    def generate_rows(self, rows: Sequence[Sequence[int]], params: SamplingParams,
+                      row_seeds: Sequence[int] | None = None) -> list[Sample]:
+        """One sample per row (params.n is ignored). row_seeds: one generator per row; without
+        them one generator seeded by params.seed draws for the whole batch."""
+        if self._asleep_tags:
+            raise RuntimeError(f"the rollout engine is asleep (released: {sorted(self._asleep_tags)}); "
+                               "wake() it before generate()")
         if params.stop and self.tokenizer is None:
             raise ValueError("sampling.stop strings need an engine built with a tokenizer")
-        if not prompts:
+        if not rows:
             return []
-        rows = [list(p) for p in prompts for _ in range(params.n)]
+        rows = [list(r) for r in rows]
         if any(len(r) == 0 for r in rows):
             raise ValueError("empty prompt")
+        if row_seeds is not None and len(row_seeds) != len(rows):
+            raise ValueError(f"{len(row_seeds)} row seeds for {len(rows)} rows")
         B, L = len(rows), max(len(r) for r in rows)
         ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((B, L), dtype=torch.long)
@@ -132,8 +164,12 @@ class HFEngine:
             ids[i, L - len(r):] = torch.tensor(r)
             mask[i, L - len(r):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        if row_seeds is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+            row_gens = None
+        else:
+            row_gens = [torch.Generator(device=self.device).manual_seed(int(x)) for x in row_seeds]
         stop_ids = torch.tensor(sorted(set(self.eos_token_ids) | set(params.stop_token_ids)), device=self.device)
 
         out_tokens: list[list[int]] = [[] for _ in range(B)]
@@ -151,7 +187,12 @@ class HFEngine:
             if params.temperature > 0:
                 logp = torch.log_softmax(logits / params.temperature, dim=-1)
                 filtered = _filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
-                nxt = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=gen)[:, 0]
+                probs = torch.softmax(filtered, dim=-1)
+                if row_gens is None:
+                    nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
+                else:
+                    nxt = torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g)[:, 0]
+                                     for i, g in enumerate(row_gens)])
             else:
                 logp = torch.log_softmax(logits, dim=-1)
                 nxt = logits.argmax(-1)

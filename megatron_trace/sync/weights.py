@@ -1,9 +1,12 @@
 """Push the actor's weights into a rollout engine, in buckets, with an optional equality check.
 
 The Megatron actor (any TP/PP) streams full HF-named tensors (`models.convert.export_hf_stream`,
-a collective every model-parallel rank walks). The rank that owns the engine packs them into
-buckets of at most `bucket_bytes` and hands each bucket to `engine.update_weights`; the version
-is set with the last bucket. Other ranks pass `engine=None` and only take part in the stream.
+a collective every rank of one replica walks: TP gathers stay in the TP group, PP broadcasts in
+the replica's pipeline). The rank that owns the replica's engine packs them into buckets of at
+most `bucket_bytes` and hands each bucket to `engine.update_weights`; the version is set with the
+last bucket. Other ranks pass `engine=None`, take part in the stream and drop each tensor as soon
+as it has passed, so no rank holds more than one bucket (the owner) or one tensor (the others)
+beyond its own shards. Every data-parallel replica runs this at once, each into its own engine.
 
 `verify=True` then compares the engine with the actor on a probe batch: the engine's logits
 (`engine.probe_logits`) against the actor's gathered logits, or, for engines without a probe
@@ -50,17 +53,27 @@ class SyncReport:
         return out
 
 
-def _buckets(stream, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def _buckets(stream, bucket_bytes: int, keep: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group the stream into buckets of at most `bucket_bytes` (a larger tensor goes alone).
+
+    keep=False (ranks without an engine): yield (name, nbytes) placeholders instead of the tensors,
+    so that no rank but the engine's owner ever holds more than the tensor in flight.
+    """
     bucket, size = [], 0
     for name, t in stream:
         nbytes = t.numel() * t.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, t))
+        bucket.append((name, t if keep else nbytes))
         size += nbytes
+        del t
     if bucket:
         yield bucket
+
+
+def _nbytes(x) -> int:
+    return x if isinstance(x, int) else x.numel() * x.element_size()
 
 
 def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_bytes: int = 512 * 2**20,
@@ -75,12 +88,13 @@ def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_
     if stream_filter is not None:
         stream = stream_filter(stream)
     n_t = n_b = n_buckets = 0
-    for bucket in _buckets(stream, bucket_bytes):
+    for bucket in _buckets(stream, bucket_bytes, keep=engine is not None):
         n_buckets += 1
         n_t += len(bucket)
-        n_b += sum(t.numel() * t.element_size() for _, t in bucket)
+        n_b += sum(_nbytes(t) for _, t in bucket)
         if engine is not None:
             engine.update_weights(bucket, None)
+        del bucket
     if engine is not None:
         engine.finish_sync(version)  # e.g. SGLang flushes its prefix cache here
     seconds = time.perf_counter() - t0

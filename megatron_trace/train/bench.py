@@ -37,8 +37,7 @@ def _job(config: str, overrides: list[str], repeats: int):
 
     from ..config import load_config
     from ..loss import LossConfig
-    from ..sync import sync_weights
-    from .loop import _broadcast, _gather_to_rank0, make_batch, train_one_step
+    from .loop import _gather_to_rank0, make_batch, train_one_step
     from .setup_run import setup_run
 
     # TRACE at 25% coverage whatever the config's cap; no in-loop eval in the timed steps.
@@ -61,16 +60,13 @@ def _job(config: str, overrides: list[str], repeats: int):
                 for p, w in zip(params, weights0):
                     p.copy_(w)
             run.optimizer.load_state_dict(optim0)
-            sync_weights(run.ddp, run.groups, run.engine, version=0)
+            run.gen.sync(run.ddp, version=0)
             run.cursor = 0
             run.cfg.loss.variant = variant
             loss_cfg = LossConfig(**{**run.loss_kwargs, "variant": variant})
             dist.barrier()
             t0 = time.perf_counter()
-            samples = metrics = None
-            if dist.get_rank() == 0:
-                samples, metrics = make_batch(run, 0, lam)
-            samples = _broadcast(samples)
+            samples, metrics = make_batch(run, 0, lam)
             m = _gather_to_rank0(train_one_step(run, 0, lam, samples, loss_cfg, sync=True))
             dist.barrier()
             full = time.perf_counter() - t0
@@ -90,7 +86,7 @@ def _job(config: str, overrides: list[str], repeats: int):
         return None
     med = {v: {k: statistics.median(x) for k, x in t.items()} for v, t in times.items()}
     out = {"config": config, "overrides": overrides, "repeats": repeats, "device": str(run.groups.device),
-           "tp": run.groups.tp_size, "pp": run.groups.pp_size, "world": dist.get_world_size(),
+           "tp": run.groups.tp_size, "pp": run.groups.pp_size, "dp": run.groups.dp_size, "world": dist.get_world_size(),
            "batch_rollouts": cfg.rollout.prompts_per_step * cfg.rollout.n,
            "seconds": med, "coverage": coverage}
     for key, v in (("trace", "trace"), ("trace_lambda0", "trace_lambda0"), ("alltoken_fkl", "alltoken_fkl")):
@@ -106,8 +102,9 @@ def _job(config: str, overrides: list[str], repeats: int):
 
 def bench_step_job(config: str, overrides: list[str] | None = None, repeats: int = 5) -> dict:
     from ..config import load_config
-    from ..parallel.spawn import launch
+    from ..parallel.spawn import launch_layout
 
     cfg = load_config(config, list(overrides or []))
-    results = launch(_job, cfg.parallel.tp * cfg.parallel.pp, config, list(overrides or []), repeats)
+    results = launch_layout(_job, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, config, list(overrides or []),
+                            repeats)
     return next((r for r in results if r), {})

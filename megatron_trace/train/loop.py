@@ -1,11 +1,14 @@
 """The TRACE loop, read top to bottom as the algorithm (DESIGN section 2).
 
 Per step k: prompts -> rollouts (n per prompt) -> rewards -> group advantages ->
-[lambda_k > 0: annotate -> token routes -> privileged teacher inputs] -> train step (old
-log-probs, span-sparse teacher pass, routed loss, `optim.mini_batches` optimizer updates) ->
-weight sync -> metrics, with checkpoint and eval cadences.
-Rank 0 owns the rollout engine and builds the step's records (`make_batch`); every rank then
-trains on its DP share. Setup (models, engine, data, annotator) lives in `train/setup_run.py`.
+[lambda_k > 0: annotate -> token routes -> privileged teacher inputs] -> [engines sleep] -> train
+step (old log-probs, span-sparse teacher pass, routed loss, `optim.mini_batches` optimizer
+updates) -> wake(weights) -> weight sync -> wake(kv cache) -> metrics, with checkpoint and eval
+cadences.
+The rollouts come from every data-parallel replica's engine (or remote servers, see
+`train/generation.py`); each replica's first rank scores a share; rank 0 annotates and builds
+the step's records (`make_batch`); every rank then trains on its DP share of them. Setup
+(models, engines, data, annotator) lives in `train/setup_run.py`.
 
 Debug modes (`train.mode`): `rollout_only` stops after the records (saved under
 `<run.dir>/records/`), `train_only` reads them back instead of sampling (`train.records_dir`);
@@ -24,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..loss import ExposureTracker, LossConfig
-from ..rollout import SamplingParams, sample_groups
-from ..sync import sync_weights
+from ..rollout import SamplingParams, prompt_seed
 from ..types import TrainSample
 from .checkpoint import find_latest, load_run_checkpoint, save_run_checkpoint
 from .setup_run import Run
@@ -48,19 +50,22 @@ def _fault(env: str, next_step: int) -> None:
 
 
 def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict]:
-    """Rank 0: prompts -> rollouts -> rewards/advantages -> [annotate -> routes -> teacher inputs]."""
+    """Every rank: prompts -> rollouts (every engine) -> rewards/advantages (every replica a share)
+    -> [rank 0: annotate -> routes -> teacher inputs]. Returns the same records on every rank."""
     cfg = run.cfg
     t0 = time.perf_counter()
-    kept, metrics, rounds, sampled, t_reward = [], {}, 0, 0, 0.0
+    kept, metrics, rounds, sampled, t_reward, failed = [], {}, 0, 0, 0.0, 0
     while len(kept) < cfg.rollout.prompts_per_step and rounds < cfg.train.dynamic_max_rounds:
-        prompts, metas = run.next_prompts(cfg.rollout.prompts_per_step - len(kept))
+        prompts, metas, uids = run.next_prompts(cfg.rollout.prompts_per_step - len(kept))
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
-                                seed=cfg.seed * 100_003 + step * 101 + rounds)
-        groups, m = sample_groups(run.engine, prompts, params, metas)
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+        seeds = [prompt_seed(cfg.seed, step, u) for u in uids]  # independent of the engine count
+        groups, m = run.gen.sample(prompts, params, seeds, metas)
+        failed += int(m["rollout/failed_prompts"])
         metrics = metrics or m  # the first round's rollout statistics
         t_r = time.perf_counter()
-        scored = score_groups(groups, run.tokenizer, run.verify, cfg.reward.advantage_std)
+        scored = run.gen.score(groups, lambda gs: score_groups(gs, run.tokenizer, run.verify,
+                                                               cfg.reward.advantage_std))
         t_reward += time.perf_counter() - t_r
         sampled += len(scored)
         rounds += 1
@@ -71,17 +76,21 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
         kept += [sg for sg in scored if len(set(sg.rewards)) > 1]
     if not kept:  # every group had zero variance in every round: train on the last round (no GRPO signal)
         kept = scored
+    metrics["rollout/failed_prompts"] = float(failed)
     if cfg.train.dynamic_sampling:
         metrics.update({"sampling/rounds": float(rounds), "sampling/groups_sampled": float(sampled),
                         "sampling/groups_kept": float(len(kept))})
     t1 = time.perf_counter()
-    samples, m = build_train_samples(
-        kept, run.tokenizer, variant=cfg.loss.variant, annotator=run.annotator, lam=lam,
-        coverage_cap=cfg.annotate.coverage_cap, segment_mode=cfg.annotate.segment_mode,
-        max_segment_chars=cfg.annotate.max_segment_chars, seed=cfg.seed, step=step,
-        uid_offset=step * cfg.rollout.prompts_per_step * cfg.rollout.n * cfg.train.dynamic_max_rounds,
-        thinking=cfg.data.thinking, prompt_kind=run.prompt_kind)
-    metrics.update(m)
+    samples = None
+    if dist.get_rank() == 0:
+        samples, m = build_train_samples(
+            kept, run.tokenizer, variant=cfg.loss.variant, annotator=run.annotator, lam=lam,
+            coverage_cap=cfg.annotate.coverage_cap, segment_mode=cfg.annotate.segment_mode,
+            max_segment_chars=cfg.annotate.max_segment_chars, seed=cfg.seed, step=step,
+            uid_offset=step * cfg.rollout.prompts_per_step * cfg.rollout.n * cfg.train.dynamic_max_rounds,
+            thinking=cfg.data.thinking, prompt_kind=run.prompt_kind)
+        metrics.update(m)
+    samples, metrics = _broadcast((samples, metrics))
     metrics.update({"time/rollout": t1 - t0 - t_reward, "time/reward": t_reward,
                     "time/annotate_and_route": time.perf_counter() - t1})
     return samples, metrics
@@ -89,11 +98,17 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
 
 def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], loss_cfg: LossConfig,
                    sync: bool = True, teacher_outputs: dict | None = None) -> dict:
-    """Every rank: [snapshot refresh] -> train step -> weight sync. Returns the metrics (last stage's).
+    """Every rank: [engines sleep] -> [snapshot refresh] -> train step -> wake(weights) -> weight
+    sync -> wake(KV cache). Returns the metrics (last stage's).
 
     teacher_outputs: a dict to fill with the teacher's per-routed-token outputs (stage records).
     """
     cfg = run.cfg
+    metrics: dict = {}
+    if sync and run.gen is not None:
+        metrics.update(run.gen.sleep())  # the engine's weights and KV cache make room for training
+    if run.offload is not None:
+        run.offload.reload()
     t0 = time.perf_counter()
     teacher = run.teacher
     if teacher is not None and teacher.due(step) and step <= run.schedule.last_active_step:
@@ -106,12 +121,16 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
                             key_token_lift=cfg.train.key_token_lift, record_teacher=teacher_outputs is not None)
     if teacher_outputs is not None:
         teacher_outputs.update(result.teacher_outputs)
-    metrics = dict(result.metrics)
+    metrics.update(result.metrics)
     metrics["time/train"] = time.perf_counter() - t0
     if teacher is not None:
         metrics["teacher/snapshot_version"] = float(teacher.version)
+    if run.offload is not None:
+        metrics.update(run.offload.offload())  # optimizer state and grads leave the GPU during rollout
     if sync:
-        metrics.update(sync_weights(run.ddp, run.groups, run.engine, version=step + 1).as_metrics())
+        metrics.update(run.gen.wake(["weights"]))
+        metrics.update(run.gen.sync(run.ddp, version=step + 1))
+        metrics.update(run.gen.wake(["kv_cache", "cuda_graph"]))
     return metrics
 
 
@@ -164,7 +183,7 @@ def _resume(run: Run, exposure: ExposureTracker) -> None:
     run.start_step, run.cursor = state["next_step"], state["cursor"]
     exposure.load_state_dict(state["exposure"])
     if run.cfg.train.mode != "train_only":
-        sync_weights(run.ddp, run.groups, run.engine, version=state["next_step"])  # engine <- restored actor
+        run.gen.sync(run.ddp, version=state["next_step"])  # engines <- the restored actor
     if dist.get_rank() == 0 and run.metrics_path and os.path.exists(run.metrics_path):
         # Drop rows of steps after the checkpoint (a crashed run may have logged them).
         rows = [line for line in open(run.metrics_path) if json.loads(line)["step"] < run.start_step]
@@ -183,15 +202,17 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
         t0 = time.perf_counter()
         lam = run.schedule.lam(step)
         samples, metrics = None, {}
-        if dist.get_rank() == 0:
-            if mode == "train_only":
+        if mode == "train_only":
+            if dist.get_rank() == 0:
                 rec = load_record(os.path.join(cfg.train.records_dir, f"step_{step:06d}.pt"))
                 samples, metrics, lam = rec["samples"], dict(rec["metrics"]), rec["lambda"]
-            else:
-                samples, metrics = make_batch(run, step, lam)
-                if cfg.train.save_records or mode == "rollout_only":
-                    save_record(cfg.run.dir, step, lam, samples, metrics)
-        samples, lam = _broadcast((samples, lam))
+            samples, lam = _broadcast((samples, lam))
+        else:
+            samples, metrics = make_batch(run, step, lam)
+            if dist.get_rank() == 0 and (cfg.train.save_records or mode == "rollout_only"):
+                save_record(cfg.run.dir, step, lam, samples, metrics)
+        if dist.get_rank() != 0:
+            metrics = {}
         if mode != "rollout_only":
             record = cfg.train.save_records and mode == "full"
             outputs = {} if record else None
@@ -210,11 +231,15 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
             run.log(step, metrics)
         history.append(metrics)
         if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total:
+            if run.offload is not None:
+                run.offload.reload()  # the checkpoint holds the optimizer state
             save_run_checkpoint(run, step + 1, {"cursor": run.cursor, "exposure": exposure.state_dict(),
                                                 "weight_version": step + 1,
                                                 "annotator_cache": cfg.annotate.cache_dir},
                                 crash_hook=lambda n=step + 1: _fault("MT_FAULT_KILL_DURING_SAVE", n))
             _fault("MT_FAULT_KILL_AFTER_SAVE", step + 1)
+            if run.offload is not None and step + 1 < total:
+                run.offload.offload()
     return history
 
 

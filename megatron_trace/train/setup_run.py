@@ -46,13 +46,15 @@ class Run:
     tokenizer: object
     ddp: object
     optimizer: object
-    engine: object | None  # global rank 0 only
+    engine: object | None  # global rank 0's engine (eval, self-annotator); all engines live in `gen`
     annotator: object | None
     verify: object  # list of (response text, gold) -> list of "correct" | other results
     schedule: KLSchedule
     problems: list[dict]
     loss_kwargs: dict
     teacher: SnapshotTeacher | None = None  # None: live teacher
+    gen: object = None  # train.generation.Generation: placement, dispatch, memory hand-off, sync
+    offload: object = None  # train.offload.TrainerOffload when train.offload_during_rollout
     start_step: int = 0
     cursor: int = 0
     metrics_path: str | None = None
@@ -60,15 +62,18 @@ class Run:
     _wandb: object = field(default=None, repr=False)
     _closers: list = field(default_factory=list, repr=False)
 
-    def next_prompts(self, n: int) -> tuple[list[list[int]], list[dict]]:
-        ids, metas = [], []
+    def next_prompts(self, n: int) -> tuple[list[list[int]], list[dict], list[int]]:
+        """The next n prompts (token ids), their rows, and their uids (the draw index, which seeds
+        their sampling). Every rank draws the same prompts."""
+        ids, metas, uids = [], [], []
         for _ in range(n):
             row = self.problems[self.cursor % len(self.problems)]
+            uids.append(self.cursor)
             self.cursor += 1
             text = math_prompt(row["problem"], self.tokenizer, thinking=self.cfg.data.thinking, kind=self.prompt_kind)
             ids.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             metas.append(row)
-        return ids, metas
+        return ids, metas, uids
 
     @property
     def prompt_kind(self) -> str:
@@ -157,17 +162,75 @@ def _build_annotator(cfg: Config, engine, tokenizer):
                          cfg.annotate.coverage_cap)
 
 
-def _build_engine(cfg: Config, hf_model, dtype, tokenizer, device):
+def _build_engine(cfg: Config, hf_model, dtype, tokenizer, groups: ParallelGroups):
+    """This rank's local engine (colocated owner or rank0 placement)."""
     if cfg.rollout.engine == "sglang":
         from ..rollout.sglang import SGLangEngine
 
         if not cfg.model.hf_dir:
             raise ValueError("rollout.engine=sglang starts from model.hf_dir; set it (convert a checkpoint with "
                              "tools/convert_megatron_to_hf.py)")
-        return SGLangEngine.launch(cfg.model.hf_dir, tp_size=1, dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        colocated = cfg.rollout.placement == "colocated"
+        return SGLangEngine.launch(
+            cfg.model.hf_dir, tp_size=cfg.parallel.tp if colocated else 1,
+            base_gpu_id=int(os.environ.get("LOCAL_RANK", "0")), mem_fraction_static=cfg.rollout.mem_fraction_static,
+            dtype="bfloat16" if dtype == torch.bfloat16 else "float32", random_seed=cfg.seed)
     from ..rollout import HFEngine
 
-    return HFEngine(hf_model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], device=device)
+    if hf_model is None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if cfg.model.hf_dir:
+            hf_model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, dtype=dtype)
+        else:  # from a checkpoint: the shape here, the weights from the actor (synced below)
+            from ..models.checkpoint import read_meta
+
+            hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_meta(cfg.model.ckpt)["hf_config"]))
+    return HFEngine(hf_model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], device=groups.device)
+
+
+def _build_remote(cfg: Config, groups: ParallelGroups):
+    """Rank 0's clients for rollout.placement=remote: (fleet, weight-broadcast target or None)."""
+    from ..rollout.dispatch import EngineFleet
+    from ..rollout.sglang import RemoteSGLangEngine, RemoteWeightSync
+
+    r = cfg.rollout.remote
+    workers = [RemoteSGLangEngine(u, timeout_s=cfg.rollout.request_timeout_s) for u in r.urls]
+    if r.router_url:
+        gen = [RemoteSGLangEngine(r.router_url, timeout_s=cfg.rollout.request_timeout_s)]
+        names = [r.router_url]
+    else:
+        gen, names = workers, list(r.urls)
+    fleet = EngineFleet(gen, names, max_retries=cfg.rollout.max_retries, chunk_prompts=cfg.rollout.chunk_prompts)
+    target = None
+    if r.weight_sync == "distributed":
+        if not workers:
+            raise ValueError("config key 'rollout.remote.urls' is empty: the weight broadcast needs the servers' "
+                             "URLs even behind a router (or set rollout.remote.weight_sync=none)")
+        backend = r.backend if r.backend != "auto" else ("nccl" if groups.device.type == "cuda" else "gloo")
+        target = RemoteWeightSync.connect(workers, master_address=r.master_address, master_port=r.master_port,
+                                          backend=backend, device=groups.device)
+    return fleet, target
+
+
+def _build_generation(cfg: Config, groups: ParallelGroups, hf_model, dtype, tokenizer, closers: list):
+    from .generation import Generation
+
+    placement = cfg.rollout.placement
+    engine = fleet = target = None
+    if cfg.train.mode != "train_only":
+        if Generation.owns_engine(placement, groups):
+            engine = _build_engine(cfg, hf_model, dtype, tokenizer, groups)
+        elif placement == "remote" and dist.get_rank() == 0:
+            fleet, target = _build_remote(cfg, groups)
+    gen = Generation(placement, groups, engine=engine, fleet=fleet, sync_target=target,
+                     max_retries=cfg.rollout.max_retries)
+    closers.append(gen.shutdown)
+    if fleet is not None:
+        from ..rollout.dispatch import FleetEngine
+
+        return gen, FleetEngine(fleet)
+    return gen, engine
 
 
 def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dtype):
@@ -197,6 +260,9 @@ def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dty
 
 def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
     groups = initialize(tp=cfg.parallel.tp, pp=cfg.parallel.pp, device=cfg.parallel.device, seed=cfg.seed)
+    if cfg.parallel.dp is not None and groups.dp_size != cfg.parallel.dp:
+        raise ValueError(f"config key 'parallel.dp'={cfg.parallel.dp} but {dist.get_world_size()} ranks at "
+                         f"tp={cfg.parallel.tp}, pp={cfg.parallel.pp} give dp={groups.dp_size}")
     if cfg.optim.distributed_optimizer and groups.device.type == "cpu":
         raise ValueError("config key 'optim.distributed_optimizer': value True is not allowed on CPU "
                          "(gloo has no reduce-scatter); set it to false")
@@ -215,31 +281,24 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
     if cfg.teacher.mode == "snapshot" and s.lambda0 > 0 and ROUTE_VARIANTS[cfg.loss.variant].mask is not None:
         teacher = SnapshotTeacher(arch, groups, params_dtype=dtype, use_te=cfg.model.use_te,
                                   sync_every=cfg.teacher.sync_every, offload=cfg.teacher.offload)
-    engine = annotator = None
+    gen, engine = _build_generation(cfg, groups, hf_model, dtype, tokenizer, closers)
+    annotator = None
     if dist.get_rank() == 0 and cfg.train.mode != "train_only":
-        if hf_model is None and cfg.rollout.engine == "hf":
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            if cfg.model.hf_dir:
-                hf_model = AutoModelForCausalLM.from_pretrained(cfg.model.hf_dir, dtype=dtype)
-            else:  # from a checkpoint: the shape here, the weights from the actor (synced below)
-                from ..models.checkpoint import read_meta
-
-                hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_meta(cfg.model.ckpt)["hf_config"]))
-        engine = _build_engine(cfg, hf_model, dtype, tokenizer, groups.device)
-        closers.append(engine.shutdown)
         if s.lambda0 > 0 and ROUTE_VARIANTS[cfg.loss.variant].mask in ("annotator", "inverted"):
             annotator = _build_annotator(cfg, engine, tokenizer)
-    if cfg.model.ckpt and cfg.train.mode != "train_only":
-        from ..sync import sync_weights
-
-        sync_weights(ddp, groups, engine, version=0)
-    run = Run(cfg, groups, arch, tokenizer, ddp, optimizer, engine, annotator, verify, schedule, problems,
+    if cfg.train.mode != "train_only" and (cfg.model.ckpt or cfg.rollout.placement == "remote"):
+        gen.sync(ddp, version=0)  # engines <- the actor (remote servers may hold anything)
+    run = Run(cfg, groups, arch, tokenizer, ddp, optimizer, engine if dist.get_rank() == 0 else None, annotator,
+              verify, schedule, problems,
               loss_kwargs=dict(variant=cfg.loss.variant, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high,
                                agg=cfg.loss.agg, max_response_len=cfg.loss.max_response_len,
                                lambda0=s.lambda0, entry_clip=cfg.loss.entry_clip, routed_grpo=cfg.loss.routed_grpo,
                                kl_ref_coef=0.0, entropy_coef=cfg.loss.entropy_coef, chunk_size=cfg.loss.chunk_size),
-              teacher=teacher)
+              teacher=teacher, gen=gen)
+    if cfg.train.offload_during_rollout:
+        from .offload import TrainerOffload
+
+        run.offload = TrainerOffload(ddp, optimizer)
     run._closers.extend(closers)
     if write_run_dir and dist.get_rank() == 0:
         _open_run_dir(run)
