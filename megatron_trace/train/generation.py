@@ -45,12 +45,13 @@ class Generation:
     """The rollout side of the loop for one rank (see the module docstring)."""
 
     def __init__(self, placement: str, groups: ParallelGroups, *, engine=None, fleet: EngineFleet | None = None,
-                 sync_target=None, max_retries: int = 2):
+                 sync_target=None, reconnect=None, max_retries: int = 2):
         self.placement = placement
         self.groups = groups
         self.engine = engine  # this rank's engine (colocated owner, or rank 0 for rank0)
         self.fleet = fleet  # remote: rank 0's client fleet
-        self.sync_target = sync_target  # remote: rank 0's weight-broadcast target
+        self.sync_target = sync_target  # remote: rank 0's weight-broadcast group
+        self._reconnect = reconnect  # remote: live servers -> a new weight group
         self.max_retries = max_retries
         self.expected_response_len: float | None = None
         self.last_stats = DispatchStats()
@@ -181,16 +182,46 @@ class Generation:
             return sync_weights(ddp, self.groups, self.engine, version=version, verify=verify).as_metrics()
         if self.groups.dp_rank != 0:  # the other replicas have no engine to feed
             return {}
+        if self.placement == "remote" and dist.get_rank() == 0:
+            self._drop_dead_servers()
         target = self.sync_target if self.placement == "remote" else self.engine
         if self.placement == "remote" and target is None and dist.get_rank() == 0:
             return {}  # rollout.remote.weight_sync=none
         return sync_weights(ddp, self.groups, target if dist.get_rank() == 0 else None, version=version,
                             verify=verify and self.placement != "remote").as_metrics()
 
+    def _drop_dead_servers(self) -> None:
+        """A server that died leaves the weight group too: the group is rebuilt from the live
+        ones (a broadcast to a dead peer would fail or hang)."""
+        group = self.sync_target
+        if group is None or self._reconnect is None:
+            return
+        live = [e for e in group.engines if e.health()]
+        if len(live) == len(group.engines):
+            return
+        dead = [e.base_url for e in group.engines if e not in live]
+        log.warning("weight sync: server(s) %s are down; rebuilding the weight group with %d live server(s)",
+                    ", ".join(dead), len(live))
+        try:
+            group.close()
+        except Exception as exc:  # noqa: BLE001 - the dead servers cannot answer the teardown
+            log.info("closing the old weight group: %s", exc)
+        if self.fleet is not None:
+            for i, e in enumerate(self.fleet.engines):
+                if getattr(e, "base_url", None) in dead and self.fleet.alive[i]:
+                    self.fleet.alive[i] = False
+        if not live:
+            raise RuntimeError(f"every rollout server is down ({', '.join(dead)})")
+        self.sync_target = self._reconnect(live)
+
     def shutdown(self) -> None:
-        for eng in [self.engine, self.sync_target]:
-            if eng is not None and hasattr(eng, "shutdown"):
-                eng.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
+        if self.sync_target is not None:
+            try:
+                self.sync_target.close()
+            except Exception as exc:  # noqa: BLE001 - best effort at exit
+                log.info("closing the weight group: %s", exc)
         if self.fleet is not None:
             for e in self.fleet.engines:
                 e.shutdown()

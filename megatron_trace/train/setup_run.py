@@ -190,40 +190,50 @@ def _build_engine(cfg: Config, hf_model, dtype, tokenizer, groups: ParallelGroup
 
 
 def _build_remote(cfg: Config, groups: ParallelGroups):
-    """Rank 0's clients for rollout.placement=remote: (fleet, weight-broadcast target or None)."""
+    """Rank 0's clients for rollout.placement=remote: (fleet, weight-broadcast group or None)."""
+    import socket
+
+    from ..parallel import free_port
     from ..rollout.dispatch import EngineFleet
-    from ..rollout.sglang import RemoteSGLangEngine, RemoteWeightSync
+    from ..rollout.sglang import RemoteSGLangEngine, RemoteWeightGroup
 
     r = cfg.rollout.remote
-    workers = [RemoteSGLangEngine(u, timeout_s=cfg.rollout.request_timeout_s) for u in r.urls]
+    timeout = cfg.rollout.request_timeout_s
+    workers = [RemoteSGLangEngine(u, timeout_s=timeout, health_timeout_s=r.health_timeout_s) for u in r.urls]
     if r.router_url:
-        gen = [RemoteSGLangEngine(r.router_url, timeout_s=cfg.rollout.request_timeout_s)]
+        gen = [RemoteSGLangEngine(r.router_url, timeout_s=timeout, health_timeout_s=r.health_timeout_s, router=True)]
         names = [r.router_url]
     else:
         gen, names = workers, list(r.urls)
     fleet = EngineFleet(gen, names, max_retries=cfg.rollout.max_retries, chunk_prompts=cfg.rollout.chunk_prompts)
-    target = None
-    if r.weight_sync == "distributed":
-        if not workers:
-            raise ValueError("config key 'rollout.remote.urls' is empty: the weight broadcast needs the servers' "
-                             "URLs even behind a router (or set rollout.remote.weight_sync=none)")
-        backend = r.backend if r.backend != "auto" else ("nccl" if groups.device.type == "cuda" else "gloo")
-        target = RemoteWeightSync.connect(workers, master_address=r.master_address, master_port=r.master_port,
-                                          backend=backend, device=groups.device)
-    return fleet, target
+    if r.weight_sync != "distributed":
+        return fleet, None, None
+    if not workers:
+        raise ValueError("config key 'rollout.remote.urls' is empty: the weight broadcast needs the servers' "
+                         "URLs even behind a router (or set rollout.remote.weight_sync=none)")
+    backend = r.backend if r.backend != "auto" else ("nccl" if groups.device.type == "cuda" else "gloo")
+    counter = [0]
+
+    def connect(servers):  # a fresh group (name and port) each time: after a server died, say
+        counter[0] += 1
+        return RemoteWeightGroup.connect(servers, r.master_address or socket.gethostname(),
+                                         r.master_port + counter[0] - 1 if r.master_port else free_port(),
+                                         backend=backend, group_name=f"megatron_trace_weights_{counter[0]}")
+
+    return fleet, connect(workers), connect
 
 
 def _build_generation(cfg: Config, groups: ParallelGroups, hf_model, dtype, tokenizer, closers: list):
     from .generation import Generation
 
     placement = cfg.rollout.placement
-    engine = fleet = target = None
+    engine = fleet = target = reconnect = None
     if cfg.train.mode != "train_only":
         if Generation.owns_engine(placement, groups):
             engine = _build_engine(cfg, hf_model, dtype, tokenizer, groups)
         elif placement == "remote" and dist.get_rank() == 0:
-            fleet, target = _build_remote(cfg, groups)
-    gen = Generation(placement, groups, engine=engine, fleet=fleet, sync_target=target,
+            fleet, target, reconnect = _build_remote(cfg, groups)
+    gen = Generation(placement, groups, engine=engine, fleet=fleet, sync_target=target, reconnect=reconnect,
                      max_retries=cfg.rollout.max_retries)
     closers.append(gen.shutdown)
     if fleet is not None:

@@ -1,0 +1,497 @@
+"""TEST FIXTURE: a CPU stand-in for `python -m sglang.launch_server`. Not an inference server.
+
+It speaks the subset of SGLang 0.5.6's HTTP protocol (`sglang/srt/entrypoints/http_server.py`)
+that megatron-trace's remote rollout path uses, backed by `megatron_trace.rollout.HFEngine` on CPU
+(one torch thread), so the remote client, the weight-update group and `sglang-router` can be
+tested without a GPU or SGLang itself:
+
+  POST|PUT /generate               input_ids (one list or a list of lists), sampling_params (a
+                                   dict or one per row: max_new_tokens, temperature, top_p, top_k,
+                                   stop_token_ids, sampling_seed, ...), return_logprob
+  GET  /health, /health_generate, /get_server_info (/server_info), /get_model_info (/model_info),
+       /get_weight_version (/weight_version)
+  GET|POST /flush_cache            plain text, as SGLang answers
+  POST /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group,
+       /update_weight_version, /update_weights_from_disk
+  GET|POST /release_memory_occupation, /resume_memory_occupation   {"tags": [...]}
+
+Answers have SGLang's shapes: outputs {"output_ids", "meta_info": {...}} (a list for a batch);
+{"success", "message"} with HTTP 400 on failure for the weight calls; `null` on success and
+{"error": {"message"}} with HTTP 400 on failure for the memory calls and /generate.
+
+Sampling: row r draws from its own generator seeded with its `sampling_seed` (random when absent),
+and consecutive identical rows with identical sampling parameters form one `HFEngine.generate_rows`
+batch, so a request built by `RemoteSGLangEngine.generate(prompts, params, seeds)` returns exactly
+what a local `HFEngine.generate(prompts, params, seeds)` returns on the same weights. (Real SGLang
+honours sampling_seed only with `enable_deterministic_inference`, and is not bit-identical to hf.)
+
+Run:   python tests/sglang_fixture_server.py --model-path HF_DIR --port P [--host 127.0.0.1]
+       (--port 0 picks a free port). Prints one line `SGLANG_FIXTURE_READY http://HOST:PORT` when
+       it serves, and exits cleanly on SIGTERM/SIGINT.
+Tests: start_fixture_servers(n, hf_dir) -> [(proc, url)], stop_processes(procs),
+       start_router(worker_urls) -> (proc, url) for PyPI `sglang-router`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+READY = "SGLANG_FIXTURE_READY"
+_MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+GROUP_TIMEOUT_S = 120.0  # SGLang uses torch's default (30 min); a test should fail sooner
+# SGLang 0.5.6 SamplingParams.__init__ keywords; anything else is a 400, as SGLang rejects it.
+_SAMPLING_KEYS = {
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema", "regex",
+    "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim",
+    "custom_params", "stream_interval", "logit_bias", "sampling_seed",
+}
+
+
+class BadRequest(Exception):
+    pass
+
+
+class FixtureState:
+    """The model, its lock, the weight groups and the released memory tags of one server."""
+
+    def __init__(self, model_path: str, host: str):
+        import torch
+
+        from megatron_trace.rollout import HFEngine
+
+        torch.set_num_threads(1)
+        self.model_path = model_path
+        self.host = host
+        self.port = 0
+        self.engine = HFEngine.from_pretrained(model_path, device="cpu", dtype=torch.float32)
+        self.lock = threading.Lock()  # serialises model access (generate, weight loads)
+        self.groups: dict[str, object] = {}
+        self.group_devices: dict[str, str] = {}  # receive buffers: cuda for nccl groups
+        self.released: set[str] = set()
+        self.weight_version = "default"
+        self.n_requests = 0
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, body: dict):
+        from megatron_trace.rollout import SamplingParams
+
+        if body.get("stream"):
+            raise BadRequest("the test fixture does not stream")
+        ids = body.get("input_ids")
+        if ids is None:
+            raise BadRequest("the test fixture needs input_ids (it runs with skip_tokenizer_init)")
+        single = bool(ids) and isinstance(ids[0], int)
+        rows = [ids] if single else ids
+        if not rows or any(not r or not all(isinstance(t, int) for t in r) for r in rows):
+            raise BadRequest("input_ids must be a non-empty list of token ids or a list of such lists")
+        sps = body.get("sampling_params") or {}
+        if isinstance(sps, dict):
+            sps = [sps] * len(rows)
+        if len(sps) != len(rows):
+            raise BadRequest(f"{len(sps)} sampling_params for {len(rows)} inputs")
+        parsed = []
+        for sp in sps:
+            unknown = set(sp) - _SAMPLING_KEYS
+            if unknown:
+                raise BadRequest(f"unknown sampling params {sorted(unknown)}")
+            if sp.get("stop") or sp.get("stop_regex"):
+                raise BadRequest("stop strings need a tokenizer; the fixture has none (skip_tokenizer_init)")
+            if int(sp.get("n", 1)) != 1:
+                raise BadRequest("the fixture takes n=1 per row (expand samples into rows)")
+            top_k = int(sp.get("top_k", -1))
+            params = SamplingParams(
+                n=1, temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
+                top_k=-1 if top_k <= 0 else top_k, max_new_tokens=int(sp.get("max_new_tokens", 128)),
+                stop_token_ids=tuple(int(t) for t in (sp.get("stop_token_ids") or ())))
+            seed = sp.get("sampling_seed")
+            parsed.append((params, int(seed) if seed is not None else random.randrange(2**31 - 1)))
+        with self.lock:
+            if self.released:
+                raise BadRequest(f"memory released ({sorted(self.released)}): resume_memory_occupation first")
+            samples = []
+            i = 0
+            while i < len(rows):  # consecutive identical rows with identical params: one batch
+                j = i + 1
+                while j < len(rows) and rows[j] == rows[i] and parsed[j][0] == parsed[i][0]:
+                    j += 1
+                samples += self.engine.generate_rows(rows[i:j], parsed[i][0], [s for _, s in parsed[i:j]])
+                i = j
+            self.n_requests += 1
+        outs = []
+        for row, s in zip(rows, samples):
+            rid = f"fixture-{os.getpid()}-{self.n_requests}-{len(outs)}"
+            fr = {"type": "stop", "matched": s.token_ids[-1]} if s.finish_reason == "stop" else \
+                {"type": "length", "length": len(s.token_ids)}
+            meta = {"id": rid, "finish_reason": fr, "prompt_tokens": len(row),
+                    "completion_tokens": len(s.token_ids), "cached_tokens": 0, "weight_version": self.weight_version}
+            if body.get("return_logprob"):
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(s.logprobs, s.token_ids)]
+            outs.append({"output_ids": s.token_ids, "meta_info": meta})
+        return outs[0] if single else outs
+
+    # ------------------------------------------------------------------ weights
+
+    def init_group(self, body: dict):
+        import torch.distributed as dist  # noqa: F401
+
+        from megatron_trace.sync.remote_group import init_custom_process_group
+
+        name = body.get("group_name", "weight_update_group")
+        if name in self.groups:
+            return False, f"group {name!r} exists"
+        try:
+            pg = init_custom_process_group(
+                backend=body.get("backend", "nccl"),
+                init_method=f"tcp://{body['master_address']}:{body['master_port']}",
+                world_size=int(body["world_size"]), rank=int(body["rank_offset"]), group_name=name,
+                timeout=GROUP_TIMEOUT_S)
+        except Exception as exc:  # SGLang answers the failure, it does not crash
+            return False, f"Failed to initialize custom process group: {exc}."
+        self.groups[name] = pg
+        self.group_devices[name] = "cuda" if body.get("backend", "nccl") == "nccl" else "cpu"
+        return True, "Succeeded to initialize custom process group."
+
+    def destroy_group(self, body: dict):
+        import torch.distributed as dist
+
+        name = body.get("group_name", "weight_update_group")
+        if name not in self.groups:
+            return False, "The group to be destroyed does not exist."
+        dist.destroy_process_group(self.groups.pop(name))
+        return True, "Succeeded to destroy custom process group."
+
+    def update_from_distributed(self, body: dict):
+        import torch
+        import torch.distributed as dist
+
+        name = body.get("group_name", "weight_update_group")
+        if name not in self.groups:
+            return False, f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first."
+        try:
+            weights, handles = [], []
+            for pname, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
+                t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.group_devices.get(name, "cpu"))
+                handles.append(dist.broadcast(t, src=0, group=self.groups[name], async_op=True))
+                weights.append((pname, t))
+            for h in handles:
+                h.wait()
+            with self.lock:
+                self.engine.update_weights(weights)
+        except Exception as exc:
+            return False, (f"Failed to update parameter online: {exc}. The full weights of the ModelRunner are "
+                           "partially updated. Please discard the whole weights.")
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+        return True, "Succeeded to update parameter online."
+
+    def update_from_disk(self, body: dict):
+        from safetensors.torch import load_file
+
+        path = body["model_path"]
+        try:
+            tensors = {}
+            for f in sorted(os.listdir(path)):
+                if f.endswith(".safetensors"):
+                    tensors.update(load_file(os.path.join(path, f)))
+            if not tensors:
+                return False, f"no safetensors under {path}"
+            with self.lock:
+                self.engine.update_weights(tensors.items())
+        except Exception as exc:
+            return False, f"Failed to update weights from disk: {exc}"
+        if body.get("weight_version") is not None:
+            self.weight_version = str(body["weight_version"])
+        return True, "Succeeded to update model weights."
+
+    def memory(self, body: dict, release: bool):
+        tags = body.get("tags") or list(_MEMORY_TAGS)
+        unknown = set(tags) - set(_MEMORY_TAGS)
+        if unknown:
+            raise BadRequest(f"unknown memory tags {sorted(unknown)}")
+        with self.lock:  # SGLang asserts an idle scheduler
+            if release:
+                self.released |= set(tags)
+            else:
+                missing = set(tags) - self.released
+                if missing:  # SGLang's scheduler would fail on offload_tags.remove(tag)
+                    raise BadRequest(f"cannot resume {sorted(missing)}: not released")
+                self.released -= set(tags)
+
+    def server_info(self) -> dict:
+        return {"model_path": self.model_path, "tokenizer_path": None, "host": self.host, "port": self.port,
+                "tp_size": 1, "dp_size": 1, "pp_size": 1, "skip_tokenizer_init": True, "enable_memory_saver": True,
+                "weight_version": self.weight_version, "disaggregation_mode": "null",
+                "internal_states": [{"fixture_generate_requests": self.n_requests}],
+                "version": "0.5.6 (megatron-trace test fixture)"}
+
+    def model_info(self) -> dict:
+        return {"model_path": self.model_path, "tokenizer_path": None, "is_generation": True,
+                "preferred_sampling_params": None, "weight_version": self.weight_version,
+                "has_image_understanding": False, "has_audio_understanding": False}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "sglang-fixture"
+
+    def log_message(self, *args):  # quiet: tests read the log only on failure
+        pass
+
+    @property
+    def state(self) -> FixtureState:
+        return self.server.state
+
+    def _body(self) -> dict:
+        n = int(self.headers.get("Content-Length") or 0)
+        if not n:
+            return {}
+        try:
+            body = json.loads(self.rfile.read(n))
+        except ValueError as exc:
+            raise BadRequest(f"invalid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("expected a JSON object")
+        return body
+
+    def _send(self, status: int, payload=None, text: str | None = None):
+        data = text.encode() if text is not None else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if text is not None else "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _result(self, ok_msg):
+        ok, msg = ok_msg
+        self._send(200 if ok else 400, {"success": ok, "message": msg})
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def _dispatch(self, method: str):
+        path = self.path.split("?", 1)[0]
+        try:
+            body = self._body() if method in ("POST", "PUT") else {}
+            s = self.state
+            if path == "/health":
+                self._send(200, text="")
+            elif path == "/health_generate":
+                try:
+                    s.generate({"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}})
+                    self._send(200, text="")
+                except BadRequest:
+                    self._send(503, text="")
+            elif path in ("/get_server_info", "/server_info"):
+                self._send(200, s.server_info())
+            elif path in ("/get_model_info", "/model_info"):
+                self._send(200, s.model_info())
+            elif path in ("/get_weight_version", "/weight_version"):
+                self._send(200, {"weight_version": s.weight_version})
+            elif path == "/generate" and method in ("POST", "PUT"):
+                self._send(200, s.generate(body))
+            elif path == "/flush_cache":
+                self._send(200, text="Cache flushed.\n")
+            elif path in ("/release_memory_occupation", "/resume_memory_occupation"):
+                s.memory(body, release=path.startswith("/release"))
+                self._send(200, None)
+            elif method != "POST":
+                self._send(405, {"error": {"message": f"{method} {path} not allowed"}})
+            elif path == "/init_weights_update_group":
+                self._result(s.init_group(body))
+            elif path == "/destroy_weights_update_group":
+                self._result(s.destroy_group(body))
+            elif path == "/update_weights_from_distributed":
+                self._result(s.update_from_distributed(body))
+            elif path == "/update_weights_from_disk":
+                self._result(s.update_from_disk(body))
+            elif path == "/update_weight_version":
+                s.weight_version = str(body["new_version"])
+                self._send(200, {"success": True, "message": f"Weight version updated to {s.weight_version}",
+                                 "new_version": s.weight_version})
+            else:
+                self._send(404, {"detail": "Not Found"})
+        except (BadRequest, KeyError, TypeError, ValueError) as exc:
+            self._send(400, {"error": {"message": f"{type(exc).__name__}: {exc}" if not isinstance(exc, BadRequest)
+                                       else str(exc)}})
+        except Exception as exc:  # pragma: no cover - a bug in the fixture itself
+            self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}"}})
+
+
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 0) -> None:
+    state = FixtureState(model_path, host)
+    httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.daemon_threads = True
+    httpd.state = state
+    state.port = httpd.server_address[1]
+
+    def _stop(signum, frame):
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"{READY} http://{host}:{state.port}", flush=True)
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+    finally:
+        httpd.server_close()
+        for pg in list(state.groups.values()):
+            try:
+                import torch.distributed as dist
+
+                dist.destroy_process_group(pg)
+            except Exception:
+                pass
+    print("sglang fixture: stopped", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="TEST FIXTURE: CPU stand-in for sglang.launch_server (SGLang 0.5.6 HTTP)")
+    p.add_argument("--model-path", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    a = p.parse_args(argv)
+    serve(a.model_path, a.host, a.port)
+
+
+# --------------------------------------------------------------------------- test helpers
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1"})
+    if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's sockets on the loopback interface
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(k, None)
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def _get_ok(url: str, timeout: float = 2.0) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: str, n: int = 4000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+    except OSError:
+        return ""
+
+
+def start_fixture_servers(n: int, hf_dir: str, *, timeout_s: float = 120.0, log_dir: str | None = None):
+    """Start n fixture servers on 127.0.0.1 (free ports) and wait until each answers /health.
+    Returns [(proc, url)]; each proc has `.log_path`. Stops what it started if one fails."""
+    log_dir = log_dir or tempfile.mkdtemp(prefix="sglang_fixture_")
+    procs = []
+    try:
+        for i in range(n):
+            log_path = os.path.join(log_dir, f"server{i}.log")
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--model-path", hf_dir,
+                                         "--host", "127.0.0.1", "--port", "0"],
+                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
+            proc.log_path = log_path
+            procs.append(proc)
+        out, deadline = [], time.monotonic() + timeout_s
+        for proc in procs:
+            url = None
+            while url is None:
+                for line in _tail(proc.log_path, 1 << 20).splitlines():
+                    if line.startswith(READY):
+                        url = line.split()[1]
+                if url is None:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"fixture server exited with {proc.returncode}:\n{_tail(proc.log_path)}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"fixture server not ready in {timeout_s} s:\n{_tail(proc.log_path)}")
+                    time.sleep(0.1)
+            while not _get_ok(url + "/health"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url}/health not OK in {timeout_s} s:\n{_tail(proc.log_path)}")
+                time.sleep(0.1)
+            out.append((proc, url))
+        return out
+    except BaseException:
+        stop_processes(procs)
+        raise
+
+
+def start_router(worker_urls, *, policy: str = "round_robin", timeout_s: float = 60.0, log_dir: str | None = None):
+    """PyPI `sglang-router` in front of worker_urls on 127.0.0.1 (a free port). Returns (proc, url)
+    once a worker is reachable through it; proc has `.log_path`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_dir = log_dir or tempfile.mkdtemp(prefix="sglang_router_")
+    log_path = os.path.join(log_dir, "router.log")
+    cmd = [sys.executable, "-c", "import sys; from sglang_router.cli import main; sys.argv[0] = 'sglang-router'; "
+           "sys.exit(main())", "launch", "--worker-urls", *worker_urls, "--host", "127.0.0.1", "--port", str(port),
+           "--policy", policy, "--log-level", "warn"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
+    proc.log_path = log_path
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not _get_ok(url + "/health"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"sglang-router exited with {proc.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sglang-router not healthy in {timeout_s} s:\n{_tail(log_path)}")
+            time.sleep(0.2)
+    except BaseException:
+        stop_processes([proc])
+        raise
+    return proc, url
+
+
+def stop_processes(procs, timeout_s: float = 10.0) -> None:
+    """SIGTERM each process we started (by its PID), then SIGKILL the ones still alive."""
+    procs = [p[0] if isinstance(p, tuple) else p for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
+
+
+if __name__ == "__main__":
+    main()
