@@ -67,3 +67,73 @@ def test_dp2_loop_equals_dp1(dp1, tmp_path):
         for k in b:
             same = (math.isnan(a[k]) and math.isnan(b[k])) or math.isclose(a[k], b[k], rel_tol=1e-5, abs_tol=1e-6)
             assert same, (step, k, a[k], b[k])
+
+
+def _record_handoff(dp, rundir):
+    """dp ranks with train.offload_during_rollout: record each engine's calls, and whether the
+    optimizer state and grad buffers are released while the engine generates."""
+    import torch.distributed as dist
+
+    from megatron_trace.config import load_config
+    from megatron_trace.models.convert import export_hf_stream
+    from megatron_trace.train.loop import train
+    from megatron_trace.train.setup_run import setup_run
+
+    cfg = load_config("configs/tiny_cpu.yaml", [f"parallel.dp={dp}", f"run.dir={rundir}", *OVERRIDES,
+                                                "train.offload_during_rollout=true"])
+    run = setup_run(cfg)
+    run.verify = _pseudo_verify
+    eng, calls = run.gen.engine, []
+
+    def state_bytes():
+        opt = run.optimizer
+        inner = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+        return sum(v.untyped_storage().nbytes() for o in inner for st in o.state.values() for v in st.values()
+                   if hasattr(v, "untyped_storage") and v.numel() > 1)
+
+    def wrap(name):
+        real = getattr(eng, name)
+
+        def rec(*a, **kw):
+            tags = a[0] if a and name in ("sleep", "wake") else kw.get("tags")
+            calls.append((name, tuple(tags) if tags else None, state_bytes() if name == "generate" else None))
+            return real(*a, **kw)
+
+        setattr(eng, name, rec)
+
+    for name in ("generate", "sleep", "wake", "update_weights", "finish_sync"):
+        wrap(name)
+    history = train(run, steps=3)
+    weights = {k: v.clone() for k, v in export_hf_stream(run.ddp, run.groups)}
+    run.close()
+    return history, weights, calls, dist.get_rank()
+
+
+@pytest.mark.dist
+def test_memory_handoff_order_and_offload_keep_the_numbers(dp1, tmp_path):
+    ref_hist, ref_w, _, _ = dp1
+    results = run_on_ranks(_record_handoff, 2, 2, str(tmp_path / "run"))
+    hist, w, _, _ = results[0]
+    for k, v in ref_w.items():  # off-loading the optimizer state changes nothing
+        assert (w[k] - v).abs().max().item() <= 1e-5, k
+    assert all(m["memory/offloaded_optimizer_gb"] > 0 and m["memory/released_grad_buffers_gb"] > 0 for m in hist)
+    assert all("memory/engine_released_gb" in m and "memory/engine_restored_weights_gb" in m for m in hist)
+    for _, _, calls, rank in results:  # both replicas' engines
+        kinds = [c[0] for c in calls]
+        # per step: generate ... -> sleep(all) -> wake(weights) -> update_weights+ -> finish_sync -> wake(kv cache)
+        steps, cur = [], []
+        for c in calls:
+            cur.append(c)
+            if c[0] == "wake" and c[1] and "kv_cache" in c[1]:
+                steps.append(cur)
+                cur = []
+        assert len(steps) == 3 and not cur, kinds
+        for k, step in enumerate(steps):
+            names = [c[0] for c in step]
+            i_sleep = names.index("sleep")
+            assert set(names[:i_sleep]) == {"generate"} and step[i_sleep][1] is None  # sleep(None): every tag
+            assert names[i_sleep + 1] == "wake" and step[i_sleep + 1][1] == ("weights",)
+            assert set(names[i_sleep + 2:-2]) == {"update_weights"} and names[-2] == "finish_sync"
+            assert step[-1][1] == ("kv_cache", "cuda_graph")
+            if k > 0:  # from the second rollout on, the optimizer state is off the device
+                assert all(c[2] == 0 for c in step if c[0] == "generate"), (rank, k)
