@@ -28,7 +28,7 @@ class ScriptedEngine:
     def __init__(self, tokenizer, answer, fail_after_calls=None):
         self.tokenizer, self.answer, self.calls, self.fail_after = tokenizer, answer, 0, fail_after_calls
 
-    def generate(self, prompts, params):
+    def generate(self, prompts, params, seeds=None):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("simulated interruption")
         self.calls += 1

@@ -119,13 +119,13 @@ def evaluate(engine, tokenizer, settings: EvalSettings, *, out_dir: str | None =
                 idx = todo[start:start + s.batch_prompts]
                 prompts = [tokenizer(math_prompt(rows[i]["problem"], tokenizer, thinking=s.thinking, kind=kind),
                                      add_special_tokens=False)["input_ids"] for i in idx]
-                # The seed depends on the problem, so a resumed run samples exactly what it would have.
-                outs = []
-                for i, p in zip(idx, prompts):
-                    seed = (s.seed * 1_000_003 + zlib.crc32(name.encode()) + i) % (2**31 - 1)
-                    outs.append(engine.generate([p], SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p,
-                                                                     top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                                                                     seed=seed)))
+                # The seed depends on the problem only, so a resumed run samples exactly what it would
+                # have, and several engines (eval at parallel.dp > 1) sample what one engine would.
+                seeds = [(s.seed * 1_000_003 + zlib.crc32(name.encode()) + i) % (2**31 - 1) for i in idx]
+                flat = engine.generate(prompts, SamplingParams(n=s.k, temperature=s.temperature, top_p=s.top_p,
+                                                               top_k=s.top_k, max_new_tokens=s.max_new_tokens),
+                                       seeds=seeds)
+                outs = [flat[j * s.k:(j + 1) * s.k] for j in range(len(idx))]
                 texts = [[tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in out] for out in outs]
                 items = [(t, rows[i]["answer"]) for i, ts in zip(idx, texts) for t in ts]
                 if verify is not None:

@@ -30,10 +30,45 @@ def _tokenizer_for(cfg, hf_dir: str):
     return AutoTokenizer.from_pretrained(hf_dir)
 
 
-def run_eval(cfg, *, ckpt: str | None = None, hf_dir: str | None = None, out_dir: str | None = None,
-             name: str | None = None) -> dict:
+def _engines(cfg, hf_dir: str, tokenizer):
+    """`parallel.dp` engines behind one dispatcher (one is the same code path): the samples of a
+    problem do not depend on how many engines there are (per-problem seeds).
+
+    CPU: dp copies of the hf engine, each generating in its own thread with cores split between
+    them. GPU: engine i on GPU i (hf) or on GPUs [i*tp, (i+1)*tp) (sglang)."""
     import torch
 
+    from ..rollout.dispatch import EngineFleet, FleetEngine
+
+    dp = cfg.parallel.dp or 1
+    on_gpu = torch.cuda.is_available() and cfg.parallel.device != "cpu"
+    if on_gpu and dp * (cfg.parallel.tp if cfg.rollout.engine == "sglang" else 1) > torch.cuda.device_count():
+        raise ValueError(f"config key 'parallel.dp'={dp}: eval needs one GPU per engine "
+                         f"(x parallel.tp for sglang) but {torch.cuda.device_count()} are visible")
+    engines = []
+    for i in range(dp):
+        if cfg.rollout.engine == "sglang":
+            from ..rollout.sglang import SGLangEngine
+
+            engines.append(SGLangEngine.launch(hf_dir, tp_size=cfg.parallel.tp, base_gpu_id=i * cfg.parallel.tp,
+                                               mem_fraction_static=cfg.rollout.mem_fraction_static))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            from ..rollout import HFEngine
+
+            dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
+            engines.append(HFEngine(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype), tokenizer,
+                                    eos_token_ids=[tokenizer.eos_token_id], device=f"cuda:{i}" if on_gpu else "cpu"))
+    if not on_gpu and dp > 1:
+        import os as _os
+
+        torch.set_num_threads(max(1, (_os.cpu_count() or 1) // dp))
+    return FleetEngine(EngineFleet(engines, [f"engine{i}" for i in range(dp)], max_retries=cfg.rollout.max_retries))
+
+
+def run_eval(cfg, *, ckpt: str | None = None, hf_dir: str | None = None, out_dir: str | None = None,
+             name: str | None = None) -> dict:
     from .harness import evaluate, settings_from_config
 
     if bool(ckpt) == bool(hf_dir):
@@ -46,19 +81,7 @@ def run_eval(cfg, *, ckpt: str | None = None, hf_dir: str | None = None, out_dir
     if ckpt:
         hf_dir = _hf_dir_for(ckpt, out_dir)
     tokenizer = _tokenizer_for(cfg, hf_dir)
-    if cfg.rollout.engine == "sglang":
-        from ..rollout.sglang import SGLangEngine
-
-        engine = SGLangEngine.launch(hf_dir, tp_size=1)
-    else:
-        from transformers import AutoModelForCausalLM
-
-        from ..rollout import HFEngine
-
-        device = "cuda" if torch.cuda.is_available() and cfg.parallel.device != "cpu" else "cpu"
-        dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-        engine = HFEngine(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype), tokenizer,
-                          eos_token_ids=[tokenizer.eos_token_id], device=device)
+    engine = _engines(cfg, hf_dir, tokenizer)
     try:
         return evaluate(engine, tokenizer, settings_from_config(cfg), out_dir=out_dir,
                         model=name or os.path.basename(os.path.normpath(src)), progress=cfg.log.progress)

@@ -1,4 +1,4 @@
-"""SFT on the Megatron machinery: TP=2 and PP=2 equal one process; the export, the held-out
+"""SFT on the Megatron machinery: TP=2, PP=2 and DP=2 equal one process; the export, the held-out
 report and the cache."""
 
 import json
@@ -46,10 +46,10 @@ def test_sft_learns_exports_and_reports(single):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_sft_matches_single_process(single, tp, pp, tmp_path):
+@pytest.mark.parametrize("tp, pp, dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
+def test_sft_matches_single_process(single, tp, pp, dp, tmp_path):
     d, _ = single
-    run_on_ranks(_rank, tp * pp, str(tmp_path), tp, pp, 0)
+    run_on_ranks(_rank, tp * pp * dp, str(tmp_path), tp, pp, 0)
     for a, b in zip(_losses(tmp_path), _losses(d)):
         assert math.isclose(a, b, rel_tol=1e-5), (a, b)
     ref, got = load_file(str(d / "hf" / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))

@@ -47,6 +47,15 @@ def test_cli_eval_of_a_checkpoint_reproduces_the_in_loop_eval(tmp_path):
     assert rep["benchmarks"]["arith"]["avg@k"] == m["eval/arith/avg@k"]
     assert rep["benchmarks"]["arith"]["mean_length"] == m["eval/arith/mean_length"]
 
+    # two engines (parallel.dp=2): the problems are split between them, the samples are the same
+    out = subprocess.run([sys.executable, "-m", "megatron_trace.cli", "eval", "--config", str(run / "config.yaml"),
+                          "--ckpt", str(run / "checkpoints" / "step_000002"), "--out", str(tmp_path / "ev2"),
+                          "--name", "step2", "parallel.dp=2", "eval.batch_prompts=6"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dp2 = [json.loads(x) for x in (tmp_path / "ev2" / "samples.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in dp2] == [r["response"] for r in cli]
+
     bad = subprocess.run([sys.executable, "-m", "megatron_trace.cli", "eval", "--config", str(run / "config.yaml"),
                           "--ckpt", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing" in bad.stderr

@@ -105,11 +105,11 @@ def test_interrupted_eval_resumes_from_finished_samples(tok, tmp_path):
     s = _settings(["arith"], k=2, arith=arith, batch_prompts=8)
     full = evaluate(ScriptedEngine(tok, answer), tok, s, out_dir=str(tmp_path / "full"), progress=False)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(ScriptedEngine(tok, answer, fail_after_calls=15), tok, s, out_dir=str(tmp_path / "cut"), progress=False)
+        evaluate(ScriptedEngine(tok, answer, fail_after_calls=1), tok, s, out_dir=str(tmp_path / "cut"), progress=False)
     assert len((tmp_path / "cut" / "samples.jsonl").read_text().splitlines()) == 2 * 8  # the first 8-prompt batch
     resumed_engine = ScriptedEngine(tok, answer)
     resumed = evaluate(resumed_engine, tok, s, out_dir=str(tmp_path / "cut"), progress=False)
-    assert resumed_engine.calls == 40 - 8  # one engine call per remaining problem
+    assert resumed_engine.calls == (40 - 8) // 8  # one engine call per remaining batch
     assert resumed["benchmarks"] == full["benchmarks"]
     with pytest.raises(ValueError, match="other settings.*k"):
         evaluate(ScriptedEngine(tok, answer), tok, _settings(["arith"], k=3, arith=arith), out_dir=str(tmp_path / "cut"),
