@@ -140,6 +140,7 @@ class RolloutConfig:
     max_retries: int = 2  # a failed request is retried on another engine this many times, then counted
     request_timeout_s: float = 1800.0  # one generate request (remote); a slower one counts as failed
     chunk_prompts: int = 0  # remote: prompts per request (0 = split evenly over the live servers)
+    verify_sync: bool = False  # after every weight sync, probe every engine against the actor (raises on a gap)
     remote: RemoteRolloutSection = field(default_factory=RemoteRolloutSection)
     prompts_per_step: int = 8
     n: int = 8  # samples per prompt (GRPO group size)

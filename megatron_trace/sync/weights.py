@@ -107,31 +107,91 @@ def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_
     return SyncReport(version, n_t, n_b, n_buckets, seconds, diff)
 
 
+def _members(engine) -> list:
+    """The engines behind `engine`: a remote weight group's servers, else the engine itself."""
+    members = getattr(engine, "engines", None)
+    return list(members) if members else [engine]
+
+
+def _probe_by_sampling(model, groups: ParallelGroups, engine, probe_ids: torch.Tensor, vocab: int,
+                       src: int) -> float:
+    """Greedy samples from every member engine vs the actor's recomputed log-probs of the same tokens.
+
+    For engines without a logit probe (SGLang servers): the owner asks each engine, broadcasts the
+    tokens inside the model-parallel group, and every rank runs the actor forward on them.
+    """
+    from ..models.forward import forward_logits, gather_full_logits
+    from ..rollout import SamplingParams
+
+    n = len(_members(engine)) if engine is not None else 0
+    box = [n]
+    if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
+        dist.broadcast_object_list(box, src=src, group=groups.mp)
+    worst = 0.0
+    prompts = probe_ids[:, : probe_ids.shape[1] // 2].tolist()
+    for k in range(box[0]):
+        payload = [None]
+        if engine is not None:
+            try:
+                out = _members(engine)[k].generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=4))
+                payload = [[(s.token_ids, s.logprobs) for s in out]]
+            except Exception as exc:  # noqa: BLE001 - reported as an infinite difference below
+                log.error("weight-sync probe of engine %d failed: %s", k, exc)
+                payload = [None]
+        if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
+            dist.broadcast_object_list(payload, src=src, group=groups.mp)
+        samples = payload[0]
+        if samples is None:
+            worst = float("inf")
+            continue
+        width = max(len(p) + len(t) for p, (t, _) in zip(prompts, samples))
+        seqs = torch.zeros(len(prompts), width, dtype=torch.long)
+        for b, (p, (t, _)) in enumerate(zip(prompts, samples)):
+            seqs[b, : len(p) + len(t)] = torch.tensor(p + t)
+        full = gather_full_logits(forward_logits(model, groups, seqs), groups, vocab, tuple(seqs.shape))
+        if engine is not None:
+            logp = torch.log_softmax(full.double().cpu(), dim=-1)
+            for b, (p, (toks, lps)) in enumerate(zip(prompts, samples)):
+                for i, (t, lp) in enumerate(zip(toks, lps)):
+                    d = abs(logp[b, len(p) - 1 + i, t].item() - lp)
+                    if d > worst:
+                        worst = d
+                        if d > 1e-2:
+                            log.error("engine %d: log-prob of token %d differs from the actor's by %.3e", k, t, d)
+    return worst
+
+
 def verify_engine(model, groups: ParallelGroups, engine, *, probe_ids: torch.Tensor | None = None,
                   tol: float = 1e-4) -> float:
-    """Max |logit| difference between engine and actor on a probe batch; raises above `tol`.
+    """Max difference between every engine behind `engine` and the actor; raises above `tol`.
 
-    Collective: every model-parallel rank runs the actor forward; the engine owner compares and
-    the verdict is broadcast so that every rank raises (or not) together.
+    Engines with a logit probe (`hf`): max |logit| difference on a probe batch. Others (SGLang,
+    local or remote, every server of a weight group): max |log-prob| difference of greedy samples
+    against the actor's recomputation. Collective over the model-parallel group (each replica
+    checks its own engine); the owner compares and every rank of the group raises together.
     """
     from ..models.forward import forward_logits, gather_full_logits
 
     vocab = unwrap_model(model).arch.vocab_size
     if probe_ids is None:
         probe_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1234))
-    actor = gather_full_logits(forward_logits(model, groups, probe_ids), groups, vocab, tuple(probe_ids.shape))
+    src = dist.get_global_rank(groups.mp, 0) if dist.is_initialized() else 0
+    kind = [None if engine is None else ("logits" if hasattr(engine, "probe_logits") else "sample")]
+    if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
+        dist.broadcast_object_list(kind, src=src, group=groups.mp)
     verdict = torch.tensor([0.0], dtype=torch.float64, device=groups.device)
-    if engine is not None:
-        if hasattr(engine, "probe_logits"):
+    if kind[0] == "sample":
+        verdict[0] = _probe_by_sampling(model, groups, engine, probe_ids, vocab, src)
+    elif kind[0] == "logits":
+        actor = gather_full_logits(forward_logits(model, groups, probe_ids), groups, vocab, tuple(probe_ids.shape))
+        if engine is not None:
             ours = engine.probe_logits(probe_ids)[..., :vocab]
             verdict[0] = (ours.float() - actor.float().cpu()).abs().max().item()
-        else:
-            raise WeightSyncError("engine offers no probe_logits; use checksum verification for remote engines")
     if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
         dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=groups.mp)
     diff = float(verdict.item())
     if not diff <= tol:  # also catches NaN
         raise WeightSyncError(
-            f"after the weight sync the engine's logits differ from the actor's by {diff:.3e} (> {tol:.1e}); "
-            "a tensor was lost, mis-mapped or corrupted on the way")
+            f"after the weight sync the engine's {'logits' if kind[0] == 'logits' else 'log-probs'} differ from the "
+            f"actor's by {diff:.3e} (> {tol:.1e}); a tensor was lost, mis-mapped or corrupted on the way")
     return diff

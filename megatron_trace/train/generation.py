@@ -188,7 +188,7 @@ class Generation:
         if self.placement == "remote" and target is None and dist.get_rank() == 0:
             return {}  # rollout.remote.weight_sync=none
         return sync_weights(ddp, self.groups, target if dist.get_rank() == 0 else None, version=version,
-                            verify=verify and self.placement != "remote").as_metrics()
+                            verify=verify).as_metrics()
 
     def _drop_dead_servers(self) -> None:
         """A server that died leaves the weight group too: the group is rebuilt from the live

@@ -129,7 +129,7 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
         metrics.update(run.offload.offload())  # optimizer state and grads leave the GPU during rollout
     if sync:
         metrics.update(run.gen.wake(["weights"]))
-        metrics.update(run.gen.sync(run.ddp, version=step + 1))
+        metrics.update(run.gen.sync(run.ddp, version=step + 1, verify=cfg.rollout.verify_sync))
         metrics.update(run.gen.wake(["kv_cache", "cuda_graph"]))
     return metrics
 

@@ -260,3 +260,50 @@ def test_trainer_group_meets_sglang_side(peer, loopback_gloo, tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0 and "RECEIVED [1.0, 2.0, 3.0]" in out, out
+
+
+def _verify_rank(hf_dir, urls, ports):
+    """Trainer rank 0 (tp=1): sync into both servers with verify=True; then the SECOND server alone
+    gets a corrupted tensor (through a group of its own), and verifying the fleet catches it;
+    finally the good weights go back."""
+    import logging
+    import os
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from megatron_trace.models.checkpoint import load_hf
+    from megatron_trace.models.convert import export_hf_stream
+    from megatron_trace.parallel import initialize
+    from megatron_trace.sync import WeightSyncError, sync_weights, verify_engine
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("megatron_trace.sync.weights").addHandler(handler)
+    groups = initialize(tp=1, device="cpu")
+    model = load_hf(hf_dir, groups)
+    engines = [RemoteSGLangEngine(u, timeout_s=120) for u in urls]
+    group = RemoteWeightGroup.connect(engines, "127.0.0.1", ports[0], backend="gloo", group_name="verify_both")
+    good = sync_weights(model, groups, group, version=7, verify=True, tol=1e-4).max_abs_logit_diff
+    second = RemoteWeightGroup.connect([RemoteSGLangEngine(urls[1], timeout_s=120)], "127.0.0.1", ports[1],
+                                       backend="gloo", group_name="verify_second")
+    w = dict(export_hf_stream(model, groups))["model.layers.0.mlp.down_proj.weight"]
+    second.push([("model.layers.0.mlp.down_proj.weight", w + 0.05)], flush_cache=True)
+    second.close()
+    try:
+        verify_engine(model, groups, group)
+        err = None
+    except WeightSyncError as exc:
+        err = str(exc)
+    sync_weights(model, groups, group, version=9)
+    group.close()
+    return good, err, records
+
+
+def test_verify_probes_every_remote_server(servers, hf_dirs, loopback_gloo):
+    from megatron_trace.parallel import run_on_ranks
+
+    good, err, logs = run_on_ranks(_verify_rank, 1, hf_dirs["tied"], [s.base_url for s in servers],
+                                   [_free_port(), _free_port()])[0]
+    assert good <= 1e-4
+    assert err is not None and "log-probs differ from the actor" in err
+    assert any(m.startswith("engine 1:") for m in logs) and not any(m.startswith("engine 0:") for m in logs)
