@@ -9,6 +9,14 @@ also written next to the rendered scripts. Code reaches the nodes through NeMo-R
 GitArchivePackager (the committed tree of this repository, unpacked at /nemo_run/code), so
 configs must be committed; the container image must hold the dependencies
 (`pip install -e ".[gpu,sglang]"` on an NGC PyTorch image).
+
+Layout (DESIGN section 11): a job starts WORLD = tp x pp x dp ranks, one per GPU (gloo ranks on
+CPU). The launchers derive dp = WORLD / (tp x pp) from the job's size (nodes x GPUs per node,
+or the local process count) and refuse a size that tp x pp does not divide, or one that
+disagrees with an explicit `parallel.dp`. The trainer derives the same dp from WORLD_SIZE
+(`megatron_trace.parallel.resolve_dp`), so recipes keep `parallel.dp: null`. With
+`rollout.placement=colocated` every replica runs one rollout engine on its first TP group's
+GPUs (SGLang tp_size = parallel.tp), so there are dp engines; `remote` puts none on the trainer.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import glob
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -30,6 +39,70 @@ def resolve(config: str, overrides: list[str]):
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
     return cfg, dump_config(cfg)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a job's ranks split up, and where its rollout engines run."""
+
+    tp: int
+    pp: int
+    dp: int
+    world: int
+    engines: int  # rollout engines on the trainer's GPUs: dp (colocated), 1 (rank0), 0 (remote)
+    placement: str
+    where: str  # how the world size came about, e.g. "2 nodes x 8 GPUs"
+    rollout: str  # the engines in words
+
+    def line(self) -> str:
+        return (f"layout tp={self.tp} pp={self.pp} dp={self.dp} ({self.world} ranks = {self.where}), "
+                f"engines={self.engines} ({self.rollout})")
+
+
+def plan_layout(cfg, world: int, where: str, *, keys: str = "", gpus_per_node: int | None = None,
+                nodes: int = 1) -> Layout:
+    """The layout of `world` ranks under cfg, or SystemExit naming the keys to change.
+
+    where: how the world size came about ("2 nodes x 8 GPUs", "--nproc 4"); keys: the settings
+    behind it, named in the errors. gpus_per_node (GPU jobs): a colocated SGLang engine lives on
+    one node, so a TP group must not straddle two."""
+    p, r = cfg.parallel, cfg.rollout
+    src = f"{where}{'; ' + keys if keys else ''}"
+    mp = p.tp * p.pp
+    if world < 1 or world % mp:
+        raise SystemExit(f"error: parallel.tp={p.tp} x parallel.pp={p.pp} = {mp} does not divide the job's {world} "
+                         f"rank(s) ({src}); change parallel.tp / parallel.pp or the job size")
+    dp = world // mp
+    if p.dp is not None and p.dp != dp:
+        raise SystemExit(f"error: parallel.dp={p.dp} disagrees with the job: {world} rank(s) ({src}) at "
+                         f"parallel.tp={p.tp} x parallel.pp={p.pp} give dp={dp}; set parallel.dp=null to derive it "
+                         f"(or parallel.dp={dp})")
+    if cfg.train.mode == "train_only":
+        engines, rollout = 0, "train.mode=train_only: no rollouts"
+    elif r.placement == "colocated":
+        engines = dp
+        rollout = f"colocated {r.engine}, one per DP replica"
+        if r.engine == "sglang":
+            rollout += f", tp_size={p.tp}, mem_fraction_static={r.mem_fraction_static:g}"
+            if gpus_per_node and nodes > 1 and gpus_per_node % p.tp:
+                raise SystemExit(f"error: parallel.tp={p.tp} does not divide cluster.gpus_per_node={gpus_per_node}: "
+                                 "some TP groups straddle two nodes, and a colocated SGLang engine "
+                                 "(rollout.placement=colocated) runs on one node's GPUs; change parallel.tp or "
+                                 "cluster.gpus_per_node, or use rollout.placement=remote")
+    elif r.placement == "rank0":
+        engines, rollout = 1, f"rank0 {r.engine} (debugging)"
+    else:
+        servers = f"router {r.remote.router_url}" if r.remote.router_url else f"{len(r.remote.urls)} server(s)"
+        engines, rollout = 0, f"remote: {servers}"
+    return Layout(p.tp, p.pp, dp, world, engines, r.placement, where, rollout)
+
+
+def cluster_layout(cfg) -> Layout:
+    """The layout of a Slurm job of cfg.cluster.nodes x cfg.cluster.gpus_per_node GPUs."""
+    c = cfg.cluster
+    return plan_layout(cfg, c.nodes * c.gpus_per_node, f"{c.nodes} node{'s' * (c.nodes > 1)} x {c.gpus_per_node} GPUs",
+                       keys=f"cluster.nodes={c.nodes} x cluster.gpus_per_node={c.gpus_per_node}",
+                       gpus_per_node=c.gpus_per_node, nodes=c.nodes)
 
 
 def repo_relative(path: str) -> str:

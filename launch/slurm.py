@@ -6,8 +6,13 @@
         [--time 08:00:00] [--job-dir DIR] [--out DIR] [--dry-run] [key=value ...]
 
 Nodes, GPUs per node and time default to the config's `cluster.*` keys (set per size in
-configs/base/size_*.yaml). --dry-run renders the sbatch script with no cluster and no ssh
-(LocalTunnel + Experiment.dryrun) into --out (default launch_out/<run.name>) and prints it.
+configs/base/size_*.yaml). Every GPU is a rank: the job starts nodes x gpus_per_node =
+tp x pp x dp ranks, dp = nodes x gpus_per_node / (tp x pp). A size that tp x pp does not divide,
+or that disagrees with an explicit parallel.dp, is refused. The layout line (stderr) gives tp,
+pp, dp and the rollout engines: dp of them with rollout.placement=colocated, 0 with remote.
+
+--dry-run renders the sbatch script with no cluster and no ssh (LocalTunnel +
+Experiment.dryrun) into --out (default launch_out/<run.name>) and prints it.
 Run from a login node that shares the job directory with the compute nodes (--job-dir).
 """
 
@@ -17,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import render, resolve, slurm_executor, train_task  # noqa: E402
+from common import cluster_layout, render, resolve, slurm_executor, train_task  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,6 +48,8 @@ def main(argv=None) -> int:
     if args.gpus_per_node is not None:
         over.append(f"cluster.gpus_per_node={args.gpus_per_node}")
     cfg, text = resolve(args.config, over)
+    layout = cluster_layout(cfg)  # refuses a size the layout does not fit, before anything is rendered
+    print(f"[slurm] {cfg.run.name}: {layout.line()}", file=sys.stderr)
     out = args.out or os.path.join("launch_out", cfg.run.name)
     job_dir = os.path.abspath(args.job_dir or (os.path.join(out, "nemo_jobs") if args.dry_run else "nemo_jobs"))
     ex = slurm_executor(account=args.account, partition=args.partition, nodes=cfg.cluster.nodes,
@@ -51,9 +58,6 @@ def main(argv=None) -> int:
                         dry_run=args.dry_run)
     files = render(f"mt-{cfg.run.name}", [(cfg.run.name, train_task(args.config, over), ex)], out,
                    {cfg.run.name: text}, args.dry_run)
-    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    print(f"[slurm] {cfg.run.name}: {cfg.cluster.nodes} nodes x {cfg.cluster.gpus_per_node} GPUs, tp={cfg.parallel.tp} "
-          f"pp={cfg.parallel.pp} dp={world // (cfg.parallel.tp * cfg.parallel.pp)}", file=sys.stderr)
     for f in files:
         print(f"[slurm] {'rendered' if args.dry_run else 'wrote'} {f}", file=sys.stderr)
         if args.dry_run and f.endswith(".sh"):

@@ -5,8 +5,10 @@
         --account A --partition P --container-image IMG [--mounts ...] [--seeds 1234] [--dry-run] [key=value ...]
 
 Each job trains configs/qwen3_<size>_<variant>.yaml; nodes, GPUs, TP/PP and time come from the
-size's config (configs/base/size_<size>.yaml). Overrides apply to every job; each seed gets its
-own run directory (run.dir gets a _s<seed> suffix when several seeds are given).
+size's config (configs/base/size_<size>.yaml). Each job starts nodes x gpus_per_node =
+tp x pp x dp ranks (dp derived; a layout that does not fit is refused before anything is
+rendered). Overrides apply to every job; each seed gets its own run directory (run.dir gets a
+_s<seed> suffix when several seeds are given).
 """
 
 import argparse
@@ -15,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, render, resolve, slurm_executor, train_task  # noqa: E402
+from common import REPO, cluster_layout, render, resolve, slurm_executor, train_task  # noqa: E402
 
 SIZES = ("0p6b", "1p7b", "4b", "8b", "14b", "32b")
 VARIANTS = ("grpo", "trace_fkl", "trace_rkl", "all_token_fkl")
@@ -60,13 +62,13 @@ def main(argv=None) -> int:
                 if seed is not None and len(seeds) > 1:
                     over += [f"run.dir={cfg.run.dir}_s{seed}", f"run.name={cfg.run.name}_s{seed}"]
                     cfg, text = resolve(config, over)
+                layout = cluster_layout(cfg)
                 ex = slurm_executor(account=args.account, partition=args.partition, nodes=cfg.cluster.nodes,
                                     gpus_per_node=cfg.cluster.gpus_per_node, container_image=args.container_image,
                                     mounts=args.mounts, time=cfg.cluster.time, job_dir=job_dir, dry_run=args.dry_run)
                 jobs.append((cfg.run.name, train_task(config, over), ex))
                 resolved[cfg.run.name] = text
-                print(f"[sweep] {cfg.run.name}: {cfg.cluster.nodes} x {cfg.cluster.gpus_per_node} GPUs, "
-                      f"tp={cfg.parallel.tp} pp={cfg.parallel.pp}", file=sys.stderr)
+                print(f"[sweep] {cfg.run.name}: {layout.line()}", file=sys.stderr)
     files = render(args.title, jobs, args.out, resolved, args.dry_run)
     for f in files:
         print(f"[sweep] {'rendered' if args.dry_run else 'wrote'} {f}", file=sys.stderr)

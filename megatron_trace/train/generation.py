@@ -168,6 +168,10 @@ class Generation:
         """`wake(["weights"])` before a sync, `wake(["kv_cache", "cuda_graph"])` after it."""
         if self.engine is None or self.placement == "remote":
             return {}
+        if self.groups.device.type == "cuda":
+            # Activations, off-loaded state and freed grad buffers return to PyTorch's cache, not to
+            # the GPU; SGLang allocates outside that cache, so hand the memory back first.
+            torch.cuda.empty_cache()
         freed = self._measure(lambda: self.engine.wake(list(tags)))
         return {f"memory/engine_restored_{'_'.join(t for t in tags if t != 'cuda_graph')}_gb": -freed}
 

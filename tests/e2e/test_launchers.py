@@ -1,9 +1,12 @@
 """NeMo-Run launchers: real sbatch scripts rendered through SlurmExecutor + Experiment.dryrun
-(no cluster, no ssh), the sweep, the local torchrun command, and one real local torchrun launch
-at TP=2 on CPU; every recipe config carries the paper's defaults."""
+(no cluster, no ssh), the sweep over every recipe (all ranks start: tp x pp x dp = the job's
+GPUs, one colocated engine per DP replica), the local torchrun command, the layouts the
+launchers refuse, and real local torchrun launches on CPU at TP=2 and at DP=2; every recipe
+config carries the paper's defaults."""
 
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +16,22 @@ from conftest import REPO
 from megatron_trace.config import load_config
 
 IMG = "nvcr.io/nvidia/pytorch:25.01-py3"
+SIZES = ("0p6b", "1p7b", "4b", "8b", "14b", "32b")
+VARIANTS = ("grpo", "trace_fkl", "trace_rkl", "all_token_fkl")
+LAYOUT = re.compile(r"\[(?:slurm|sweep|local)\] (\S+): layout tp=(\d+) pp=(\d+) dp=(\d+) \((\d+) ranks = [^)]*\), "
+                    r"engines=(\d+) \(")
+
+
+def _layouts(stderr: str) -> dict[str, tuple[int, ...]]:
+    """run name -> (tp, pp, dp, ranks, engines) from the launchers' layout lines."""
+    return {m.group(1): tuple(int(g) for g in m.groups()[1:]) for m in LAYOUT.finditer(stderr)}
+
+
+def _torchrun_ranks(script: str) -> int:
+    """nnodes x nproc-per-node of the torchrun line in a rendered sbatch script."""
+    m = re.search(r"torchrun .*--nnodes (\d+) --nproc-per-node (\d+) ", script)
+    assert m, script[-2000:]
+    return int(m.group(1)) * int(m.group(2))
 
 
 def _launch(script, *args, timeout=300):
@@ -38,23 +57,40 @@ def test_slurm_dry_run_renders_the_8b_recipe_on_two_nodes(tmp_path):
         assert needle in script, needle
     resolved = load_config(str(tmp_path / "qwen3_8b_trace_fkl.resolved.yaml"))
     assert (resolved.parallel.tp, resolved.cluster.nodes, resolved.loss.variant) == (2, 2, "trace_fkl")
+    assert (resolved.parallel.dp, resolved.rollout.placement) == (None, "colocated")  # dp derived
+    # every GPU is a rank: 2 x 8 = tp 2 x pp 1 x dp 8, one colocated SGLang engine per replica
+    assert _layouts(out.stderr) == {"qwen3_8b_trace_fkl": (2, 1, 8, 16, 8)}, out.stderr[-2000:]
+    assert "engines=8 (colocated sglang, one per DP replica, tp_size=2" in out.stderr
+    assert _torchrun_ranks(script) == 2 * 1 * 8
 
 
-def test_sweep_dry_run_renders_one_job_per_size_and_variant(tmp_path):
-    out = _launch("sweep.py", "--sizes", "0p6b,8b", "--variants", "grpo,trace_rkl", "--account", "acct",
+def test_sweep_dry_run_renders_every_recipe_with_all_ranks_started(tmp_path):
+    """Every GPU recipe as a job: nodes x gpus_per_node torchrun ranks = tp x pp x dp, dp an
+    integer (derived, parallel.dp null), one colocated engine per DP replica."""
+    out = _launch("sweep.py", "--sizes", ",".join(SIZES), "--variants", ",".join(VARIANTS), "--account", "acct",
                   "--partition", "batch", "--container-image", IMG, "--dry-run", "--out", str(tmp_path),
                   "train.steps=50")
     assert out.returncode == 0, out.stderr[-3000:]
     scripts = sorted(glob.glob(str(tmp_path / "*_sbatch.sh")))
-    assert [os.path.basename(s) for s in scripts] == [f"qwen3_{s}_{v}_sbatch.sh" for s in ("0p6b", "8b")
-                                                      for v in ("grpo", "trace_rkl")]
+    assert sorted(os.path.basename(s) for s in scripts) == sorted(f"qwen3_{s}_{v}_sbatch.sh" for s in SIZES
+                                                                  for v in VARIANTS)
+    layouts = _layouts(out.stderr)
+    assert len(layouts) == len(SIZES) * len(VARIANTS), out.stderr[-3000:]
     for path in scripts:
         text = open(path).read()
         name = os.path.basename(path)[: -len("_sbatch.sh")]
-        nodes = 1 if "0p6b" in name else 2
-        assert f"#SBATCH --nodes={nodes}" in text and f"--nnodes {nodes} --nproc-per-node 8" in text
+        c = load_config(str(tmp_path / f"{name}.resolved.yaml"))
+        assert c.train.steps == 50 and c.parallel.dp is None and c.rollout.placement == "colocated"
         assert f"-m megatron_trace.cli train --config configs/{name}.yaml train.steps=50" in text
-        assert load_config(str(tmp_path / f"{name}.resolved.yaml")).train.steps == 50
+        world = c.cluster.nodes * c.cluster.gpus_per_node
+        assert f"#SBATCH --nodes={c.cluster.nodes}" in text
+        assert f"--nnodes {c.cluster.nodes} --nproc-per-node {c.cluster.gpus_per_node}" in text
+        assert world % (c.parallel.tp * c.parallel.pp) == 0, name
+        dp = world // (c.parallel.tp * c.parallel.pp)
+        assert _torchrun_ranks(text) == world == c.parallel.tp * c.parallel.pp * dp, name
+        assert layouts[name] == (c.parallel.tp, c.parallel.pp, dp, world, dp), (name, layouts[name])
+        assert c.cluster.gpus_per_node % c.parallel.tp == 0, name  # a colocated engine stays on one node
+    assert layouts["qwen3_8b_trace_fkl"][2:] == (8, 16, 8)  # the 8B recipe: dp=8, 8 engines
     bad = _launch("sweep.py", "--sizes", "7b", "--variants", "grpo", "--account", "a", "--partition", "p",
                   "--container-image", IMG, "--dry-run", "--out", str(tmp_path / "bad"))
     assert bad.returncode != 0 and "--sizes" in bad.stderr and "7b" in bad.stderr
@@ -63,20 +99,71 @@ def test_sweep_dry_run_renders_one_job_per_size_and_variant(tmp_path):
     assert typo.returncode != 0 and "optim.lrr" in typo.stderr and "did you mean 'optim.lr'" in typo.stderr
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["parallel.tp=3"], ["parallel.tp", "cluster.nodes x cluster.gpus_per_node = 16"]),
+    (["parallel.dp=4"], ["parallel.dp", "16 GPUs", "parallel.dp=null"]),
+    (["--gpus-per-node", "4", "parallel.tp=8"], ["parallel.tp=8", "cluster.gpus_per_node=4",
+                                                 "rollout.placement=colocated"]),
+], ids=["tp-does-not-divide", "dp-disagrees", "tp-group-straddles-nodes"])
+def test_slurm_refuses_a_layout_whose_ranks_cannot_all_start(tmp_path, args, needles):
+    out = _launch("slurm.py", "--config", "configs/qwen3_8b_trace_fkl.yaml", "--account", "a", "--partition", "p",
+                  "--container-image", IMG, "--dry-run", "--out", str(tmp_path), *args)
+    assert out.returncode != 0 and out.stderr.startswith("error: "), out.stderr[-2000:]
+    for needle in needles:
+        assert needle in out.stderr, (needle, out.stderr)
+    assert not glob.glob(str(tmp_path / "*_sbatch.sh"))
+
+
+def test_plan_layout_counts_engines_by_placement_and_refuses_bad_sizes():
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    from common import plan_layout
+
+    recipe = os.path.join(REPO, "configs", "qwen3_8b_trace_fkl.yaml")
+    remote = load_config(recipe, ["rollout.placement=remote", "rollout.remote.urls=[http://h1:30000,http://h2:30000]"])
+    lay = plan_layout(remote, 16, "2 nodes x 8 GPUs", gpus_per_node=8, nodes=2)
+    assert (lay.dp, lay.engines) == (8, 0) and "remote: 2 server(s)" in lay.line()
+    rank0 = load_config(recipe, ["rollout.placement=rank0"])
+    assert plan_layout(rank0, 16, "x").engines == 1
+    cpu = load_config(os.path.join(REPO, "configs", "tiny_cpu.yaml"), ["parallel.tp=2"])
+    lay = plan_layout(cpu, 4, "--nproc 4")
+    assert (lay.tp, lay.pp, lay.dp, lay.engines) == (2, 1, 2, 2)
+    assert lay.line() == "layout tp=2 pp=1 dp=2 (4 ranks = --nproc 4), engines=2 (colocated hf, one per DP replica)"
+    with pytest.raises(SystemExit, match=r"parallel.tp=2 x parallel.pp=1 = 2 does not divide the job's 3 rank"):
+        plan_layout(cpu, 3, "--nproc 3")
+    with pytest.raises(SystemExit, match=r"parallel.dp=3 disagrees .* give dp=2"):
+        plan_layout(load_config(os.path.join(REPO, "configs", "tiny_cpu.yaml"), ["parallel.tp=2", "parallel.dp=3"]),
+                    4, "--nproc 4")
+
+
 def test_local_dry_run_prints_the_torchrun_command():
     out = _launch("local.py", "--config", "configs/tiny_cpu.yaml", "--nproc", "2", "--dry-run", "parallel.tp=2")
     assert out.returncode == 0, out.stderr[-3000:]
     cmd = out.stdout.strip().splitlines()[-1]
     assert cmd.startswith("torchrun ") and "--nnodes 1 --nproc-per-node 2" in cmd
     assert cmd.endswith("-m megatron_trace.cli train --config configs/tiny_cpu.yaml parallel.tp=2")
+    assert _layouts(out.stderr) == {"tiny_cpu": (2, 1, 1, 2, 1)}, out.stderr[-2000:]
+    # parallel.dp on CPU: tp x pp x dp gloo ranks with no --nproc
+    out = _launch("local.py", "--config", "configs/tiny_cpu.yaml", "--dry-run", "parallel.dp=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--nnodes 1 --nproc-per-node 2" in out.stdout.strip().splitlines()[-1]
+    assert _layouts(out.stderr) == {"tiny_cpu": (1, 1, 2, 2, 2)}, out.stderr[-2000:]
+    for args, needle in [(["--nproc", "3", "parallel.tp=2"], "parallel.tp=2 x parallel.pp=1 = 2 does not divide"),
+                         (["--nproc", "4", "parallel.dp=3"], "parallel.dp=3 disagrees")]:
+        bad = _launch("local.py", "--config", "configs/tiny_cpu.yaml", "--dry-run", *args)
+        assert bad.returncode != 0 and needle in bad.stderr, bad.stderr[-2000:]
 
 
 @pytest.mark.dist
-def test_local_launch_trains_under_torchrun_at_tp2(tmp_path):
-    out = _launch("local.py", "--config", "configs/tiny_cpu.yaml", "--nproc", "2", "parallel.tp=2", "train.steps=1",
+@pytest.mark.parametrize("layout,expect", [(["--nproc", "2", "parallel.tp=2"], (2, 1, 1, 2, 1)),
+                                           (["parallel.dp=2"], (1, 1, 2, 2, 2))], ids=["tp2", "dp2"])
+def test_local_launch_trains_under_torchrun(tmp_path, layout, expect):
+    """Two gloo ranks either way: one TP=2 replica, or (nproc = tp x pp x parallel.dp) two DP
+    replicas with an engine each."""
+    out = _launch("local.py", "--config", "configs/tiny_cpu.yaml", *layout, "train.steps=1",
                   "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "eval.every=0", "log.progress=false",
                   f"run.dir={tmp_path / 'run'}", timeout=600)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert _layouts(out.stderr) == {"tiny_cpu": expect}, out.stderr[-2000:]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and '"train/num_rollouts": 8.0' in lines[0]
 
@@ -86,8 +173,7 @@ RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "qwen3_*.yaml")))
 
 def test_every_size_has_every_variant():
     names = {os.path.basename(p) for p in RECIPES}
-    assert names == {f"qwen3_{s}_{v}.yaml" for s in ("0p6b", "1p7b", "4b", "8b", "14b", "32b")
-                     for v in ("grpo", "trace_fkl", "trace_rkl", "all_token_fkl")}
+    assert names == {f"qwen3_{s}_{v}.yaml" for s in SIZES for v in VARIANTS}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
@@ -102,4 +188,5 @@ def test_recipes_carry_the_paper_defaults(path):
     assert (c.eval.temperature, c.eval.top_p, c.eval.top_k, c.eval.thinking) == (0.6, 0.95, 20, True)
     assert (c.rollout.engine, c.annotate.kind, c.model.dtype, c.parallel.device) == ("sglang", "api", "bfloat16", "cuda")
     assert (c.cluster.nodes * c.cluster.gpus_per_node) % (c.parallel.tp * c.parallel.pp) == 0
+    assert (c.parallel.dp, c.rollout.placement) == (None, "colocated") and 0 < c.rollout.mem_fraction_static < 1
     assert c.model.hf_dir.endswith("Qwen3-" + c.model.size.upper())
