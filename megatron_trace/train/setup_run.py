@@ -170,10 +170,15 @@ def _build_engine(cfg: Config, hf_model, dtype, tokenizer, groups: ParallelGroup
         if not cfg.model.hf_dir:
             raise ValueError("rollout.engine=sglang starts from model.hf_dir; set it (convert a checkpoint with "
                              "tools/convert_megatron_to_hf.py)")
+        from ..parallel import free_port
+
         colocated = cfg.rollout.placement == "colocated"
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # Several engines per node (one per replica): each needs its own ports (SGLang derives its
+        # internal ones from `port`), spaced apart per local rank.
         return SGLangEngine.launch(
-            cfg.model.hf_dir, tp_size=cfg.parallel.tp if colocated else 1,
-            base_gpu_id=int(os.environ.get("LOCAL_RANK", "0")), mem_fraction_static=cfg.rollout.mem_fraction_static,
+            cfg.model.hf_dir, tp_size=cfg.parallel.tp if colocated else 1, base_gpu_id=local,
+            mem_fraction_static=cfg.rollout.mem_fraction_static, port=20000 + 50 * local, nccl_port=free_port(),
             dtype="bfloat16" if dtype == torch.bfloat16 else "float32", random_seed=cfg.seed)
     from ..rollout import HFEngine
 
