@@ -122,8 +122,10 @@ class EngineFleet:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
                  expected_response_len: float | None = None) -> tuple[list[list[Sample] | None], DispatchStats]:
-        stats = DispatchStats(prompts_per_engine={n: 0 for n in self.names},
-                              tokens_per_engine={n: 0 for n in self.names})
+        # engines already out of rotation take no part: they would count as idle in the imbalance
+        in_rotation = [self.names[i] for i in self.live]
+        stats = DispatchStats(prompts_per_engine={n: 0 for n in in_rotation},
+                              tokens_per_engine={n: 0 for n in in_rotation})
         results: list[list[Sample] | None] = [None] * len(prompts)
         if not prompts:
             return results, stats

@@ -58,7 +58,9 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
     while len(kept) < cfg.rollout.prompts_per_step and rounds < cfg.train.dynamic_max_rounds:
         prompts, metas, uids = run.next_prompts(cfg.rollout.prompts_per_step - len(kept))
         params = SamplingParams(n=cfg.rollout.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens)
+                                top_k=cfg.rollout.top_k, max_new_tokens=cfg.rollout.max_new_tokens,
+                                # the tokenizer's EOS, so a remote server stops where a local engine does
+                                stop_token_ids=tuple(t for t in [run.tokenizer.eos_token_id] if t is not None))
         seeds = [prompt_seed(cfg.seed, step, u) for u in uids]  # independent of the engine count
         groups, m = run.gen.sample(prompts, params, seeds, metas)
         failed += int(m["rollout/failed_prompts"])
