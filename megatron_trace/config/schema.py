@@ -140,6 +140,9 @@ class RolloutConfig:
     max_retries: int = 2  # a failed request is retried on another engine this many times, then counted
     request_timeout_s: float = 1800.0  # one generate request (remote); a slower one counts as failed
     chunk_prompts: int = 0  # remote: prompts per request (0 = split evenly over the live servers)
+    # hf engine: prompts per forward batch. 1 = a prompt's samples are bit-identical on any number
+    # of engines; more is faster on CPU (tokens still identical, log-probs to ~1e-6)
+    hf_batch_prompts: int = 1
     verify_sync: bool = False  # after every weight sync, probe every engine against the actor (raises on a gap)
     remote: RemoteRolloutSection = field(default_factory=RemoteRolloutSection)
     prompts_per_step: int = 8
@@ -157,6 +160,7 @@ class RolloutConfig:
         _check(self.max_retries >= 0, "rollout.max_retries", self.max_retries, "an integer >= 0")
         _check(self.request_timeout_s > 0, "rollout.request_timeout_s", self.request_timeout_s, "a float > 0")
         _check(self.chunk_prompts >= 0, "rollout.chunk_prompts", self.chunk_prompts, "an integer >= 0")
+        _check(self.hf_batch_prompts >= 1, "rollout.hf_batch_prompts", self.hf_batch_prompts, "an integer >= 1")
         _check(self.placement != "remote" or bool(self.remote.urls or self.remote.router_url),
                "rollout.remote.urls", list(self.remote.urls),
                "at least one server URL (or rollout.remote.router_url) when rollout.placement=remote")

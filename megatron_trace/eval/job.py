@@ -59,7 +59,8 @@ def _engines(cfg, hf_dir: str, tokenizer):
 
             dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
             engines.append(HFEngine(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype), tokenizer,
-                                    eos_token_ids=[tokenizer.eos_token_id], device=f"cuda:{i}" if on_gpu else "cpu"))
+                                    eos_token_ids=[tokenizer.eos_token_id], device=f"cuda:{i}" if on_gpu else "cpu",
+                                    batch_prompts=cfg.rollout.hf_batch_prompts))
     if not on_gpu and dp > 1:
         import os as _os
 

@@ -191,7 +191,8 @@ def _build_engine(cfg: Config, hf_model, dtype, tokenizer, groups: ParallelGroup
             from ..models.checkpoint import read_meta
 
             hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_meta(cfg.model.ckpt)["hf_config"]))
-    return HFEngine(hf_model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], device=groups.device)
+    return HFEngine(hf_model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], device=groups.device,
+                    batch_prompts=cfg.rollout.hf_batch_prompts)
 
 
 def _build_remote(cfg: Config, groups: ParallelGroups):

@@ -68,6 +68,11 @@ def test_samples_do_not_depend_on_engine_count_or_chunking(model):
     # prompt order: a prompt's samples equal a direct call on that prompt alone
     direct = HFEngine(model, eos_token_ids=[]).generate([prompts[4]], PARAMS, [seeds[4]])
     assert [s.token_ids for s in two[4]] == [s.token_ids for s in direct]
+    # batching several prompts per forward (rollout.hf_batch_prompts): the same tokens, log-probs to ~1e-6
+    fast = HFEngine(model, eos_token_ids=[], batch_prompts=4).generate(prompts, PARAMS, seeds)
+    flat = [s for r in one for s in r]
+    assert [s.token_ids for s in fast] == [s.token_ids for s in flat]
+    assert max(abs(a - b) for x, y in zip(fast, flat) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
     # and the per-prompt seed matters
     other, _ = EngineFleet(_engines(model, 1)).generate(prompts, PARAMS, _seeds(len(prompts), step=4))
     assert _tokens(other) != _tokens(one)
