@@ -5,13 +5,17 @@ import json
 import subprocess
 import sys
 
+import pytest
 
-def test_bench_step_reports_ratios_and_coverage():
+
+@pytest.mark.parametrize("dp", [1, 2], ids=["dp1", "dp2"])
+def test_bench_step_reports_ratios_and_coverage(dp):
     out = subprocess.run([sys.executable, "tools/bench_step.py", "--config", "configs/tiny_cpu.yaml", "--json",
-                          "--repeats", "1", "rollout.max_new_tokens=12", "rollout.prompts_per_step=2"],
-                         capture_output=True, text=True, timeout=600)
+                          "--repeats", "1", "rollout.max_new_tokens=12", "rollout.prompts_per_step=2",
+                          f"parallel.dp={dp}"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["dp"] == dp and res["world"] == dp
     for key in ("ratio_trace_vs_grpo", "ratio_trace_lambda0_vs_grpo", "ratio_alltoken_fkl_vs_grpo",
                 "train_ratio_trace_vs_grpo", "train_ratio_trace_lambda0_vs_grpo", "train_ratio_alltoken_fkl_vs_grpo"):
         assert res[key] > 0, key
