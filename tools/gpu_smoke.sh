@@ -6,6 +6,8 @@
 #   2. tools/check_weight_sync.py --device cuda (actor step -> hf engine on GPU, logits compared)
 #   3. a 3-step TRACE run on CUDA in float32 and in bfloat16 (nccl, Megatron optimizer, sync, checkpoint)
 #   4. tools/bench_step.py on CUDA
+#   5. the colocated memory hand-off: 3 steps with the optimizer off-loaded during rollout, memory/* per step;
+#      and the hf engine alone: device memory freed by sleep() and taken back by wake(weights)/wake(kv_cache)
 set -u
 OUT=${1:-gpu_smoke}
 mkdir -p "$OUT"
@@ -24,6 +26,29 @@ run weight_sync $PY tools/check_weight_sync.py --device cuda
 TRAIN="configs/tiny_cpu.yaml parallel.device=cuda train.steps=3 checkpoint.every=2 log.progress=false"
 run train_fp32 $PY -m megatron_trace.cli train --config $TRAIN run.dir="$OUT/run_fp32"
 run train_bf16 $PY -m megatron_trace.cli train --config $TRAIN model.dtype=bfloat16 run.dir="$OUT/run_bf16"
+run train_handoff $PY -m megatron_trace.cli train --config $TRAIN train.offload_during_rollout=true \
+  run.dir="$OUT/run_handoff"
+[ -f "$OUT/run_handoff/metrics.jsonl" ] && $PY -c "
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    print(json.dumps({'step': m['step'], **{k: v for k, v in m.items() if k.startswith('memory/')}}))
+" "$OUT/run_handoff/metrics.jsonl" > "$OUT/handoff_memory.jsonl"
+run engine_handoff $PY -c "
+import dataclasses, json, torch
+from megatron_trace.models.hf_io import make_random_hf_model
+from megatron_trace.models.qwen3 import QWEN3_SIZES
+from megatron_trace.rollout import HFEngine, SamplingParams
+free = lambda: torch.cuda.mem_get_info()[0] / 2**30
+eng = HFEngine(make_random_hf_model(dataclasses.replace(QWEN3_SIZES['demo'], num_hidden_layers=8), seed=0),
+               eos_token_ids=[], device='cuda')
+eng.generate([[1, 2, 3]] * 4, SamplingParams(n=4, max_new_tokens=32, seed=0))
+f0 = free(); eng.sleep(); torch.cuda.empty_cache(); f1 = free()
+eng.wake(['weights']); f2 = free(); eng.wake(['kv_cache', 'cuda_graph']); f3 = free()
+out = eng.generate([[1, 2, 3]], SamplingParams(n=2, max_new_tokens=8, seed=0))
+print(json.dumps({'released_gb': f1 - f0, 'weights_restored_gb': f1 - f2, 'kv_restored_gb': f2 - f3,
+                  'generates_after_wake': len(out) == 2}))
+"
 run bench_step $PY tools/bench_step.py --config configs/tiny_cpu.yaml --json --repeats 5 parallel.device=cuda
 tail -n 1 "$OUT/bench_step.log" > "$OUT/bench_step.json" 2>/dev/null || true
 for r in run_fp32 run_bf16; do
