@@ -154,13 +154,16 @@ class EngineFleet:
                     continue
                 with lock:
                     others = [k for k in self.live if k != e and k not in tried]
-                    if (e in tried and others) or not self.alive[e]:
+                    skip = (e in tried and bool(others)) or not self.alive[e]
+                    if skip:
                         todo.put((chunk, tried, attempt))  # let an engine that has not failed it take it
-                        if not self.alive[e]:
-                            return
-                        time.sleep(0.01)
-                        continue
-                    stats.requests += 1
+                    else:
+                        stats.requests += 1
+                if skip:
+                    if not self.alive[e]:
+                        return
+                    time.sleep(0.01)
+                    continue
                 try:
                     out = _split(eng.generate([prompts[i] for i in chunk], params, [seeds[i] for i in chunk]),
                                  chunk, params.n)
