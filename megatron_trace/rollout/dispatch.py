@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -133,9 +132,12 @@ class EngineFleet:
             raise RuntimeError(f"no live rollout engine left (dead: {', '.join(self.names)})")
         costs = prompt_costs(prompts, params.n, params.max_new_tokens if expected_response_len is None
                              else expected_response_len)
-        todo: queue.Queue = queue.Queue()
+        # Fresh chunks wait in `shared` (largest first); a retry goes straight to the queue of one
+        # chosen engine (`own`), so a failed chunk never bounces back to the engine that failed it.
+        shared: queue.Queue = queue.Queue()
+        own: dict[int, queue.Queue] = {e: queue.Queue() for e in range(len(self.engines))}
         for chunk in sorted(self._chunks(costs), key=lambda c: -sum(costs[i] for i in c)):
-            todo.put((chunk, frozenset(), 0))
+            shared.put((chunk, frozenset(), 0))
         lock = threading.Lock()
         pending = [len(prompts)]  # prompts not yet settled (done or failed for good)
         settled = threading.Event()
@@ -145,25 +147,33 @@ class EngineFleet:
             if pending[0] <= 0:
                 settled.set()
 
+        def route(item) -> None:
+            """Under the lock: send a retry to a live engine that has not failed it (the least
+            busy), or to any live engine when every one has."""
+            tried = item[1]
+            live = self.live
+            fresh = [k for k in live if k not in tried] or live
+            own[min(fresh, key=lambda k: (own[k].qsize(), k))].put(item)
+
+        def next_item(e: int):
+            try:
+                return own[e].get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                return shared.get(timeout=0.05)
+            except queue.Empty:
+                return None
+
         def worker(e: int) -> None:
             eng, name = self.engines[e], self.names[e]
             while not settled.is_set():
-                try:
-                    chunk, tried, attempt = todo.get(timeout=0.05)
-                except queue.Empty:
+                item = next_item(e)
+                if item is None:
                     continue
+                chunk, tried, attempt = item
                 with lock:
-                    others = [k for k in self.live if k != e and k not in tried]
-                    skip = (e in tried and bool(others)) or not self.alive[e]
-                    if skip:
-                        todo.put((chunk, tried, attempt))  # let an engine that has not failed it take it
-                    else:
-                        stats.requests += 1
-                if skip:
-                    if not self.alive[e]:
-                        return
-                    time.sleep(0.01)
-                    continue
+                    stats.requests += 1
                 try:
                     out = _split(eng.generate([prompts[i] for i in chunk], params, [seeds[i] for i in chunk]),
                                  chunk, params.n)
@@ -179,13 +189,21 @@ class EngineFleet:
                             stats.retries += 1
                             log.warning("rollout request of %d prompts failed on %s (%s); retrying elsewhere",
                                         len(chunk), name, exc)
-                            todo.put((chunk, tried | {e}, attempt + 1))
+                            route((chunk, tried | {e}, attempt + 1))
                         else:
                             stats.failed.extend(chunk)
                             log.error("rollout request of %d prompts failed %d times (last on %s: %s); counted "
                                       "in rollout/failed_prompts", len(chunk), attempt + 1, name, exc)
                             settle(len(chunk))
-                    if not healthy:
+                        if not self.alive[e]:  # hand this engine's queued retries to the live ones
+                            while not own[e].empty():
+                                left = own[e].get_nowait()
+                                if self.live:
+                                    route(left)
+                                else:
+                                    stats.failed.extend(left[0])
+                                    settle(len(left[0]))
+                    if not self.alive[e]:
                         return
                     continue
                 with lock:

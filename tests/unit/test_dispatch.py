@@ -151,6 +151,9 @@ def test_failures_past_the_retry_limit_are_counted_not_dropped(model):
     always = [Flaky(_engines(model, 1)[0], fail=10**9) for _ in range(2)]
     res, stats = EngineFleet(always, max_retries=2).generate(prompts, PARAMS, seeds)
     assert res == [None] * 4 and stats.failed == [0, 1, 2, 3] and len(stats.errors) >= 3
+    # two chunks, each tried exactly 1 + max_retries times (a retry goes to an engine that has not failed it;
+    # one that bounced back to the engine that failed it once livelocked two such engines)
+    assert sum(f.calls for f in always) == 2 * 3 and stats.requests == 6
     assert stats.as_metrics()["rollout/failed_prompts"] == 4.0
     with pytest.raises(RuntimeError, match="failed on every engine"):
         FleetEngine(EngineFleet(always, max_retries=0)).generate(prompts, PARAMS)
