@@ -51,17 +51,19 @@ def dp1(tmp_path_factory):
 
 
 @pytest.mark.dist
-def test_dp2_loop_equals_dp1(dp1, tmp_path):
+@pytest.mark.parametrize("placement", ["colocated", "rank0"])
+def test_dp2_loop_equals_dp1(dp1, placement, tmp_path):
     ref_hist, ref_w, _, _ = dp1
-    results = run_on_ranks(_rank, 2, 2, str(tmp_path / "run"))
-    assert sum(r[2] for r in results) == 2  # one colocated engine per replica
+    results = run_on_ranks(_rank, 2, 2, str(tmp_path / "run"), [f"rollout.placement={placement}"])
+    engines = 2 if placement == "colocated" else 1  # one per replica, or global rank 0's only
+    assert sum(r[2] for r in results) == engines and results[0][2] == 1
     hist, w, _, _ = results[0]
     for k, v in ref_w.items():
         assert (w[k] - v).abs().max().item() <= 1e-5, k
     assert any(m["loss/kl"] != 0 for m in ref_hist)
     for step, (a, b) in enumerate(zip(hist, ref_hist)):
-        # both engines generated at every step
-        assert a["dispatch/engines_used"] == 2 and b["dispatch/engines_used"] == 1
+        # every engine generated at every step
+        assert a["dispatch/engines_used"] == engines and b["dispatch/engines_used"] == 1
         a, b = _comparable(a), _comparable(b)
         assert set(a) == set(b), set(a) ^ set(b)
         for k in b:
