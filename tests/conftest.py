@@ -57,3 +57,15 @@ def pytest_collection_modifyitems(config, items):
             need = marker.args[0] if marker.args else 1
             if n_gpus < need:
                 item.add_marker(pytest.mark.skip(reason=f"needs {need} CUDA GPU(s), found {n_gpus}"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as the fixture servers and single ranks use: CPU kernels may split sums by
+    thread count, so a reference computed with the same count matches bit for bit."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)

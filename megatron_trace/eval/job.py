@@ -62,9 +62,7 @@ def _engines(cfg, hf_dir: str, tokenizer):
                                     eos_token_ids=[tokenizer.eos_token_id], device=f"cuda:{i}" if on_gpu else "cpu",
                                     batch_prompts=cfg.rollout.hf_batch_prompts))
     if not on_gpu and dp > 1:
-        import os as _os
-
-        torch.set_num_threads(max(1, (_os.cpu_count() or 1) // dp))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp))
     return FleetEngine(EngineFleet(engines, [f"engine{i}" for i in range(dp)], max_retries=cfg.rollout.max_retries))
 
 

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["FINISH_REASONS", "MEMORY_TAGS", "RolloutEngine", "RolloutGroup", "Sample", "SamplingParams", "prompt_seed", "sample_groups",
+__all__ = ["FINISH_REASONS", "MEMORY_TAGS", "RolloutEngine", "RolloutGroup", "Sample", "SamplingParams", "prompt_seed", "rollout_stats", "sample_groups",
            "sample_seed"]
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -135,10 +135,14 @@ def sample_groups(engine: RolloutEngine, prompts: Sequence[Sequence[int]], param
         RolloutGroup(i, list(p), samples[i * params.n:(i + 1) * params.n], dict(metas[i]) if metas else {})
         for i, p in enumerate(prompts)
     ]
-    total = len(samples)
-    stats = {
-        "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / max(total, 1),
-        "rollout/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / max(total, 1),
-        "rollout/response_len_mean": sum(len(s.token_ids) for s in samples) / max(total, 1),
+    return groups, rollout_stats(samples)
+
+
+def rollout_stats(samples: Sequence[Sample]) -> dict[str, float]:
+    """Truncated and aborted fractions and the mean response length of a step's samples."""
+    total = max(len(samples), 1)
+    return {
+        "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / total,
+        "rollout/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / total,
+        "rollout/response_len_mean": sum(len(s.token_ids) for s in samples) / total,
     }
-    return groups, stats

@@ -152,6 +152,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------- colocated
 
 
+def _refuse_if_asleep(released: set[str], who: str) -> None:
+    if released:
+        raise RuntimeError(f"{who} is asleep (released: {sorted(released)}); wake() it before generate()")
+
+
 class SGLangEngine:
     """In-process (colocated) `sglang.Engine`."""
 
@@ -177,9 +182,7 @@ class SGLangEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Sample]:
-        if self._asleep:
-            raise RuntimeError(f"the SGLang engine is asleep (released: {sorted(self._asleep)}); wake() it before "
-                               "generate()")
+        _refuse_if_asleep(self._asleep, "the SGLang engine")
         rows, sps = _expand(prompts, params, seeds)
         if not rows:
             return []
@@ -333,9 +336,7 @@ class RemoteSGLangEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Sample]:
-        if self._asleep:
-            raise RuntimeError(f"the SGLang server {self.base_url} is asleep (released: {sorted(self._asleep)}); "
-                               "wake() it before generate()")
+        _refuse_if_asleep(self._asleep, f"the SGLang server {self.base_url}")
         rows, sps = _expand(prompts, params, seeds)
         if not rows:
             return []

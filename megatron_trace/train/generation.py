@@ -17,7 +17,6 @@ each engine owner verifies its share of the groups.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel import ParallelGroups
-from ..rollout import RolloutGroup, SamplingParams
+from ..rollout.base import RolloutGroup, SamplingParams, rollout_stats
 from ..rollout.dispatch import DispatchStats, EngineFleet, balance, colocated_generate
 
 __all__ = ["Generation", "device_free_bytes"]
@@ -116,16 +115,10 @@ class Generation:
         self.last_stats = stats
         groups = [RolloutGroup(i, list(p), r, dict(metas[i]))
                   for i, (p, r) in enumerate(zip(prompts, results)) if r is not None]
-        samples = [s for g in groups for s in g.samples]
-        total = max(len(samples), 1)
-        if samples:
-            self.expected_response_len = sum(len(s.token_ids) for s in samples) / len(samples)
-        metrics = {
-            "rollout/truncated_frac": sum(s.finish_reason == "length" for s in samples) / total,
-            "rollout/aborted_frac": sum(s.finish_reason == "abort" for s in samples) / total,
-            "rollout/response_len_mean": sum(len(s.token_ids) for s in samples) / total,
-            "rollout/failed_prompts": float(len(stats.failed)),
-        }
+        metrics = rollout_stats([s for g in groups for s in g.samples])
+        if groups:
+            self.expected_response_len = metrics["rollout/response_len_mean"]
+        metrics["rollout/failed_prompts"] = float(len(stats.failed))
         # How the work was spread: depends on the layout, so not an algorithm metric.
         metrics.update({k.replace("rollout/", "dispatch/"): v for k, v in stats.as_metrics().items()
                         if k != "rollout/failed_prompts"})
@@ -230,6 +223,3 @@ class Generation:
             for e in self.fleet.engines:
                 e.shutdown()
 
-
-def local_gpu() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -209,16 +209,6 @@ def fixture_servers(server_hf_dir):
         stop_processes(procs)
 
 
-@pytest.fixture
-def one_thread():
-    """Reference sampling with the servers' (and the rank's) thread count."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
 
 @pytest.fixture(scope="module")
 def runs(fixture_servers, tmp_path_factory):

@@ -49,16 +49,6 @@ def servers(hf_dirs):
     assert not bad, f"fixture servers did not exit cleanly on SIGTERM: {bad}"
 
 
-@pytest.fixture
-def one_thread():
-    """Reference generation with the servers' thread count (CPU kernels may split sums by thread)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
 
 @pytest.fixture
 def loopback_gloo(monkeypatch):
