@@ -77,8 +77,7 @@ class Generation:
 
     @property
     def is_scorer(self) -> bool:
-        g = self.groups
-        return g.tp_rank == 0 and g.pp_rank == 0 and g.cp_rank == 0
+        return self.owns_engine("colocated", self.groups)  # the replica's first rank
 
     def _all_gather(self, obj) -> list:
         if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -128,10 +127,9 @@ class Generation:
     def score(self, groups: list[RolloutGroup], score_fn) -> list:
         """Every rank: score_fn(groups) -> scored groups, computed by the replicas' first ranks on
         a share each (balanced by response tokens) and gathered back in order."""
-        if not dist.is_initialized() or dist.get_world_size() == 1 or self.scorers == 1:
-            if self.scorers == 1 and dist.is_initialized() and dist.get_world_size() > 1:
-                return self._broadcast(score_fn(groups) if dist.get_rank() == 0 else None)
-            return score_fn(groups)
+        if self.scorers == 1:  # one replica: its first rank (global rank 0) scores everything
+            rank0 = not dist.is_initialized() or dist.get_rank() == 0
+            return self._broadcast(score_fn(groups) if rank0 else None)
         costs = [sum(len(s.token_ids) + 1 for s in g.samples) for g in groups]
         share = balance(costs, self.scorers)[self.groups.dp_rank]
         mine = (share, score_fn([groups[i] for i in share])) if self.is_scorer else None
