@@ -1,22 +1,27 @@
-"""One TRACE update on Megatron: old log-probs, the teacher pass, the routed loss, the optimizer.
+"""One TRACE update on Megatron: the teacher, old log-probs, the routed-loss updates, the lift.
 
-All three passes go through Megatron's `get_forward_backward_func` (so PP works unchanged):
-  1. old log-probs   forward only, the actor on [prompt + response]
-  2. teacher         forward only, no grad, the same module (live teacher) on [privileged prompt +
-                     response], only for micro-batches with routed tokens. The LM head runs only
-                     at routed positions: a pre-hook on the output layer selects those hidden
-                     states first (span-sparse head), so the [hidden x V/tp] matmul costs R rows.
-  3. train           per PPO mini-batch: forward + backward with the routed loss on the last
-                     stage, then one optimizer step (`mini_batches` updates per rollout batch).
-  4. key-token lift  (lambda > 0) a forward-only pass after the update on rollouts with key spans.
-Micro-batches hold whole rollouts, right-padded; logits at the positions that predict response
-tokens are gathered into a packed `[T, V/tp]` block for the loss. The loss is normalised by
-global counts of its mini-batch (all DP ranks), so Megatron is told to sum (see train/setup.py).
+    teacher    forward only, no grad, on [privileged prompt + response] of rollouts with routes
+    old        forward only: pi_old on the rollouts of PPO mini-batches 2.. (the first
+               mini-batch's own forward gives its old log-probs: before any update the policy
+               *is* pi_old, so with one mini-batch this pass does not run)
+    update     per PPO mini-batch: forward + backward with the routed loss, one optimizer step
+    lift       (lambda > 0) forward only after the updates on rollouts with key spans
+
+Every pass goes through Megatron's `get_forward_backward_func` (PP works unchanged), and the LM
+head runs only at the positions a pass reads (span-sparse head: a pre-hook on the output layer
+selects those hidden states, so the [hidden x V/tp] matmul costs one row per token read).
+
+Layout (`train/batching.py`): each mini-batch is split over DP ranks by a length-balanced
+partition; each rank cuts its share into micro-batches of `micro_batch_size` rollouts or, with
+`max_tokens_per_micro_batch`, under a token budget (the teacher pass counts the privileged
+sequences); with `pack_sequences` the rollouts of a micro-batch share one row. Pass outputs are
+kept per rollout, so every pass has its own micro-batches. The loss is normalised by global
+counts of its mini-batch, so Megatron is told to sum (see train/setup.py) and no layout choice
+changes the loss or the gradients.
 
 Diagnostics computed on the way, at little cost: the train/rollout log-prob mismatch (old
 log-probs vs the engine's), truncated importance weights (`tis_cap`), and the leakage proxy
-(teacher-student forward KL, no grad, at a few off-span positions of each routed rollout, from
-the old-log-prob and teacher passes that run anyway).
+(teacher-student forward KL, no grad, at a few off-span positions of each routed rollout).
 """
 
 from __future__ import annotations
@@ -41,37 +46,42 @@ from ..loss import (
 )
 from ..loss.mismatch import rollout_mismatch, tis_weights
 from ..models.builder import unwrap_model
-from ..models.forward import forward_logits
 from ..parallel import ParallelGroups
 from ..parallel.schedule import run_schedule
 from ..types import TrainSample
+from .batching import Layout, block_causal_mask, lay_out, partition_dp, plan_micro_batches
 
-__all__ = ["MicroBatch", "StepResult", "make_micro_batches", "probe_positions", "set_lr", "split_mini_batches",
-           "train_step"]
+__all__ = ["Batching", "MicroBatch", "StepResult", "make_micro_batches", "probe_positions", "set_lr",
+           "split_mini_batches", "train_step"]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How rollouts become micro-batches (see train/batching.py)."""
+
+    micro_batch_size: int = 4  # rollouts per micro-batch when max_tokens == 0
+    max_tokens: int = 0  # token budget per micro-batch; 0 = micro_batch_size whole rollouts
+    pack: bool = False  # several rollouts per row (block-diagonal attention / THD)
+    multiple: int = 1  # rows padded to a multiple of this (TP under sequence parallelism)
+    thd: bool = False  # packed rows through TransformerEngine's THD path (set from the model)
+
+    def plan(self, lengths: list[int]) -> list[list[int]]:
+        return plan_micro_batches(lengths, count=self.micro_batch_size, budget=self.max_tokens, packed=self.pack)
 
 
 @dataclass
 class MicroBatch:
+    """Rollouts laid out for one forward, and the positions whose logits the pass reads."""
+
     samples: list[TrainSample]
-    ids: torch.Tensor  # [b, s] prompt + response, right-padded
-    rows: torch.Tensor  # [T] batch row of each response token
-    cols: torch.Tensor  # [T] position whose logits predict it
-    teacher_ids: torch.Tensor | None  # [b_t, s_t] privileged sequences of samples with routes
-    teacher_rows: torch.Tensor | None  # [R + Q] routed positions, then Q leakage-probe positions
-    teacher_cols: torch.Tensor | None  # [R + Q]
-    probe_idx: torch.Tensor  # [Q] indices into the packed [T] tokens of the probe positions
+    lay: Layout
+    rows: torch.Tensor  # [T] row of each position read
+    cols: torch.Tensor  # [T] column of each position read (it predicts the next token)
+    targets: torch.Tensor  # [T] the token each position predicts
 
     @property
-    def num_routed(self) -> int:
-        return sum(1 for s in self.samples for r in s.routes if r)
-
-
-def _pad(seqs: list[list[int]]) -> torch.Tensor:
-    s = max(len(x) for x in seqs)
-    out = torch.zeros(len(seqs), s, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        out[i, : len(x)] = torch.tensor(x)
-    return out
+    def ids(self) -> torch.Tensor:
+        return self.lay.ids
 
 
 def probe_positions(sample: TrainSample, k: int) -> list[int]:
@@ -83,65 +93,141 @@ def probe_positions(sample: TrainSample, k: int) -> list[int]:
     return sorted({off[int(j * step)] for j in range(min(k, len(off)))})
 
 
-def make_micro_batches(samples: list[TrainSample], micro_batch_size: int, probe_tokens: int = 0) -> list[MicroBatch]:
-    out = []
-    for start in range(0, len(samples), micro_batch_size):
-        chunk = samples[start:start + micro_batch_size]
-        rows, cols, t_seqs, t_rows, t_cols, q_rows, q_cols, q_idx = [], [], [], [], [], [], [], []
-        for r, s in enumerate(chunk):
-            p, n = len(s.prompt_ids), len(s.response_ids)
-            offset = len(rows)
-            rows += [r] * n
-            cols += list(range(p - 1, p - 1 + n))
-            if any(s.routes):
-                tr = len(t_seqs)
-                t_seqs.append(s.teacher_ids)
-                for i in s.routed_positions:
-                    t_rows.append(tr)
-                    t_cols.append(s.teacher_prompt_len - 1 + i)
-                for i in probe_positions(s, probe_tokens):
-                    q_rows.append(tr)
-                    q_cols.append(s.teacher_prompt_len - 1 + i)
-                    q_idx.append(offset + i)
-        out.append(MicroBatch(
-            chunk, _pad([s.prompt_ids + s.response_ids for s in chunk]), torch.tensor(rows), torch.tensor(cols),
-            _pad(t_seqs) if t_seqs else None, torch.tensor(t_rows + q_rows) if t_seqs else None,
-            torch.tensor(t_cols + q_cols) if t_seqs else None, torch.tensor(q_idx, dtype=torch.long)))
-    return out
+def _student_batch(samples: list[TrainSample], b: Batching) -> MicroBatch:
+    """Reads every response position: T = the rollouts' response tokens, in sample order."""
+    lay = lay_out([s.prompt_ids + s.response_ids for s in samples], packed=b.pack, multiple=b.multiple)
+    rows, cols = [], []
+    for (r, c), s in zip(lay.where, samples):
+        p, n = len(s.prompt_ids), len(s.response_ids)
+        rows += [r] * n
+        cols += range(c + p - 1, c + p - 1 + n)
+    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+    return MicroBatch(samples, lay, rows, cols, lay.ids[rows, cols + 1])
+
+
+def _teacher_batch(samples: list[TrainSample], b: Batching, probe_tokens: int) -> MicroBatch:
+    """Reads the routed positions of every rollout, then its leakage-probe positions."""
+    lay = lay_out([s.teacher_ids for s in samples], packed=b.pack, multiple=b.multiple)
+    rows, cols = [], []
+    for probes in (False, True):
+        for (r, c), s in zip(lay.where, samples):
+            picks = probe_positions(s, probe_tokens) if probes else s.routed_positions
+            rows += [r] * len(picks)
+            cols += [c + s.teacher_prompt_len - 1 + i for i in picks]
+    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+    return MicroBatch(samples, lay, rows, cols, lay.ids[rows, cols + 1])
+
+
+def make_micro_batches(samples: list[TrainSample], micro_batch_size: int, *,
+                       batching: Batching | None = None) -> list[MicroBatch]:
+    """This rank's rollouts as student micro-batches (all response positions read)."""
+    b = batching or Batching(micro_batch_size)
+    plan = b.plan([len(s.prompt_ids) + len(s.response_ids) for s in samples])
+    return [_student_batch([samples[i] for i in idx], b) for idx in plan]
 
 
 @contextlib.contextmanager
 def _span_sparse_head(model, rows: torch.Tensor, cols: torch.Tensor):
-    """Make the output layer see only hidden states at (row, col): logits come out [1, R, V/tp]."""
+    """Make the output layer see only hidden states at (row, col): logits come out [1, T, V/tp].
+
+    Under sequence parallelism the output layer's input is sharded along the sequence: the hook
+    gathers it first and the layer runs as plain column-parallel for this call (its input grad
+    is then all-reduced over TP, and the gather's backward keeps this rank's slice).
+    """
     inner = unwrap_model(model)
     head = getattr(inner, "output_layer", None)
     if head is None or not getattr(inner, "post_process", False):
         yield
         return
+    sp = bool(getattr(head, "sequence_parallel", False))
 
     def pre_hook(_module, args, kwargs):
-        hidden = args[0]  # [s, b, h]
-        picked = hidden[cols.to(hidden.device), rows.to(hidden.device)].unsqueeze(1)  # [R, 1, h]
+        hidden = args[0]  # [s, b, h] ([s/tp, b, h] under sequence parallelism)
+        if sp:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
+                                                          group=head.tp_group)
+        picked = hidden[cols.to(hidden.device), rows.to(hidden.device)].unsqueeze(1)  # [T, 1, h]
         return (picked, *args[1:]), kwargs
 
     handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    if sp:
+        head.sequence_parallel = False
+    try:
+        yield
+    finally:
+        handle.remove()
+        if sp:
+            head.sequence_parallel = True
+
+
+@contextlib.contextmanager
+def _rope_positions(model, pos: torch.Tensor | None):
+    """Packed rows on the local spec: RoPE at each token's own position ids `[b, s]`.
+
+    Megatron computes the rotary table for positions 0..s-1 of the row; the hook re-indexes it by
+    the per-sequence positions (a `[s, b, 1, d]` table broadcasts over heads like the usual
+    `[s, 1, 1, d]`)."""
+    rope = getattr(unwrap_model(model), "rotary_pos_emb", None)
+    if pos is None or rope is None:
+        yield
+        return
+
+    def hook(_module, _args, emb):
+        return emb[:, 0, 0][pos.t().to(emb.device)].unsqueeze(2)
+
+    handle = rope.register_forward_hook(hook)
     try:
         yield
     finally:
         handle.remove()
 
 
-def _response_logprobs(model, groups: ParallelGroups, mb: MicroBatch, temperature: float, vocab_size: int):
-    """Forward only, the LM head at response positions: (log-probs `[T]`, logits `[T, V/tp]`) on
-    the last stage, None elsewhere."""
-    with _span_sparse_head(model, mb.rows, mb.cols):
-        logits = forward_logits(model, groups, mb.ids)
-    if logits is None:
-        return None
-    packed = logits[0]  # [T, V/tp]
-    lp, _ = token_logprob_and_entropy(packed, mb.ids[mb.rows, mb.cols + 1].to(packed.device), groups.tp,
-                                      temperature, vocab_size=vocab_size)
-    return lp, packed
+def _thd_params(lay: Layout, device):
+    """Megatron's packed-sequence description of one packed row (TransformerEngine attention)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    lens = list(lay.lengths)
+    pad = lay.ids.shape[1] - sum(lens)
+    if pad:
+        lens.append(pad)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    cu = cu.to(device)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lens),
+                           max_seqlen_kv=max(lens))
+
+
+def _forward(m, groups: ParallelGroups, mb: MicroBatch, b: Batching):
+    """The model on one micro-batch; logits `[1, T, V/tp]` at the positions `mb` reads (last stage)."""
+    lay, dev = mb.lay, groups.device
+    ids, pos = lay.ids.to(dev), lay.pos.to(dev)
+    mask = psp = None
+    if lay.packed and b.thd:
+        psp = _thd_params(lay, dev)
+    elif lay.packed:
+        mask = block_causal_mask(lay.seg.to(dev))
+    with _span_sparse_head(m, mb.rows, mb.cols), _rope_positions(m, pos if mask is not None else None):
+        if psp is not None:
+            return m(ids, pos, None, packed_seq_params=psp)
+        return m(ids, pos, mask)
+
+
+def _run_forward(model, groups: ParallelGroups, mbs: list[MicroBatch], b: Batching) -> list[torch.Tensor | None]:
+    """Forward only, all micro-batches in one schedule call: `[T, V/tp]` each (last stage), else Nones."""
+    if not mbs:
+        return []
+
+    def step(data_iter, m):
+        return _forward(m, groups, mbs[next(data_iter)], b), None
+
+    model.eval()
+    with torch.no_grad():
+        out = run_schedule(groups, model, step, iter(range(len(mbs))), num_microbatches=len(mbs),
+                           seq_length=max(mb.ids.shape[1] for mb in mbs),
+                           micro_batch_size=max(mb.ids.shape[0] for mb in mbs), forward_only=True)
+    return [x[0] for x in out] if groups.is_last_stage else [None] * len(mbs)
 
 
 @dataclass
@@ -154,6 +240,7 @@ class StepResult:
 
 
 def _global_counts(samples: list[TrainSample], groups: ParallelGroups) -> GlobalCounts:
+    """Counts of this rank's share, summed over DP (for callers that hold only their share)."""
     t = torch.tensor([sum(len(s.response_ids) for s in samples), len(samples)], dtype=torch.float64,
                      device=groups.device)
     if groups.dp_size > 1:
@@ -187,172 +274,253 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def _packed(mb: MicroBatch, field: str) -> list:
-    return [x for s in mb.samples for x in getattr(s, field)]
+def _seq_len(s: TrainSample) -> int:
+    return len(s.prompt_ids) + len(s.response_ids)
+
+
+class _Step:
+    """The state one step's passes share: pass outputs are kept per rollout uid (last stage)."""
+
+    def __init__(self, groups: ParallelGroups, loss_cfg: LossConfig, lam: float, vocab_size: int,
+                 batching: Batching, tis_cap: float | None, probe_tokens: int):
+        self.groups, self.cfg, self.lam, self.vocab, self.b = groups, loss_cfg, lam, vocab_size, batching
+        self.tis_cap, self.probe_tokens = tis_cap, probe_tokens
+        self.old: dict[int, torch.Tensor] = {}  # uid -> old log-probs [n]
+        self.t_routed: dict[int, torch.Tensor] = {}  # uid -> teacher logits at routed positions [R, V/tp]
+        self.t_probe: dict[int, torch.Tensor] = {}  # uid -> teacher logits at probe positions [Q, V/tp]
+        self.pre = Stats()  # diagnostics of the passes (last stage only)
+        self.layout = Stats()  # padding and micro-batch counts (every rank)
+
+    def note_layout(self, mbs: list[MicroBatch]) -> None:
+        """Padding share and micro-batch count of the update passes (summed over DP)."""
+        total = sum(mb.lay.num_tokens for mb in mbs)
+        self.layout.mean_of("layout/padding_frac", total - sum(sum(mb.lay.lengths) for mb in mbs), total)
+        self.layout.sum("layout/micro_batches", len(mbs))
+
+    def logprobs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+        lp, _ = token_logprob_and_entropy(logits, mb.targets.to(logits.device), self.groups.tp, self.cfg.temperature,
+                                          vocab_size=self.vocab, chunk_size=self.cfg.chunk_size)
+        return lp
+
+    def record_old(self, mb: MicroBatch, lp: torch.Tensor, logits: torch.Tensor) -> None:
+        """Keep pi_old's log-probs of `mb`'s rollouts; the mismatch and leakage diagnostics on the way."""
+        k = 0
+        for s in mb.samples:
+            n = len(s.response_ids)
+            self.old[s.uid] = lp[k:k + n]
+            if s.uid in self.t_probe:
+                probes = torch.tensor(probe_positions(s, self.probe_tokens), dtype=torch.long, device=logits.device)
+                leak = token_divergence(logits[k + probes], self.t_probe[s.uid], "forward", self.groups.tp,
+                                        self.cfg.temperature, None, vocab_size=self.vocab)
+                self.pre.mean("teacher/leakage_kl_offspan", leak)
+            k += n
+        engine = self.engine_logprobs(mb, lp.device)
+        if engine is not None:
+            mm = rollout_mismatch(lp, engine)
+            self.pre.mean_of("mismatch/logprob_abs_diff", mm["abs_sum"], mm["count"])
+            self.pre.mean_of("mismatch/k3_kl", mm["k3_sum"], mm["count"])
+            self.pre.max("mismatch/logprob_abs_diff_max", mm["max_abs"])
+
+    @staticmethod
+    def engine_logprobs(mb: MicroBatch, device) -> torch.Tensor | None:
+        if any(s.rollout_logprobs is None for s in mb.samples):
+            return None
+        return torch.tensor([x for s in mb.samples for x in s.rollout_logprobs], dtype=torch.float64, device=device)
+
+    def old_of(self, mb: MicroBatch) -> torch.Tensor:
+        return torch.cat([self.old[s.uid] for s in mb.samples])
+
+    def is_weights(self, mb: MicroBatch, old: torch.Tensor) -> torch.Tensor | None:
+        if self.tis_cap is None:
+            return None
+        return tis_weights(old, self.engine_logprobs(mb, old.device), self.tis_cap)
+
+    def teacher_of(self, mb: MicroBatch) -> torch.Tensor | None:
+        parts = [self.t_routed[s.uid] for s in mb.samples if s.uid in self.t_routed]
+        return torch.cat(parts) if parts else None
+
+
+def _teacher_pass(st: _Step, t_model, mine: list[TrainSample], record: dict | None) -> None:
+    """Teacher logits at routed (and probe) positions of this rank's routed rollouts."""
+    routed = [s for s in mine if any(s.routes)]
+    plan = st.b.plan([len(s.teacher_ids) for s in routed])
+    mbs = [_teacher_batch([routed[i] for i in idx], st.b, st.probe_tokens) for idx in plan]
+    for mb, out in zip(mbs, _run_forward(t_model, st.groups, mbs, st.b)):
+        if out is None:
+            continue
+        r = sum(len(s.routed_positions) for s in mb.samples)
+        if record is not None:
+            _record_teacher(record, mb, out[:r], st)
+        k, q = 0, r
+        for s in mb.samples:
+            n, m = len(s.routed_positions), len(probe_positions(s, st.probe_tokens))
+            st.t_routed[s.uid] = out[k:k + n]
+            if m:
+                st.t_probe[s.uid] = out[q:q + m]
+            k, q = k + n, q + m
+
+
+def _old_logprob_pass(st: _Step, ddp, samples: list[TrainSample]) -> None:
+    """pi_old on rollouts whose mini-batch is not the first (the actor before this step's updates)."""
+    mbs = make_micro_batches(samples, st.b.micro_batch_size, batching=st.b)
+    for mb, out in zip(mbs, _run_forward(ddp, st.groups, mbs, st.b)):
+        if out is not None:
+            st.record_old(mb, st.logprobs(out, mb), out)
+
+
+def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCounts, on_policy: bool,
+            stats: Stats, timers: dict[str, float]) -> tuple[float, bool]:
+    """One optimizer update on this rank's share of a mini-batch. on_policy: no update has run this
+    step yet, so the forward's own (detached) log-probs are pi_old's. Returns (grad norm, skipped)."""
+    t0 = time.perf_counter()
+    groups, lam = st.groups, st.lam
+    mbs = make_micro_batches(mine, st.b.micro_batch_size, batching=st.b)
+    st.note_layout(mbs)
+    ddp.train()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+
+    def step(data_iter, m):
+        mb = mbs[next(data_iter)]
+        logits = _forward(m, groups, mb, st.b)
+
+        def loss_func(out):
+            x = out[0]  # [T, V/tp]
+            if on_policy:
+                with torch.no_grad():
+                    st.record_old(mb, st.logprobs(x.detach(), mb), x.detach())
+            old = st.old_of(mb)
+            seq_ids = torch.repeat_interleave(torch.arange(len(mb.samples)),
+                                              torch.tensor([len(s.response_ids) for s in mb.samples]))
+            batch = LossInputs(
+                targets=mb.targets, old_logprobs=old.detach(),
+                advantages=torch.tensor([mb.samples[r].advantage for r in seq_ids.tolist()], dtype=torch.float64),
+                routes=torch.tensor([x for s in mb.samples for x in s.routes], dtype=torch.int8),
+                seq_ids=seq_ids, seq_lens=torch.tensor([len(s.response_ids) for s in mb.samples]),
+                is_weights=st.is_weights(mb, old))
+            loss, s = routed_loss(x, st.teacher_of(mb) if lam > 0 else None, batch, counts, st.cfg, lam, groups.tp,
+                                  st.vocab)
+            stats.merge(s)
+            # num_tokens = 0: the loss is already globally normalised; Megatron must not divide.
+            return loss, torch.zeros((), dtype=torch.int, device=loss.device), {"loss": loss.detach()}
+
+        return logits, loss_func
+
+    # One schedule call per mini-batch: grads are finalised (DP and tied-embedding all-reduces)
+    # exactly once per update. Shapes may differ: the config sets variable_seq_lengths.
+    run_schedule(groups, ddp, step, iter(range(len(mbs))), num_microbatches=len(mbs),
+                 seq_length=max(mb.ids.shape[1] for mb in mbs), micro_batch_size=max(mb.ids.shape[0] for mb in mbs))
+    t1 = time.perf_counter()
+    timers["time/fwd_bwd"] += t1 - t0
+    try:
+        if not _grads_finite(ddp, groups):
+            return float("nan"), True
+        ok, grad_norm, _ = optimizer.step()
+        return float(grad_norm), not ok or not math.isfinite(grad_norm)
+    finally:
+        timers["time/optimizer"] += time.perf_counter() - t1
+
+
+def _lift_pass(st: _Step, ddp, samples: list[TrainSample]) -> None:
+    """Key-token lift: the mean change of log p on FKL-routed (key-span) tokens across the step."""
+    mbs = make_micro_batches(samples, st.b.micro_batch_size, batching=st.b)
+    for mb, out in zip(mbs, _run_forward(ddp, st.groups, mbs, st.b)):
+        if out is None:
+            continue
+        lp = st.logprobs(out, mb)
+        key = torch.tensor([r == Route.FKL for s in mb.samples for r in s.routes], device=lp.device)
+        st.pre.mean("kl/key_token_lift", (lp - st.old_of(mb).to(lp.device))[key])
+
+
+def _batching(ddp, groups: ParallelGroups, micro_batch_size: int, max_tokens: int, pack: bool) -> Batching:
+    inner = unwrap_model(ddp)
+    sp = bool(getattr(inner.config, "sequence_parallel", False)) and groups.tp_size > 1
+    thd = pack and any(type(m).__name__ == "TEDotProductAttention" for m in inner.modules())
+    return Batching(micro_batch_size, max_tokens, pack, groups.tp_size if sp else 1, thd)
+
+
+def _imbalance(costs: list[list[int]], shares: list[list[list[int]]], dp: int) -> float:
+    """The busiest DP rank's cost over the mean (1.0 = perfectly even), over the whole step."""
+    loads = [sum(c[i] for c, sh in zip(costs, shares) for i in sh[r]) for r in range(dp)]
+    return max(loads) * dp / sum(loads) if sum(loads) else 1.0
+
+
+def _dp_costs(minis: list[list[TrainSample]], use_teacher: bool, separate_old: bool) -> list[list[int]]:
+    """Forward-token cost of each rollout in this step: 3x its sequence for the update (forward +
+    backward), 1x for the old-log-prob pass when it runs, its privileged sequence for the teacher."""
+    out = []
+    for k, mini in enumerate(minis):
+        old = 1 if (separate_old or k > 0) else 0
+        out.append([(3 + old) * _seq_len(s) + (len(s.teacher_ids) if use_teacher and any(s.routes) else 0)
+                    for s in mini])
+    return out
 
 
 def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample], loss_cfg: LossConfig, lam: float,
                *, micro_batch_size: int = 4, vocab_size: int, teacher=None, mini_batches: int = 1,
                tis_cap: float | None = None, lr: float | None = None, probe_tokens: int = 4,
-               key_token_lift: int = 4, record_teacher: bool = False) -> StepResult:
+               key_token_lift: int = 4, record_teacher: bool = False, max_tokens_per_micro_batch: int = 0,
+               pack_sequences: bool = False, separate_old_pass: bool = False) -> StepResult:
     """`mini_batches` optimizer updates over the step's rollouts (the global list, same on every rank).
 
-    Each DP rank trains on its share (every dp_size-th rollout) of each mini-batch. teacher: the
-    module for the teacher pass (default: `ddp` itself, the live teacher). lr: set before the
-    updates (the LR schedule lives in the loop). key_token_lift: how many rollouts with key spans
-    (the first ones in global order, so the number is layout-independent) to re-score after the
-    update for the key-token lift; 0 = off.
+    teacher: the module for the teacher pass (default: `ddp` itself, the live teacher). lr: set
+    before the updates (the LR schedule lives in the loop). key_token_lift: how many rollouts with
+    key spans (the first ones in global order, so the number is layout-independent) to re-score
+    after the update; 0 = off. separate_old_pass: compute pi_old for the first mini-batch in its
+    own pass too (the layout before the update provided it; for comparisons).
     """
-    timers: dict[str, float] = {}
-    t0 = time.perf_counter()
-    minis = [m[groups.dp_rank::groups.dp_size] for m in split_mini_batches(samples, mini_batches, groups.dp_size)]
-    mbs_per_mini = [make_micro_batches(m, micro_batch_size, probe_tokens if lam > 0 else 0) for m in minis]
-    mbs = [mb for group in mbs_per_mini for mb in group]
+    b = _batching(ddp, groups, micro_batch_size, max_tokens_per_micro_batch, pack_sequences)
+    st = _Step(groups, loss_cfg, lam, vocab_size, b, tis_cap, probe_tokens if lam > 0 else 0)
+    minis = split_mini_batches(samples, mini_batches, groups.dp_size)
     # Decided on the global list so that every DP rank declares the same metric names.
     use_teacher = lam > 0 and any(any(s.routes) for s in samples)
     have_engine_lp = all(s.rollout_logprobs is not None for s in samples)
-    lift_uids = {s.uid for s in samples if Route.FKL in s.routes}
-    lift_uids = set(sorted(lift_uids, key=[s.uid for s in samples].index)[:key_token_lift]) if lam > 0 else set()
-    do_lift = bool(lift_uids)
+    if tis_cap is not None and not have_engine_lp:
+        raise ValueError("loss.tis_cap is set but the rollouts carry no engine log-probs")
+    costs = _dp_costs(minis, use_teacher, separate_old_pass)
+    shares = [partition_dp(c, groups.dp_size) for c in costs]
+    mine = [[mini[i] for i in share[groups.dp_rank]] for mini, share in zip(minis, shares)]
+    lift_uids = [s.uid for s in samples if Route.FKL in s.routes][:key_token_lift] if lam > 0 else []
     # While lambda > 0 these columns always exist (NaN when a step has no spans), for plots.
-    pre = Stats()  # diagnostics from the forward-only passes (last stage only)
     if have_engine_lp:
-        pre.mean_of("mismatch/logprob_abs_diff", 0.0, 0.0)
-        pre.mean_of("mismatch/k3_kl", 0.0, 0.0)
-        pre.max("mismatch/logprob_abs_diff_max", 0.0)
+        st.pre.mean_of("mismatch/logprob_abs_diff", 0.0, 0.0)
+        st.pre.mean_of("mismatch/k3_kl", 0.0, 0.0)
+        st.pre.max("mismatch/logprob_abs_diff_max", 0.0)
     if lam > 0:
-        pre.mean_of("teacher/leakage_kl_offspan", 0.0, 0.0)
+        st.pre.mean_of("teacher/leakage_kl_offspan", 0.0, 0.0)
         if key_token_lift:
-            pre.mean_of("kl/key_token_lift", 0.0, 0.0)
+            st.pre.mean_of("kl/key_token_lift", 0.0, 0.0)
 
-    # 1. old log-probs (pi_old = the actor before this step's updates), the mismatch and TIS weights
-    old: list[torch.Tensor | None] = []
-    is_w: list[torch.Tensor | None] = []
-    probe_student: list[torch.Tensor | None] = []
-    with torch.no_grad():
-        for mb in mbs:
-            out = _response_logprobs(ddp, groups, mb, loss_cfg.temperature, vocab_size)
-            if out is None:
-                old.append(None)
-                is_w.append(None)
-                probe_student.append(None)
-                continue
-            lp, packed = out
-            old.append(lp)
-            probe_student.append(packed[mb.probe_idx.to(packed.device)] if use_teacher else None)
-            engine_lp = None
-            if have_engine_lp:
-                engine_lp = torch.tensor(_packed(mb, "rollout_logprobs"), dtype=torch.float64, device=lp.device)
-                mm = rollout_mismatch(lp, engine_lp)
-                pre.mean_of("mismatch/logprob_abs_diff", mm["abs_sum"], mm["count"])
-                pre.mean_of("mismatch/k3_kl", mm["k3_sum"], mm["count"])
-                pre.max("mismatch/logprob_abs_diff_max", mm["max_abs"])
-            if tis_cap is not None and engine_lp is None:
-                raise ValueError("loss.tis_cap is set but the rollouts carry no engine log-probs")
-            is_w.append(tis_weights(lp, engine_lp, tis_cap) if tis_cap is not None else None)
-    timers["time/old_logprobs"] = time.perf_counter() - t0
-
-    # 2. teacher logits at routed positions (+ the leakage probes) only
-    t1 = time.perf_counter()
-    teacher_logits: list[torch.Tensor | None] = [None] * len(mbs)
+    t0 = time.perf_counter()
     teacher_outputs: dict[int, dict[str, list[float]]] = {}
     if use_teacher:
-        t_model = teacher if teacher is not None else ddp
-        with torch.no_grad():
-            for i, mb in enumerate(mbs):
-                if mb.teacher_ids is None:
-                    continue
-                with _span_sparse_head(t_model, mb.teacher_rows, mb.teacher_cols):
-                    out = forward_logits(t_model, groups, mb.teacher_ids)
-                if out is None:
-                    continue
-                out = out[0]  # [R + Q, V/tp]
-                r = mb.num_routed
-                teacher_logits[i] = out[:r]
-                if record_teacher:
-                    _record_teacher(teacher_outputs, mb, out[:r], groups, loss_cfg.temperature, vocab_size)
-                if mb.probe_idx.numel():
-                    leak = token_divergence(probe_student[i], out[r:], "forward", groups.tp, loss_cfg.temperature,
-                                            None, vocab_size=vocab_size)
-                    pre.mean("teacher/leakage_kl_offspan", leak)
-    timers["time/teacher"] = time.perf_counter() - t1 if use_teacher else 0.0
+        _teacher_pass(st, teacher if teacher is not None else ddp, [s for m in mine for s in m],
+                      teacher_outputs if record_teacher else None)
+    t1 = time.perf_counter()
+    later = [s for m in (mine if separate_old_pass else mine[1:]) for s in m]
+    _old_logprob_pass(st, ddp, later)
+    t2 = time.perf_counter()
 
-    # 3. one optimizer update per mini-batch, forward/backward with the routed loss on the last stage
     if lr is not None:
         set_lr(optimizer, lr)
-    stats, norms, skipped, first = Stats(), [], 0, 0
-    t_fb = t_opt = 0.0
-    for group in mbs_per_mini:
-        ids_of = list(range(first, first + len(group)))
-        first += len(group)
-        counts = _global_counts([s for mb in group for s in mb.samples], groups)
-        t2 = time.perf_counter()
-        ddp.train()
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-
-        def step(data_iter, m, counts=counts):
-            i = next(data_iter)
-            mb = mbs[i]
-            ids = mb.ids.to(groups.device)
-            pos = torch.arange(ids.shape[1], device=groups.device).unsqueeze(0).expand_as(ids)
-            logits = m(ids, pos, None)
-
-            def loss_func(out):
-                batch = LossInputs(
-                    targets=ids[mb.rows, mb.cols + 1], old_logprobs=old[i].detach(),
-                    advantages=torch.tensor([mb.samples[r].advantage for r in mb.rows.tolist()], dtype=torch.float64),
-                    routes=torch.tensor(_packed(mb, "routes"), dtype=torch.int8),
-                    seq_ids=mb.rows, seq_lens=torch.tensor([len(s.response_ids) for s in mb.samples]),
-                    is_weights=is_w[i])
-                loss, st = routed_loss(out[mb.rows, mb.cols], teacher_logits[i] if lam > 0 else None, batch, counts,
-                                       loss_cfg, lam, groups.tp, vocab_size)
-                stats.merge(st)
-                # num_tokens = 0: the loss is already globally normalised; Megatron must not divide.
-                return loss, torch.zeros((), dtype=torch.int, device=loss.device), {"loss": loss.detach()}
-
-            return logits, loss_func
-
-        # One schedule call per mini-batch: grads are finalised (DP and tied-embedding
-        # all-reduces) exactly once per update. Shapes may differ: the config sets variable_seq_lengths.
-        run_schedule(groups, ddp, step, iter(ids_of), num_microbatches=len(group),
-                     seq_length=max(mb.ids.shape[1] for mb in group), micro_batch_size=micro_batch_size)
-        t3 = time.perf_counter()
-        if _grads_finite(ddp, groups):
-            ok, grad_norm, _ = optimizer.step()
-            bad = not ok or not math.isfinite(grad_norm)
-        else:
-            grad_norm, bad = float("nan"), True
+    stats, norms, skipped = Stats(), [], 0
+    timers = {"time/teacher": t1 - t0 if use_teacher else 0.0, "time/old_logprobs": t2 - t1 if later else 0.0, "time/fwd_bwd": 0.0, "time/optimizer": 0.0}
+    for k, (mini, share) in enumerate(zip(minis, mine)):
+        counts = GlobalCounts(sum(len(s.response_ids) for s in mini), len(mini))
+        norm, bad = _update(st, ddp, optimizer, share, counts, k == 0 and not separate_old_pass, stats, timers)
         skipped += bad
         if not bad:
-            norms.append(float(grad_norm))
-        t_fb += t3 - t2
-        t_opt += time.perf_counter() - t3
-    timers.update({"time/fwd_bwd": t_fb, "time/optimizer": t_opt})
-
-    # 4. key-token lift: mean change of log p on FKL-routed (key-span) tokens across this step
+            norms.append(norm)
     t4 = time.perf_counter()
-    if do_lift:
-        old_of = {}  # uid -> its old log-probs (last stage)
-        for i, mb in enumerate(mbs):
-            if old[i] is not None:
-                k = 0
-                for s in mb.samples:
-                    old_of[s.uid] = old[i][k:k + len(s.response_ids)]
-                    k += len(s.response_ids)
-        mine = [s for group in minis for s in group if s.uid in lift_uids]
-        with torch.no_grad():
-            for mb in make_micro_batches(mine, micro_batch_size):
-                out = _response_logprobs(ddp, groups, mb, loss_cfg.temperature, vocab_size)
-                if out is None:
-                    continue
-                lp = out[0]
-                before = torch.cat([old_of[s.uid] for s in mb.samples])
-                key = (torch.tensor(_packed(mb, "routes")) == Route.FKL).to(lp.device)
-                pre.mean("kl/key_token_lift", (lp - before)[key])
-    timers["time/key_token_lift"] = time.perf_counter() - t4 if do_lift else 0.0
+    lift = set(lift_uids)
+    if lift:
+        _lift_pass(st, ddp, [s for m in mine for s in m if s.uid in lift])
+    t5 = time.perf_counter()
 
-    metrics = stats.merge(pre).reduce(groups.dp, device=groups.device) if groups.is_last_stage else {}
+    timers["time/key_token_lift"] = t5 - t4 if lift else 0.0
+    stats.merge(st.pre).merge(st.layout)
+    metrics = stats.reduce(groups.dp, device=groups.device) if groups.is_last_stage else {}
+    metrics["layout/dp_imbalance"] = _imbalance(costs, shares, groups.dp_size)
     metrics.update({"optim/grad_norm": sum(norms) / len(norms) if norms else float("nan"),
                     "optim/skipped": float(skipped), "optim/updates": float(len(minis) - skipped),
                     "train/num_tokens": float(sum(len(s.response_ids) for s in samples)),
@@ -362,10 +530,10 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     return StepResult(metrics, skipped > 0, teacher_outputs)
 
 
-def _record_teacher(out: dict, mb: MicroBatch, logits: torch.Tensor, groups: ParallelGroups, temperature: float,
-                    vocab_size: int) -> None:
-    targets = torch.tensor([s.response_ids[i] for s in mb.samples for i in s.routed_positions], device=logits.device)
-    lp, ent = token_logprob_and_entropy(logits, targets, groups.tp, temperature, vocab_size=vocab_size)
+def _record_teacher(out: dict, mb: MicroBatch, logits: torch.Tensor, st: _Step) -> None:
+    r = logits.shape[0]
+    lp, ent = token_logprob_and_entropy(logits, mb.targets[:r].to(logits.device), st.groups.tp, st.cfg.temperature,
+                                        vocab_size=st.vocab)
     k = 0
     for s in mb.samples:
         n = len(s.routed_positions)

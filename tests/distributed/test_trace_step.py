@@ -72,7 +72,7 @@ def _reference_diagnostics(ddp, groups, batch, step):
             "teacher/leakage_kl_offspan": mean(leaks), "kl/key_token_lift": mean(lift)}
 
 
-def _rank(hf_dir, tp, pp, lam, nan_at=None, with_reference=False, mini_batches=2):
+def _rank(hf_dir, tp, pp, lam, nan_at=None, with_reference=False, mini_batches=2, **extra):
     from megatron_trace.loss import LossConfig
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.models.convert import export_hf_stream
@@ -89,7 +89,7 @@ def _rank(hf_dir, tp, pp, lam, nan_at=None, with_reference=False, mini_batches=2
 
     def step():
         box["res"] = train_step(ddp, opt, groups, batch, LossConfig(variant="trace_both"), lam, vocab_size=VOCAB,
-                                **{**STEP_KW, "mini_batches": mini_batches})
+                                **{**STEP_KW, "mini_batches": mini_batches, **extra})
 
     ref = _reference_diagnostics(ddp, groups, batch, step) if with_reference else step()
     res = box["res"]
@@ -178,3 +178,24 @@ def test_lambda_zero_skips_teacher_and_lift(hf_dir):
     metrics, skipped, _, _ = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.0)[0]
     assert not skipped and metrics["time/teacher"] == 0.0 and metrics["time/key_token_lift"] == 0.0
     assert "teacher/leakage_kl_offspan" not in metrics and metrics["loss/kl"] == 0.0
+
+
+def _both_ways(hf_dir, mini_batches):
+    return [_rank(hf_dir, 1, 1, 0.3, mini_batches=mini_batches, separate_old_pass=sep) for sep in (True, False)]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_first_mini_batch_gives_its_own_old_logprobs(hf_dir, mini_batches):
+    """Before any update the policy is pi_old: the first mini-batch's forward supplies its old
+    log-probs (and the mismatch/leakage diagnostics); with one mini-batch the separate pass is gone.
+    Metrics and weights are those of the separate pass."""
+    (ref, _, _, ref_w), (got, skipped, _, w) = run_on_ranks(_both_ways, 1, hf_dir, mini_batches)[0]
+    assert not skipped and ref["time/old_logprobs"] > 0
+    assert (got["time/old_logprobs"] == 0.0) == (mini_batches == 1)
+    assert ref["mismatch/logprob_abs_diff"] > 0 and ref["teacher/leakage_kl_offspan"] > 0
+    for k, v in ref.items():
+        if "time" not in k:
+            assert math.isclose(got[k], v, rel_tol=1e-6, abs_tol=1e-7), (k, got[k], v)
+    for k, v in ref_w.items():
+        assert (w[k] - v).abs().max().item() <= 1e-6, k
