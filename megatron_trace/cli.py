@@ -7,6 +7,8 @@ Subcommands available now:
   sft      cross-entropy warm start on reference solutions (same config, same machinery)
   eval     avg@k / pass@k with bootstrap CIs on MATH-500, AIME24/25, AMC23, GPQA-Diamond, arith
   grade    grade a JSONL of responses against a benchmark (math-verify, hard time limits)
+  plan     per-GPU memory estimate of a config (weights, grads, optimizer, teacher, activations,
+           rollout engine) against cluster.gpu_memory_gb; exit 1 when it does not fit
   models   the Qwen3 size registry with parameter counts
 
 """
@@ -99,6 +101,19 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import plan_memory
+
+    cfg = load_config(args.config, args.overrides)
+    kwargs = {} if args.prompt_tokens is None else {"prompt_tokens": args.prompt_tokens}
+    plan = plan_memory(cfg, source=args.config, **kwargs)
+    print(plan.table(), end="")
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    return 0 if plan.fits else 1
+
+
 def _cmd_sft(args) -> int:
     from .config import dump_config, load_config
 
@@ -166,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.n=8 loss.variant=grpo")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(fn=_cmd_train)
+    pl = sub.add_parser("plan", help="per-GPU memory estimate of a training config (no model is built)")
+    pl.add_argument("--config", required=True, help="YAML config (see configs/)")
+    pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=4 optim.recompute=full")
+    pl.add_argument("--json", action="store_true", help="also print the plan as one JSON line (last line)")
+    pl.add_argument("--prompt-tokens", type=int, default=None,
+                    help="prompt length assumed for every rollout (default: megatron_trace.plan.PROMPT_TOKENS)")
+    pl.set_defaults(fn=_cmd_plan)
     f = sub.add_parser("sft", help="cross-entropy warm start on reference solutions")
     f.add_argument("--config", required=True, help="YAML config (see configs/); the sft.* keys")
     f.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sft.steps=100")

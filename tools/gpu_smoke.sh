@@ -8,6 +8,9 @@
 #   4. tools/bench_step.py on CUDA
 #   5. the colocated memory hand-off: 3 steps with the optimizer off-loaded during rollout, memory/* per step;
 #      and the hf engine alone: device memory freed by sleep() and taken back by wake(weights)/wake(kv_cache)
+#   6. run checkpoints with Megatron's distributed optimizer (bf16, fp32 masters + Adam moments sharded over
+#      DP): save at dp=N (N = min(2, GPUs), torchrun), resume bit-identically at dp=N, load exactly at dp=1
+#      (the case of tests/distributed/test_optimizer_checkpoint.py, which runs it on gloo)
 set -u
 OUT=${1:-gpu_smoke}
 mkdir -p "$OUT"
@@ -54,3 +57,39 @@ tail -n 1 "$OUT/bench_step.log" > "$OUT/bench_step.json" 2>/dev/null || true
 for r in run_fp32 run_bf16; do
   [ -f "$OUT/$r/metrics.jsonl" ] && tail -n 1 "$OUT/$r/metrics.jsonl" > "$OUT/${r}_last_metrics.json"
 done
+cat > "$OUT/optim_ckpt.py" <<'PY'
+import json, os, sys
+import torch
+sys.path[:0] = ["tests", "tests/distributed"]
+import test_optimizer_checkpoint as T
+from conftest import TINY_TIED
+
+
+def cpu(state):
+    return {n: {k: v.cpu() for k, v in fields.items()} for n, fields in state.items()}
+
+
+if __name__ == "__main__":  # dist_checkpointing's writer spawns helpers that import this file
+    mode, out = sys.argv[1], sys.argv[2]
+    hf, run_dir = os.path.join(out, "hf"), os.path.join(out, "run")
+    if mode == "hf":
+        from megatron_trace.models.hf_io import make_random_hf_model
+        make_random_hf_model(TINY_TIED, hf, seed=0)
+        sys.exit(0)
+    batches = torch.randint(0, 1000, (T.STEPS, 4, 10), generator=torch.Generator().manual_seed(5))
+    res = T._rank(hf, batches, run_dir, "dist_adam_bf16", mode == "save")
+    if res is None:  # not rank 0
+        sys.exit(0)
+    if mode == "save":
+        torch.save(cpu(res["saved"]), os.path.join(out, "saved.pt"))
+        bad = T._diff(cpu(res["loaded"]), cpu(res["saved"])) + T._diff(cpu(res["resumed"]), cpu(res["final"]))
+    else:
+        bad = T._diff(cpu(res["loaded"]), torch.load(os.path.join(out, "saved.pt")))
+    print(json.dumps({"mode": mode, "world": int(os.environ.get("WORLD_SIZE", "1")), "mismatched": bad[:10]}))
+    sys.exit(1 if bad else 0)
+PY
+NGPU=$($PY -c "import torch; print(min(2, torch.cuda.device_count()))")
+run optim_ckpt_hf $PY "$OUT/optim_ckpt.py" hf "$OUT/optim_ckpt"
+run optim_ckpt_dp$NGPU $PY -m torch.distributed.run --standalone --nproc-per-node "$NGPU" "$OUT/optim_ckpt.py" save \
+  "$OUT/optim_ckpt"
+run optim_ckpt_dp1 $PY "$OUT/optim_ckpt.py" load "$OUT/optim_ckpt"

@@ -72,6 +72,9 @@ class ParallelConfig:
     # its own gloo ranks on CPU (there it spawns tp * pp * dp ranks).
     dp: int | None = None
     device: str = "auto"  # auto | cpu | cuda
+    # Megatron sequence parallelism: norms, dropout and layer inputs sharded along the sequence
+    # over the TP group (activation memory / tp). Only takes effect when tp > 1.
+    sequence_parallel: bool = False
 
     def __post_init__(self) -> None:
         _check(self.tp >= 1, "parallel.tp", self.tp, "an integer >= 1")
@@ -273,8 +276,19 @@ class OptimConfig:
     weight_decay: float = 0.0
     clip_grad: float = 1.0
     mini_batches: int = 1  # PPO updates per rollout batch
-    distributed_optimizer: bool = False  # shard optimizer state over DP (GPU/nccl only)
-    micro_batch_size: int = 4  # sequences per micro-batch
+    distributed_optimizer: bool = False  # shard optimizer state (fp32 masters, moments) over DP
+    micro_batch_size: int = 4  # rollouts per micro-batch (when max_tokens_per_micro_batch = 0)
+    # Token budget per micro-batch (padded rows count rows x longest, packed rows their tokens);
+    # 0 = micro_batch_size whole rollouts. The teacher pass counts the privileged sequences.
+    max_tokens_per_micro_batch: int = 0
+    pack_sequences: bool = False  # several rollouts per row (block-diagonal attention on CPU, THD with TE)
+    # Activation recompute of the actor (megatron_trace/plan.py estimates each): none | selective
+    # (core attention: the [heads, s, s] scores are recomputed) | full (only layer inputs are kept;
+    # recompute_method uniform: chunks of recompute_num_layers layers, block: the first
+    # recompute_num_layers layers of each pipeline stage)
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
 
     def __post_init__(self) -> None:
         _one_of("optim.optimizer", self.optimizer, {"adam", "sgd"})
@@ -285,6 +299,14 @@ class OptimConfig:
         _check(self.clip_grad >= 0, "optim.clip_grad", self.clip_grad, "a float >= 0 (0 = off)")
         _check(self.mini_batches >= 1, "optim.mini_batches", self.mini_batches, "an integer >= 1")
         _check(self.micro_batch_size >= 1, "optim.micro_batch_size", self.micro_batch_size, "an integer >= 1")
+        _check(not self.distributed_optimizer or self.optimizer == "adam", "optim.distributed_optimizer",
+               self.distributed_optimizer, "false with optim.optimizer=sgd (Megatron's distributed optimizer is Adam only)")
+        _one_of("optim.recompute", self.recompute, {"none", "selective", "full"})
+        _one_of("optim.recompute_method", self.recompute_method, {"uniform", "block"})
+        _check(self.recompute_num_layers >= 1, "optim.recompute_num_layers", self.recompute_num_layers,
+               "an integer >= 1")
+        _check(self.max_tokens_per_micro_batch >= 0, "optim.max_tokens_per_micro_batch",
+               self.max_tokens_per_micro_batch, "an integer >= 0 (0 = optim.micro_batch_size rollouts)")
 
 
 @dataclass
@@ -299,6 +321,8 @@ class TrainConfig:
     # Colocated rollout: move the optimizer state to host memory and free the gradient buffers
     # while the engine generates; both come back before the train step.
     offload_during_rollout: bool = False
+    # CUDA runs: refuse a config that `megatron-trace plan` puts over cluster.gpu_memory_gb
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", self.steps, "an integer >= 1")
@@ -381,10 +405,12 @@ class ClusterConfig:
     nodes: int = 1
     gpus_per_node: int = 8
     time: str = "04:00:00"
+    gpu_memory_gb: float = 80.0  # per GPU; `megatron-trace plan` and CUDA runs check the estimate against it
 
     def __post_init__(self) -> None:
         _check(self.nodes >= 1, "cluster.nodes", self.nodes, "an integer >= 1")
         _check(self.gpus_per_node >= 1, "cluster.gpus_per_node", self.gpus_per_node, "an integer >= 1")
+        _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", self.gpu_memory_gb, "a float > 0")
 
 
 @dataclass
@@ -423,9 +449,6 @@ class Config:
         if self.annotate.kind == "self" and self.rollout.engine == "sglang" and self.parallel.device == "cpu":
             raise ValueError("config keys 'rollout.engine'=sglang and 'parallel.device'=cpu do not go together: "
                              "SGLang needs CUDA")
-        if self.optim.distributed_optimizer and self.parallel.device == "cpu":
-            raise ValueError("config key 'optim.distributed_optimizer': value True is not allowed with "
-                             "parallel.device=cpu (gloo has no reduce-scatter); set it to false")
         if self.rollout.engine == "sglang" and not self.model.hf_dir:
             raise ValueError("config key 'rollout.engine': value 'sglang' needs model.hf_dir (the engine loads "
                              "the HF directory; convert a checkpoint with tools/convert_megatron_to_hf.py)")

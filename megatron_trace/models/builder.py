@@ -7,7 +7,9 @@ them (`models.convert`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -84,16 +86,46 @@ def transformer_config(
     *,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
-    recompute_granularity: str | None = None,
+    recompute: str = "none",
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
     **overrides,
 ):
     """Megatron `TransformerConfig` for `arch` on `groups`' layout.
 
     Dropout is 0 (RL and deterministic tests need it), and the CUDA-only fusions are off on CPU.
+    `sequence_parallel` takes effect only at TP > 1. `recompute` (the `optim.recompute*` keys):
+      none       every activation is kept for backward;
+      selective  Megatron's selective recompute of the core attention (`recompute_modules=
+                 ["core_attn"]`): the [b, heads, s, s] scores of the local spec are recomputed;
+                 with TE's fused attention there are none, and this changes little;
+      full       each layer chunk keeps only its input and reruns its forward in backward:
+                 `uniform` = chunks of `recompute_num_layers` layers (which must divide the
+                 layers of a stage), `block` = only the first `recompute_num_layers` layers of
+                 each stage.
+    Only the training forward recomputes (Megatron checks `self.training`); no-grad passes are
+    unaffected.
     """
     from megatron.core.transformer import TransformerConfig
 
     on_cpu = groups.device.type == "cpu"
+    layers_per_stage = arch.num_hidden_layers // groups.pp_size
+    recompute_kwargs: dict = {}
+    if recompute == "selective":
+        recompute_kwargs = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif recompute == "full":
+        bad = not 1 <= recompute_num_layers <= layers_per_stage or (
+            recompute_method == "uniform" and layers_per_stage % recompute_num_layers)
+        if bad:
+            raise ValueError(f"config key 'optim.recompute_num_layers': value {recompute_num_layers} is not allowed "
+                             f"with recompute_method={recompute_method!r}; expected an integer in [1, "
+                             f"{layers_per_stage}] (the layers of a pipeline stage)"
+                             + (" that divides it" if recompute_method == "uniform" else ""))
+        recompute_kwargs = dict(recompute_granularity="full", recompute_method=recompute_method,
+                                recompute_num_layers=recompute_num_layers)
+    elif recompute != "none":
+        raise ValueError(f"config key 'optim.recompute': value {recompute!r} is not allowed; "
+                         "expected one of ['full', 'none', 'selective']")
     kwargs = dict(
         num_layers=arch.num_hidden_layers,
         hidden_size=arch.hidden_size,
@@ -120,7 +152,7 @@ def transformer_config(
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=on_cpu,
-        recompute_granularity=recompute_granularity,
+        **recompute_kwargs,
         # PP micro-batches of differing lengths (RL rollouts); the MoE dispatcher default
         # refuses this flag although this dense model has no experts.
         variable_seq_lengths=True,
@@ -136,7 +168,11 @@ def transformer_config(
             apply_rope_fusion=False,
         )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    with warnings.catch_warnings():
+        # Megatron warns about core_attn recompute whenever it is asked for, in case the
+        # attention is TE's fused one; the local spec's is not, and there it is the point.
+        warnings.filterwarnings("ignore", message=".*core_attn.*", category=UserWarning)
+        return TransformerConfig(**kwargs)
 
 
 def build_model(
@@ -173,6 +209,8 @@ def build_model(
         if use_te
         else get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     )
+    if config.sequence_parallel and not use_te:
+        spec = _local_spec_with_sequence_parallel_norms(spec, arch.num_hidden_layers // groups.pp_size)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -190,6 +228,51 @@ def build_model(
     _ensure_tp_attributes(model)
     model.arch = arch  # the HF-side description travels with the module (export, checkpoints)
     return model.to(groups.device)
+
+
+class _SequenceParallelTorchNorm:
+    """The local spec's torch RMSNorm under sequence parallelism.
+
+    Megatron's `WrappedTorchNorm` refuses sequence parallelism: nothing would mark its weight
+    for the all-reduce over TP that sequence-sharded inputs need (each rank sees s/tp tokens).
+    This builds the same norm and marks it `sequence_parallel`, as TE's norms are marked, so
+    `finalize_model_grads` sums its gradient over TP.
+    """
+
+    mark = True
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        import copy
+
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for p in norm.parameters():
+            p.sequence_parallel = cls.mark and config.sequence_parallel
+        return norm
+
+
+class _QKTorchNorm(_SequenceParallelTorchNorm):
+    """q/k norms see whole sequences (after the QKV gather); Megatron already sums their grads
+    over TP by name (`qk_layernorm`), so they are not marked."""
+
+    mark = False
+
+
+def _local_spec_with_sequence_parallel_norms(spec, num_layers: int):
+    """The local layer spec with every norm (and the final one) built by `_SequenceParallelTorchNorm`."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    sub = spec.submodules
+    attn = sub.self_attention
+    attn = dataclasses.replace(attn, submodules=dataclasses.replace(
+        attn.submodules, q_layernorm=_QKTorchNorm, k_layernorm=_QKTorchNorm))
+    layer = dataclasses.replace(spec, submodules=dataclasses.replace(
+        sub, input_layernorm=_SequenceParallelTorchNorm, pre_mlp_layernorm=_SequenceParallelTorchNorm,
+        self_attention=attn))
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=_SequenceParallelTorchNorm)
 
 
 def _ensure_tp_attributes(model) -> None:

@@ -18,10 +18,15 @@ from ..parallel import ParallelGroups
 from .builder import build_model, padded_vocab, unwrap_model
 from .qwen3 import Qwen3Arch, arch_from_hf_config
 
-__all__ = ["META_FILE", "load_checkpoint", "load_hf", "read_meta", "save_checkpoint"]
+__all__ = ["META_FILE", "load_checkpoint", "load_hf", "model_sharded_state_dict", "read_meta", "save_checkpoint"]
 
 META_FILE = "megatron_trace.json"
 _PREFIX = "model."
+
+
+def model_sharded_state_dict(model) -> dict:
+    """The model's sharded state dict as checkpoints key it (the optimizer's is built on it)."""
+    return unwrap_model(model).sharded_state_dict(prefix=_PREFIX)
 
 
 def save_checkpoint(model, groups: ParallelGroups, ckpt_dir: str, hf_config: dict,
@@ -35,7 +40,7 @@ def save_checkpoint(model, groups: ParallelGroups, ckpt_dir: str, hf_config: dic
     if dist.get_rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(inner.sharded_state_dict(prefix=_PREFIX), ckpt_dir)
+    dist_checkpointing.save(model_sharded_state_dict(inner), ckpt_dir)
     if dist.get_rank() == 0:
         meta = {
             "format": "torch_dist",
@@ -77,7 +82,7 @@ def load_checkpoint(ckpt_dir: str, groups: ParallelGroups, *, params_dtype: torc
         dtype = params_dtype or getattr(torch, meta.get("params_dtype", "float32"))
         model = build_model(arch, groups, params_dtype=dtype, **build_kwargs)
     inner = unwrap_model(model)
-    state = dist_checkpointing.load(inner.sharded_state_dict(prefix=_PREFIX), ckpt_dir)
+    state = dist_checkpointing.load(model_sharded_state_dict(inner), ckpt_dir)
     state = {k[len(_PREFIX):]: v for k, v in state.items() if k.startswith(_PREFIX)}
     missing, unexpected = inner.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

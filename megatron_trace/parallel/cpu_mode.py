@@ -11,6 +11,15 @@ place that bends those assumptions, and only when CUDA is absent:
 4. Megatron's clip-by-total-norm asserts `torch.cuda.FloatTensor`; it is replaced by a
    device-agnostic version. The norm itself is still Megatron's TP/PP-aware `get_grad_norm_fp32`.
 5. `torch.cuda.synchronize` and friends become no-ops.
+6. Activation recompute (`tensor_parallel.checkpoint`) saves and restores the CUDA generator's
+   state next to the CPU one and the tracker's; with no CUDA generator that part is empty, so a
+   recomputed forward replays the same CPU and tracker streams (dropout included). The recomputed
+   forward runs inside backward, and `Tensor.backward` pops the device mapping while it runs (a
+   mode is off inside its own handler), so the recompute entry points put it back.
+7. Megatron's mixed-precision and distributed optimizers sort parameters by `param.type()` and
+   accept only `torch.cuda.*Tensor` names. While their constructors run, `Tensor.type()` reports
+   a CPU tensor under its CUDA name (the distributed optimizer's reduce-scatter and all-gather run
+   on gloo as they are).
 
 `enable()` is idempotent and refuses to run when CUDA is available: on a GPU machine the real
 CUDA paths must be used.
@@ -19,6 +28,7 @@ CUDA paths must be used.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -31,6 +41,7 @@ log = logging.getLogger(__name__)
 _CPU = torch.device("cpu")
 _enabled = False
 _mode: TorchFunctionMode | None = None
+_cuda_type_names = False  # item 7: only while a Megatron optimizer is being built
 
 
 def _is_cuda(dev) -> bool:
@@ -48,11 +59,27 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and _cuda_type_names and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = _CPU
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+def _with_mapping(fn):
+    """`fn` with the device mapping active (re-entered when the stack lost it, see item 6)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        if any(isinstance(m, _CudaToCpu) for m in torch.overrides._get_current_function_mode_stack()):
+            return fn(*args, **kwargs)
+        with _CudaToCpu():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 class CpuRNGStatesTracker:
@@ -128,6 +155,19 @@ def _clip_grad_by_total_norm(parameters, max_norm, total_norm, use_decoupled_gra
                 g.detach().mul_(coeff)
 
 
+def _with_cuda_type_names(init):
+    @functools.wraps(init)
+    def wrapped(*args, **kwargs):
+        global _cuda_type_names
+        outer, _cuda_type_names = _cuda_type_names, True
+        try:
+            return init(*args, **kwargs)
+        finally:
+            _cuda_type_names = outer
+
+    return wrapped
+
+
 def is_enabled() -> bool:
     return _enabled
 
@@ -152,6 +192,17 @@ def enable() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm
+    from megatron.core.optimizer import distrib_optimizer
+
+    for cls in (optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _with_cuda_type_names(cls.__init__)
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+    mrandom.CheckpointFunction.backward = staticmethod(_with_mapping(mrandom.CheckpointFunction.backward))
+    mrandom.CheckpointWithoutOutput._recompute = _with_mapping(mrandom.CheckpointWithoutOutput._recompute)
 
     _mode = _CudaToCpu()
     _mode.__enter__()  # stays active for the life of the process

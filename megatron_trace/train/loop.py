@@ -120,7 +120,9 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
                             micro_batch_size=cfg.optim.micro_batch_size, vocab_size=run.arch.vocab_size,
                             teacher=t_module, mini_batches=cfg.optim.mini_batches, tis_cap=cfg.loss.tis_cap,
                             lr=run.lr(step), probe_tokens=cfg.teacher.probe_tokens,
-                            key_token_lift=cfg.train.key_token_lift, record_teacher=teacher_outputs is not None)
+                            key_token_lift=cfg.train.key_token_lift, record_teacher=teacher_outputs is not None,
+                            max_tokens_per_micro_batch=cfg.optim.max_tokens_per_micro_batch,
+                            pack_sequences=cfg.optim.pack_sequences)
     if teacher_outputs is not None:
         teacher_outputs.update(result.teacher_outputs)
     metrics.update(result.metrics)

@@ -249,6 +249,13 @@ def _build_generation(cfg: Config, groups: ParallelGroups, hf_model, dtype, toke
     return gen, engine
 
 
+def _build_kwargs(cfg: Config) -> dict:
+    """`build_model` options of the actor: TE spec, sequence parallelism, activation recompute."""
+    o = cfg.optim
+    return dict(use_te=cfg.model.use_te, sequence_parallel=cfg.parallel.sequence_parallel, recompute=o.recompute,
+                recompute_method=o.recompute_method, recompute_num_layers=o.recompute_num_layers)
+
+
 def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dtype):
     """(arch, this rank's GPTModel stage, the HF model it came from or None) per `model.*`."""
     from ..models.hf_io import make_random_hf_model
@@ -258,7 +265,7 @@ def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dty
         from ..models.checkpoint import load_checkpoint, read_meta
 
         arch = arch_from_hf_config(read_meta(cfg.model.ckpt)["hf_config"])
-        model = load_checkpoint(cfg.model.ckpt, groups, params_dtype=dtype, use_te=cfg.model.use_te)
+        model = load_checkpoint(cfg.model.ckpt, groups, params_dtype=dtype, **_build_kwargs(cfg))
     else:
         if cfg.model.hf_dir:
             from ..models.convert import HFCheckpointReader
@@ -269,9 +276,21 @@ def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dty
             arch = dataclasses.replace(get_arch(cfg.model.size), vocab_size=len(tokenizer))
             hf_model = make_random_hf_model(arch, seed=cfg.seed)
             reader = _DictReader(dict(hf_model.state_dict()))
-        model = build_model(arch, groups, params_dtype=dtype, use_te=cfg.model.use_te, perform_initialization=False)
+        model = build_model(arch, groups, params_dtype=dtype, perform_initialization=False, **_build_kwargs(cfg))
         load_hf_into_model(model, reader, groups)
     return arch, model, hf_model
+
+
+def _check_memory(cfg: Config, groups: ParallelGroups) -> None:
+    """On CUDA, refuse a config the memory planner puts over cluster.gpu_memory_gb, before any
+    model is built. CPU runs are not checked: host memory is not what the GPU size describes."""
+    if groups.device.type != "cuda" or not cfg.train.memory_check:
+        return
+    from ..models.builder import have_transformer_engine
+    from ..plan import check_fits
+
+    fused = cfg.model.use_te if cfg.model.use_te is not None else have_transformer_engine()
+    check_fits(cfg, dp=groups.dp_size, fused_attention=fused, source=cfg.run.name)
 
 
 def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
@@ -279,9 +298,7 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
     if cfg.parallel.dp is not None and groups.dp_size != cfg.parallel.dp:
         raise ValueError(f"config key 'parallel.dp'={cfg.parallel.dp} but {dist.get_world_size()} ranks at "
                          f"tp={cfg.parallel.tp}, pp={cfg.parallel.pp} give dp={groups.dp_size}")
-    if cfg.optim.distributed_optimizer and groups.device.type == "cpu":
-        raise ValueError("config key 'optim.distributed_optimizer': value True is not allowed on CPU "
-                         "(gloo has no reduce-scatter); set it to false")
+    _check_memory(cfg, groups)
     tok_dir = cfg.model.hf_dir or (os.path.join(cfg.model.ckpt, "tokenizer") if cfg.model.ckpt else None)
     tokenizer, problems, verify, closers = _load_data(cfg, tok_dir)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32

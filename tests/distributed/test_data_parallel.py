@@ -13,9 +13,10 @@ OVERRIDES = ["rollout.max_new_tokens=16", "rollout.prompts_per_step=4", "rollout
              "schedule.decay_steps=2", "optim.lr=0.05", "optim.optimizer=sgd", "loss.variant=trace_both",
              "annotate.max_segment_chars=4", "log.tensorboard=false", "optim.micro_batch_size=4"]
 
-# How the work was spread over engines and ranks, and wall-clock figures: layout-dependent by
-# design. Everything else (rewards, routes, losses, grad norms, sync sizes) must match.
-LAYOUT_KEYS = ("time", "seconds", "dispatch/", "memory/")
+# How the work was spread over engines, ranks and micro-batches, and wall-clock figures:
+# layout-dependent by design. Everything else (rewards, routes, losses, grad norms, sync sizes)
+# must match.
+LAYOUT_KEYS = ("time", "seconds", "dispatch/", "memory/", "layout/")
 
 
 def _pseudo_verify(items):
@@ -50,11 +51,17 @@ def dp1(tmp_path_factory):
     return run_on_ranks(_rank, 1, 1, str(tmp_path_factory.mktemp("dp1")))[0]
 
 
+PACKED = ["optim.pack_sequences=true", "optim.max_tokens_per_micro_batch=48"]
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("placement", ["colocated", "rank0"])
-def test_dp2_loop_equals_dp1(dp1, placement, tmp_path):
+@pytest.mark.parametrize("placement, extra", [("colocated", []), ("rank0", []), ("colocated", PACKED)],
+                         ids=["colocated", "rank0", "colocated-packed-budget"])
+def test_dp2_loop_equals_dp1(dp1, placement, extra, tmp_path):
+    """dp=2 equals dp=1; with packing and a token budget on too (the dp=1 run pads 4 rollouts per
+    micro-batch), so the 3-step loop is also the packed-vs-padded check."""
     ref_hist, ref_w, _, _ = dp1
-    results = run_on_ranks(_rank, 2, 2, str(tmp_path / "run"), [f"rollout.placement={placement}"])
+    results = run_on_ranks(_rank, 2, 2, str(tmp_path / "run"), [f"rollout.placement={placement}", *extra])
     engines = 2 if placement == "colocated" else 1  # one per replica, or global rank 0's only
     assert sum(r[2] for r in results) == engines and results[0][2] == 1
     hist, w, _, _ = results[0]
@@ -64,6 +71,8 @@ def test_dp2_loop_equals_dp1(dp1, placement, tmp_path):
     for step, (a, b) in enumerate(zip(hist, ref_hist)):
         # every engine generated at every step
         assert a["dispatch/engines_used"] == engines and b["dispatch/engines_used"] == 1
+        if extra:
+            assert a["layout/padding_frac"] == 0.0 < b["layout/padding_frac"]
         a, b = _comparable(a), _comparable(b)
         assert set(a) == set(b), set(a) ^ set(b)
         for k in b:

@@ -139,3 +139,46 @@ def test_packed_and_budgeted_layouts_equal_padded(hf_dir, tp, pp):
                     math.isnan(v) and math.isnan(r["metrics"][k])), (rank, name, k)
             assert ref["metrics"]["loss/kl"] > 0 and ref["metrics"]["teacher/leakage_kl_offspan"] > 0
 
+
+
+def _sp_rank(hf_dir):
+    """The step's passes at TP=2 with and without sequence parallelism, padded and packed rows
+    (under SP the span-sparse head gathers the sequence-sharded hidden states first)."""
+    from megatron_trace.loss import GlobalCounts, LossConfig, Stats
+    from megatron_trace.models.checkpoint import load_hf
+    from megatron_trace.parallel import initialize
+    from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
+    from megatron_trace.train.step import _batching, _old_logprob_pass, _Step, _teacher_pass, _update
+
+    groups = initialize(tp=2, pp=1)
+    batch = samples()
+    counts = GlobalCounts(sum(len(s.response_ids) for s in batch), len(batch))
+    out = {}
+    for sp in (False, True):
+        ddp = wrap_ddp(load_hf(hf_dir, groups, sequence_parallel=sp), groups)
+        opt = build_optimizer(ddp, groups, OptimSettings(optimizer="sgd", lr=0.0, clip_grad=0.0))
+        for pack in (False, True):
+            b = _batching(ddp, groups, 3, 0, pack)
+            st = _Step(groups, LossConfig(variant="trace_both"), 0.3, VOCAB, b, None, 2)
+            _teacher_pass(st, ddp, batch, None)
+            _old_logprob_pass(st, ddp, batch)
+            stats = Stats()
+            _update(st, ddp, opt, batch, counts, False, stats, {"time/fwd_bwd": 0.0, "time/optimizer": 0.0})
+            out[sp, pack] = {"multiple": b.multiple, "grads": _grads(ddp), "old": dict(st.old),
+                             "teacher": dict(st.t_routed), "loss": stats.reduce()["loss/total"]}
+    return out
+
+
+@pytest.mark.dist
+def test_sequence_parallel_equals_plain_tp(hf_dir):
+    for res in run_on_ranks(_sp_rank, 2, hf_dir):
+        ref = res[False, False]
+        assert res[True, True]["multiple"] == 2 and ref["multiple"] == 1
+        for key, r in res.items():
+            assert r["loss"] == pytest.approx(ref["loss"], rel=1e-5), key
+            for u, v in ref["old"].items():
+                assert _close(r["old"][u], v, 1e-5), (key, u)
+            for u, v in ref["teacher"].items():
+                assert _close(r["teacher"][u], v, 1e-5), (key, u)
+            for n, g in ref["grads"].items():
+                assert _close(r["grads"][n], g, 1e-5), (key, n, (r["grads"][n] - g).abs().max().item())

@@ -91,7 +91,7 @@ def test_wandb_sink_logs_scalars_and_resumes_the_same_run(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["optim.distributed_optimizer=true", "parallel.device=cpu"], "'optim.distributed_optimizer'"),
+    (["optim.distributed_optimizer=true", "optim.optimizer=sgd"], "'optim.distributed_optimizer'.*Adam only"),
     (["rollout.engine=sglang"], "needs model.hf_dir"),
     (["parallel.device=cuda", "parallel.tp=3", "cluster.nodes=1", "cluster.gpus_per_node=8"], "must divide"),
 ])

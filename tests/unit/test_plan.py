@@ -1,0 +1,177 @@
+"""The memory planner (`megatron_trace/plan.py`, `megatron-trace plan`): its parameter, gradient
+and optimizer bytes equal what Megatron allocates, every Qwen3 recipe fits on 80 GB, an
+over-budget config is refused with the keys to change, and the CLI prints the table."""
+
+import dataclasses
+import glob
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import REPO
+
+from megatron_trace.config import load_config
+from megatron_trace.config.schema import ClusterConfig, Config, ModelConfig, OptimConfig, ParallelConfig
+from megatron_trace.models.builder import padded_vocab
+from megatron_trace.models.qwen3 import QWEN3_SIZES
+from megatron_trace.parallel import run_on_ranks
+from megatron_trace.plan import GB, check_fits, param_numels, plan_memory, static_bytes
+
+RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "qwen3_*.yaml")))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_recipe_fits_on_80gb(path):
+    cfg = load_config(path)
+    plan = plan_memory(cfg, source=path)
+    assert cfg.cluster.gpu_memory_gb == 80
+    assert plan.fits, plan.table()
+    assert plan.engine_fits and plan.kv_cache_tokens > 100_000, plan.table()  # room to generate 8k tokens x many
+    assert plan.layout["gpus"] == cfg.cluster.nodes * cfg.cluster.gpus_per_node
+
+
+def test_an_over_budget_layout_is_refused_with_the_keys_to_change():
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3_32b_trace_fkl.yaml"), ["parallel.tp=1"])
+    assert not plan_memory(cfg).fits
+    with pytest.raises(ValueError) as err:
+        check_fits(cfg)
+    msg = str(err.value)
+    for needle in ("cluster.gpu_memory_gb=80", "parallel.tp", "GB per GPU", "train.memory_check=false"):
+        assert needle in msg, (needle, msg)
+    # activations dominate without recompute: the message says how to cut them
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3_8b_grpo.yaml"), ["optim.recompute=none"])
+    with pytest.raises(ValueError, match="optim.recompute=selective.*or full.*optim.max_tokens_per_micro_batch"):
+        check_fits(cfg)
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3_14b_grpo.yaml"),
+                      ["optim.distributed_optimizer=false", "parallel.tp=2"])
+    with pytest.raises(ValueError, match="optim.distributed_optimizer=true"):
+        check_fits(cfg)
+
+
+def test_train_checks_the_plan_on_cuda_only():
+    from megatron_trace.train.setup_run import _check_memory
+
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3_32b_trace_fkl.yaml"), ["parallel.tp=1"])
+    cuda = SimpleNamespace(device=torch.device("cuda"), dp_size=16)
+    with pytest.raises(ValueError, match="memory plan"):
+        _check_memory(cfg, cuda)
+    _check_memory(cfg, SimpleNamespace(device=torch.device("cpu"), dp_size=16))  # CPU runs are not checked
+    cfg.train.memory_check = False
+    _check_memory(cfg, cuda)
+
+
+def test_parameter_counts_follow_the_hf_model_and_megatron_sharding():
+    for name, arch in QWEN3_SIZES.items():
+        pad = padded_vocab(arch.vocab_size, 1) - arch.vocab_size
+        heads = 1 if arch.tie_word_embeddings else 2
+        assert sum(param_numels(arch, 1, 1)[0].values()) == arch.num_params + pad * arch.hidden_size * heads, name
+    arch = QWEN3_SIZES["8b"]
+    whole = sum(param_numels(arch, 1, 1)[0].values())
+    split = param_numels(arch, 2, 2)  # TP shards the matrices, the norms are replicated, PP splits layers
+    assert split[0]["embedding"] * 2 == padded_vocab(arch.vocab_size, 2) * arch.hidden_size
+    assert sum(sum(s.values()) for s in split) * 2 < whole + 2 * split[0]["norms"] + 2 * split[1]["norms"]
+    with pytest.raises(ValueError, match="parallel.tp"):
+        param_numels(arch, 16, 1)  # 8 KV heads do not split 16 ways
+    with pytest.raises(ValueError, match="parallel.pp"):
+        param_numels(arch, 1, 5)
+
+
+def _tiny_cfg(**over) -> Config:
+    return Config(model=ModelConfig(size="tiny", dtype=over.pop("dtype", "bfloat16"), use_te=False),
+                  parallel=ParallelConfig(tp=over.pop("tp", 1), pp=1, device="cuda",
+                                          sequence_parallel=over.pop("sp", False)),
+                  optim=OptimConfig(recompute=over.pop("recompute", "none"), micro_batch_size=2, **over),
+                  cluster=ClusterConfig(nodes=1, gpus_per_node=2))
+
+
+def test_activation_formula_by_hand_and_recompute_ordering():
+    arch = QWEN3_SIZES["tiny"]  # h 64, 2 layers, 4 heads x 32, 2 KV heads, ffn 128
+    cfg = _tiny_cfg(dtype="float32")
+    cfg.rollout.max_new_tokens, cfg.rollout.prompts_per_step, cfg.schedule.lambda0 = 64, 1, 0.0
+    h, q, kv, f, L, B = 64, 128, 64, 128, 2, 4
+    T = 2 * (100 + 64)  # micro_batch_size rows of prompt + response
+    plan = plan_memory(cfg, prompt_tokens=100, fused_attention=True, dp=1)
+    per_layer = T * B * (4 * h + (q + kv) + (q + 2 * kv) + q + 4 * f)
+    want = L * per_layer + T * 2 * h * B  # + the final norm on the last stage
+    assert plan.train.components["activations (update)"] == pytest.approx(want)
+    assert plan.train.components["LM head logits (update)"] == 2 * 64 * padded_vocab(arch.vocab_size, 1) * 2 * B
+
+    def act(fused=False, **over):
+        c = _tiny_cfg(**over)
+        c.rollout.max_new_tokens, c.schedule.lambda0 = 4096, 0.0
+        return plan_memory(c, fused_attention=fused, dp=1).train.components["activations (update)"]
+
+    # unfused attention at 4k tokens: the [heads, s, s] scores dominate; selective drops them,
+    # full keeps layer inputs but recomputes one whole layer (scores included) at a time
+    none, sel, full = act(), act(recompute="selective"), act(recompute="full")
+    assert none > full > sel and none > 10 * sel, (none, sel, full)
+    # fused attention keeps no scores: selective changes almost nothing, full is what helps
+    none, sel, full = act(True), act(True, recompute="selective"), act(True, recompute="full")
+    assert none == sel > full, (none, sel, full)
+    assert act(tp=2, sp=True, recompute="full") < act(tp=2, recompute="full")
+
+
+def test_cli_prints_the_table_and_json_and_exits_1_when_over():
+    cmd = [sys.executable, "-m", "megatron_trace.cli", "plan", "--config", "configs/qwen3_8b_trace_fkl.yaml", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for needle in ("megatron-trace plan: configs/qwen3_8b_trace_fkl.yaml", "tp=2 pp=1 dp=8", "actor weights",
+                   "optimizer (adam, distributed /8)", "teacher logits", "rollout engine KV cache", "peak",
+                   "GPU 80 GB", "fits"):
+        assert needle in out.stdout, needle
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert data["fits"] and data["train"]["peak_gb"] <= 80 and data["layout"]["tp"] == 2
+    over = subprocess.run(cmd[:-1] + ["parallel.tp=1", "optim.recompute=none"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert over.returncode == 1 and "DOES NOT FIT" in over.stdout and "optim.recompute" in over.stdout
+
+
+def _megatron_bytes(tp, pp, cases):
+    """Bytes of the real tensors: parameters, DDP grad buffers, optimizer state after one step."""
+    from megatron_trace.models.builder import build_model
+    from megatron_trace.parallel import initialize
+    from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
+
+    groups = initialize(tp=tp, pp=pp)
+    out = []
+    for arch, dtype, optimizer in cases:
+        ddp = wrap_ddp(build_model(arch, groups, params_dtype=dtype), groups)
+        opt = build_optimizer(ddp, groups, OptimSettings(optimizer=optimizer, lr=1e-3))
+        for p in ddp.parameters():
+            p.main_grad.fill_(1e-3)
+        opt.step()  # Adam's moments are made at the first step
+        params = {id(p): p for p in ddp.parameters()}
+        state = 0
+        for o in getattr(opt, "chained_optimizers", [opt]):
+            for g in o.optimizer.param_groups:
+                for p in g["params"]:
+                    if id(p) not in params:  # fp32 master copies
+                        state += p.numel() * p.element_size()
+                    st = o.optimizer.state.get(p, {})
+                    state += sum(st[k].numel() * st[k].element_size()
+                                 for k in ("exp_avg", "exp_avg_sq", "momentum_buffer") if st.get(k) is not None)
+        out.append({"stage": groups.pp_rank, "weights": sum(p.numel() * p.element_size() for p in params.values()),
+                    "grads": sum(b.grad_data.numel() * b.grad_data.element_size() for b in ddp.buffers),
+                    "optimizer": state})
+    return out
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)], ids=["tp1", "tp2", "pp2"])
+def test_static_bytes_equal_megatron_tensors(tp, pp):
+    archs = [QWEN3_SIZES["tiny"], dataclasses.replace(QWEN3_SIZES["tiny"], tie_word_embeddings=False, head_dim=16)]
+    cases = [(a, dt, o) for a in archs for dt in (torch.float32, torch.bfloat16) for o in ("adam", "sgd")]
+    measured = run_on_ranks(_megatron_bytes, tp * pp, tp, pp, cases)
+    for rank_result in measured:
+        for (arch, dtype, optimizer), got in zip(cases, rank_result):
+            cfg = Config(model=ModelConfig(size="tiny", dtype="bfloat16" if dtype == torch.bfloat16 else "float32"),
+                         parallel=ParallelConfig(tp=tp, pp=pp), optim=OptimConfig(optimizer=optimizer),
+                         cluster=ClusterConfig(nodes=1, gpus_per_node=tp * pp))
+            want = static_bytes(cfg, arch, dp=1, te_spec=False)[got["stage"]]
+            case = (arch.tie_word_embeddings, dtype, optimizer, got["stage"])
+            assert {k: got[k] for k in want} == want, case
+            assert want["weights"] / GB < 0.01
