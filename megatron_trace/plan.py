@@ -54,15 +54,17 @@ rows of s. Packed rows on the unfused (local) spec attend over the whole row (s 
 
 **Teacher** (lambda0 > 0 and a routed variant): privileged sequences `TEACHER_SEQ_FACTOR` x
 longer; forward only, so one layer's working set at the teacher micro-batch, plus its logits at
-the routed positions, which stay resident for the whole step (train/step.py keeps them per
-rollout): ceil(prompts x n / dp) x (max_new_tokens x routed share + probe_tokens) x V/tp x B on the
-last stage; the routed share is annotate.coverage_cap for annotated and random masks, 1 for
-all-token and inverted masks.
+the routed and probe positions of the update chunk that reads them (train/step.py runs the
+teacher right before each chunk of micro-batches whose positions fit
+teacher.max_resident_tokens, at least one micro-batch): min(this rank's mini-batch, max(that
+budget, one micro-batch)) positions x V/tp x B on the last stage, with (max_new_tokens x routed
+share + probe_tokens) positions per rollout; the routed share is annotate.coverage_cap for
+annotated and random masks, 1 for all-token and inverted masks.
 
 **Passes.** The train phase peaks in the largest of its passes, each next to what stays
-resident: the teacher pass, the old-log-prob pass (only with optim.mini_batches > 1: a
-forward-only schedule call collects every micro-batch's response logits, those of mini-batches
-2.. at once) and the update.
+resident: the teacher pass (its logits), the update (the chunk's teacher logits stay next to
+it) and, with optim.mini_batches > 1, the old-log-prob pass (forward only, one micro-batch's
+response logits at a time).
 
 **Rollout engine** (colocated and rank0 placements, on stage 0's GPUs). SGLang 0.5.6 sizes its
 static pool (weights + KV cache) once, when it starts during setup: rollout.mem_fraction_static
@@ -371,9 +373,13 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
     share = _routed_share(cfg)
     teacher_used = share > 0
     snapshot = teacher_used and cfg.teacher.mode == "snapshot"
-    teacher_logits = rollouts_rank * (r.max_new_tokens * share + cfg.teacher.probe_tokens) * vocab_rank * B
-    # forward-only passes collect every micro-batch's logits before reducing them (train/step.py)
-    old_logits = (rollouts_rank - rollouts_mini) * r.max_new_tokens * vocab_rank * B
+    per_rollout = r.max_new_tokens * share + cfg.teacher.probe_tokens  # teacher positions
+    mb_rollouts = max(T // s, 1)
+    teacher_positions = min(rollouts_mini * per_rollout,
+                            max(cfg.teacher.max_resident_tokens or rollouts_mini * per_rollout, mb_rollouts * per_rollout))
+    teacher_logits = teacher_positions * vocab_rank * B
+    # forward-only passes reduce each micro-batch's logits as it comes (train/step.py)
+    old_logits = T_resp * vocab_rank * B
     master, moments = _optimizer_bytes(cfg)
     opt_key = f"optimizer ({o.optimizer}{', distributed /' + str(dp) if o.distributed_optimizer else ''})"
     engine_here = r.placement in ("colocated", "rank0")
@@ -409,13 +415,13 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
         rollout_phases.append(Phase(i, ro))
 
         # train: the largest of its passes
-        resident = {**base, "teacher logits (whole step)": teacher_logits if last and teacher_used else 0.0}
+        resident = {**base, "teacher logits (one update chunk)": teacher_logits if last and teacher_used else 0.0}
         passes = {}
         if teacher_used:
             passes["teacher"] = {**resident, "snapshot teacher weights": teacher_w,
                                  "activations (teacher pass, one layer)": sh.layer_bytes(T_t, row_t, not fused)}
         if o.mini_batches > 1:
-            passes["old log-prob"] = {**resident, "old log-prob logits (mini-batches 2..)": old_logits if last else 0}
+            passes["old log-prob"] = {**base, "old log-prob logits (one micro-batch)": old_logits if last else 0}
         passes["update"] = {**resident,
                             "activations (update)": min(pp - i, num_mb) * per_mb + (T * 2 * sh.h * B if last else 0),
                             "LM head logits (update)": T_resp * vocab_rank * 2 * B if last else 0.0}
@@ -434,8 +440,9 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
                                     f"{r.mem_fraction_static} of the memory free at its start = "
                                     f"{engine_pool / GB:.1f} GB, KV cache for {kv_tokens} tokens")
     if teacher_used:
-        tr_worst.notes["teacher logits"] = (f"{rollouts_rank} rollouts x ({r.max_new_tokens} x {share:g} routed + "
-                                            f"{cfg.teacher.probe_tokens} probes) x V/tp={vocab_rank}, kept all step")
+        tr_worst.notes["teacher logits"] = (f"{int(teacher_positions)} positions (teacher.max_resident_tokens="
+                                            f"{cfg.teacher.max_resident_tokens}; {per_rollout:g} per rollout) x "
+                                            f"V/tp={vocab_rank}")
     layout = {"model": cfg.model.size if not cfg.model.ckpt else cfg.model.ckpt, "params_b": arch.num_params / 1e9,
               "dtype": cfg.model.dtype, "tp": tp, "pp": pp, "dp": dp, "gpus": tp * pp * dp,
               "sequence_parallel": "on" if sp else "off", "recompute": recompute_label,
@@ -479,8 +486,9 @@ def suggestions(plan: MemoryPlan) -> list[str]:
         elif name.startswith("snapshot teacher"):
             out.append("teacher.offload=true (the snapshot waits in host memory) or teacher.mode=live")
         elif name.startswith("teacher logits"):
-            out.append("lower rollout.prompts_per_step or rollout.n, or raise cluster.nodes (teacher logits are "
-                       "kept for this rank's share of the step's rollouts: prompts x n / dp)")
+            out.append("lower teacher.max_resident_tokens (the teacher runs in smaller chunks of the update), "
+                       "optim.micro_batch_size or optim.max_tokens_per_micro_batch (one micro-batch's teacher "
+                       "logits are the floor), or raise parallel.tp")
         elif name.startswith("rollout engine"):
             out.append("lower rollout.mem_fraction_static, or train.offload_during_rollout=true / teacher.offload=true "
                        "(more room next to the engine)")

@@ -218,11 +218,17 @@ class TeacherConfig:
     sync_every: int = 10  # snapshot refresh period (steps)
     offload: bool = False  # snapshot only: keep the copy in CPU memory between teacher passes
     probe_tokens: int = 4  # off-span tokens per routed rollout for the leakage proxy (0 = off)
+    # Teacher logits (V/tp wide) held at once, in positions: the update runs the teacher pass
+    # right before each chunk of micro-batches whose routed + probe positions fit. 0 = a whole
+    # mini-batch's at once.
+    max_resident_tokens: int = 16384
 
     def __post_init__(self) -> None:
         _one_of("teacher.mode", self.mode, {"live", "snapshot"})
         _check(self.sync_every >= 1, "teacher.sync_every", self.sync_every, "an integer >= 1")
         _check(self.probe_tokens >= 0, "teacher.probe_tokens", self.probe_tokens, "an integer >= 0")
+        _check(self.max_resident_tokens >= 0, "teacher.max_resident_tokens", self.max_resident_tokens,
+               "an integer >= 0 (0 = a whole mini-batch)")
 
 
 @dataclass

@@ -122,7 +122,8 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
                             lr=run.lr(step), probe_tokens=cfg.teacher.probe_tokens,
                             key_token_lift=cfg.train.key_token_lift, record_teacher=teacher_outputs is not None,
                             max_tokens_per_micro_batch=cfg.optim.max_tokens_per_micro_batch,
-                            pack_sequences=cfg.optim.pack_sequences)
+                            pack_sequences=cfg.optim.pack_sequences,
+                            teacher_tokens=cfg.teacher.max_resident_tokens)
     if teacher_outputs is not None:
         teacher_outputs.update(result.teacher_outputs)
     metrics.update(result.metrics)

@@ -1,10 +1,12 @@
-"""One TRACE update on Megatron: the teacher, old log-probs, the routed-loss updates, the lift.
+"""One TRACE update on Megatron: old log-probs, the teacher, the routed-loss updates, the lift.
 
-    teacher    forward only, no grad, on [privileged prompt + response] of rollouts with routes
     old        forward only: pi_old on the rollouts of PPO mini-batches 2.. (the first
                mini-batch's own forward gives its old log-probs: before any update the policy
                *is* pi_old, so with one mini-batch this pass does not run)
-    update     per PPO mini-batch: forward + backward with the routed loss, one optimizer step
+    update     per PPO mini-batch, in chunks of micro-batches:
+      teacher    forward only, no grad, on [privileged prompt + response] of the chunk's routed
+                 rollouts, right before the chunk (its logits are never held for a whole step)
+      fwd/bwd    the routed loss; gradients accumulate over chunks; one optimizer step at the end
     lift       (lambda > 0) forward only after the updates on rollouts with key spans
 
 Every pass goes through Megatron's `get_forward_backward_func` (PP works unchanged), and the LM
@@ -21,7 +23,8 @@ changes the loss or the gradients.
 
 Diagnostics computed on the way, at little cost: the train/rollout log-prob mismatch (old
 log-probs vs the engine's), truncated importance weights (`tis_cap`), and the leakage proxy
-(teacher-student forward KL, no grad, at a few off-span positions of each routed rollout).
+(teacher-student forward KL, no grad, at a few off-span positions of each routed rollout, with
+the student's logits of the update forward).
 """
 
 from __future__ import annotations
@@ -214,20 +217,27 @@ def _forward(m, groups: ParallelGroups, mb: MicroBatch, b: Batching):
         return m(ids, pos, mask)
 
 
-def _run_forward(model, groups: ParallelGroups, mbs: list[MicroBatch], b: Batching) -> list[torch.Tensor | None]:
-    """Forward only, all micro-batches in one schedule call: `[T, V/tp]` each (last stage), else Nones."""
+def _run_forward(model, groups: ParallelGroups, mbs: list[MicroBatch], b: Batching, consume) -> None:
+    """Forward only, all micro-batches in one schedule call. On the last stage `consume(mb, logits)`
+    gets each micro-batch's `[T, V/tp]` logits as it is computed, so no pass holds more than one
+    micro-batch's logits beyond what it keeps."""
     if not mbs:
-        return []
+        return
 
     def step(data_iter, m):
-        return _forward(m, groups, mbs[next(data_iter)], b), None
+        mb = mbs[next(data_iter)]
+
+        def loss_func(out):
+            consume(mb, out[0])
+            return torch.zeros((), device=out.device), {}
+
+        return _forward(m, groups, mb, b), loss_func
 
     model.eval()
     with torch.no_grad():
-        out = run_schedule(groups, model, step, iter(range(len(mbs))), num_microbatches=len(mbs),
-                           seq_length=max(mb.ids.shape[1] for mb in mbs),
-                           micro_batch_size=max(mb.ids.shape[0] for mb in mbs), forward_only=True)
-    return [x[0] for x in out] if groups.is_last_stage else [None] * len(mbs)
+        run_schedule(groups, model, step, iter(range(len(mbs))), num_microbatches=len(mbs),
+                     seq_length=max(mb.ids.shape[1] for mb in mbs),
+                     micro_batch_size=max(mb.ids.shape[0] for mb in mbs), forward_only=True)
 
 
 @dataclass
@@ -282,9 +292,13 @@ class _Step:
     """The state one step's passes share: pass outputs are kept per rollout uid (last stage)."""
 
     def __init__(self, groups: ParallelGroups, loss_cfg: LossConfig, lam: float, vocab_size: int,
-                 batching: Batching, tis_cap: float | None, probe_tokens: int):
+                 batching: Batching, tis_cap: float | None, probe_tokens: int, *, teacher=None,
+                 teacher_tokens: int = 0, record: dict | None = None):
         self.groups, self.cfg, self.lam, self.vocab, self.b = groups, loss_cfg, lam, vocab_size, batching
         self.tis_cap, self.probe_tokens = tis_cap, probe_tokens
+        self.teacher = teacher  # the teacher module; None = no teacher pass this step
+        self.teacher_tokens = teacher_tokens  # teacher positions held at once (0 = a whole mini-batch's)
+        self.record = record  # record_teacher: uid -> the teacher's log-probs and entropies at routed tokens
         self.old: dict[int, torch.Tensor] = {}  # uid -> old log-probs [n]
         self.t_routed: dict[int, torch.Tensor] = {}  # uid -> teacher logits at routed positions [R, V/tp]
         self.t_probe: dict[int, torch.Tensor] = {}  # uid -> teacher logits at probe positions [Q, V/tp]
@@ -302,17 +316,12 @@ class _Step:
                                           vocab_size=self.vocab, chunk_size=self.cfg.chunk_size)
         return lp
 
-    def record_old(self, mb: MicroBatch, lp: torch.Tensor, logits: torch.Tensor) -> None:
-        """Keep pi_old's log-probs of `mb`'s rollouts; the mismatch and leakage diagnostics on the way."""
+    def record_old(self, mb: MicroBatch, lp: torch.Tensor) -> None:
+        """Keep pi_old's log-probs of `mb`'s rollouts; the mismatch diagnostics on the way."""
         k = 0
         for s in mb.samples:
             n = len(s.response_ids)
             self.old[s.uid] = lp[k:k + n]
-            if s.uid in self.t_probe:
-                probes = torch.tensor(probe_positions(s, self.probe_tokens), dtype=torch.long, device=logits.device)
-                leak = token_divergence(logits[k + probes], self.t_probe[s.uid], "forward", self.groups.tp,
-                                        self.cfg.temperature, None, vocab_size=self.vocab)
-                self.pre.mean("teacher/leakage_kl_offspan", leak)
             k += n
         engine = self.engine_logprobs(mb, lp.device)
         if engine is not None:
@@ -335,22 +344,36 @@ class _Step:
             return None
         return tis_weights(old, self.engine_logprobs(mb, old.device), self.tis_cap)
 
+    def leakage(self, mb: MicroBatch, logits: torch.Tensor) -> None:
+        """Teacher-student forward KL (no grad) at the off-span probe positions of `mb`'s rollouts."""
+        k = 0
+        for s in mb.samples:
+            if s.uid in self.t_probe:
+                probes = torch.tensor(probe_positions(s, self.probe_tokens), dtype=torch.long, device=logits.device)
+                leak = token_divergence(logits[k + probes], self.t_probe[s.uid], "forward", self.groups.tp,
+                                        self.cfg.temperature, None, vocab_size=self.vocab)
+                self.pre.mean("teacher/leakage_kl_offspan", leak)
+            k += len(s.response_ids)
+
     def teacher_of(self, mb: MicroBatch) -> torch.Tensor | None:
         parts = [self.t_routed[s.uid] for s in mb.samples if s.uid in self.t_routed]
         return torch.cat(parts) if parts else None
 
 
-def _teacher_pass(st: _Step, t_model, mine: list[TrainSample], record: dict | None) -> None:
-    """Teacher logits at routed (and probe) positions of this rank's routed rollouts."""
-    routed = [s for s in mine if any(s.routes)]
+def _teacher_positions(s: TrainSample, probe_tokens: int) -> int:
+    return len(s.routed_positions) + len(probe_positions(s, probe_tokens)) if any(s.routes) else 0
+
+
+def _teacher_pass(st: _Step, samples: list[TrainSample]) -> None:
+    """Teacher logits at the routed (and probe) positions of `samples` that have routes."""
+    routed = [s for s in samples if any(s.routes)]
     plan = st.b.plan([len(s.teacher_ids) for s in routed])
     mbs = [_teacher_batch([routed[i] for i in idx], st.b, st.probe_tokens) for idx in plan]
-    for mb, out in zip(mbs, _run_forward(t_model, st.groups, mbs, st.b)):
-        if out is None:
-            continue
+
+    def keep(mb: MicroBatch, out: torch.Tensor) -> None:
         r = sum(len(s.routed_positions) for s in mb.samples)
-        if record is not None:
-            _record_teacher(record, mb, out[:r], st)
+        if st.record is not None:
+            _record_teacher(st.record, mb, out[:r], st)
         k, q = 0, r
         for s in mb.samples:
             n, m = len(s.routed_positions), len(probe_positions(s, st.probe_tokens))
@@ -359,24 +382,59 @@ def _teacher_pass(st: _Step, t_model, mine: list[TrainSample], record: dict | No
                 st.t_probe[s.uid] = out[q:q + m]
             k, q = k + n, q + m
 
+    _run_forward(st.teacher, st.groups, mbs, st.b, keep)
+
 
 def _old_logprob_pass(st: _Step, ddp, samples: list[TrainSample]) -> None:
     """pi_old on rollouts whose mini-batch is not the first (the actor before this step's updates)."""
     mbs = make_micro_batches(samples, st.b.micro_batch_size, batching=st.b)
-    for mb, out in zip(mbs, _run_forward(ddp, st.groups, mbs, st.b)):
-        if out is not None:
-            st.record_old(mb, st.logprobs(out, mb), out)
+    _run_forward(ddp, st.groups, mbs, st.b, lambda mb, out: st.record_old(mb, st.logprobs(out, mb)))
+
+
+def _chunks(mbs: list[MicroBatch], st: _Step) -> list[list[int]]:
+    """Consecutive micro-batches whose teacher positions fit `st.teacher_tokens` (>= 1 each)."""
+    if st.teacher is None or st.teacher_tokens <= 0:
+        return [list(range(len(mbs)))]
+    out: list[list[int]] = []
+    held = 0
+    for i, mb in enumerate(mbs):
+        n = sum(_teacher_positions(s, st.probe_tokens) for s in mb.samples)
+        if out and held + n <= st.teacher_tokens:
+            out[-1].append(i)
+            held += n
+        else:
+            out.append([i])
+            held = n
+    return out
+
+
+@contextlib.contextmanager
+def _finalize_grads(ddp, now: bool):
+    """A schedule call that is not the update's last leaves its grads unreduced (no DP all-reduce)."""
+    config = unwrap_model(ddp).config
+    keep = config.finalize_model_grads_func
+    if not now:
+        config.finalize_model_grads_func = None
+    try:
+        yield
+    finally:
+        config.finalize_model_grads_func = keep
 
 
 def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCounts, on_policy: bool,
             stats: Stats, timers: dict[str, float]) -> tuple[float, bool]:
-    """One optimizer update on this rank's share of a mini-batch. on_policy: no update has run this
-    step yet, so the forward's own (detached) log-probs are pi_old's. Returns (grad norm, skipped)."""
-    t0 = time.perf_counter()
+    """One optimizer update on this rank's share of a mini-batch. Returns (grad norm, skipped).
+
+    on_policy: no update has run this step yet, so the forward's own (detached) log-probs are
+    pi_old's. The teacher's logits are computed right before the micro-batches that read them,
+    in chunks of at most `teacher_tokens` positions (the update's schedule calls accumulate
+    gradients; only the last finalises them), so they are never all held at once. With the live
+    teacher that is the actor as it is when its logits are used (its weights move only at the
+    optimizer step after the last chunk).
+    """
     groups, lam = st.groups, st.lam
     mbs = make_micro_batches(mine, st.b.micro_batch_size, batching=st.b)
     st.note_layout(mbs)
-    ddp.train()
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
 
@@ -386,9 +444,10 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
 
         def loss_func(out):
             x = out[0]  # [T, V/tp]
-            if on_policy:
-                with torch.no_grad():
-                    st.record_old(mb, st.logprobs(x.detach(), mb), x.detach())
+            with torch.no_grad():
+                if on_policy:
+                    st.record_old(mb, st.logprobs(x.detach(), mb))
+                st.leakage(mb, x.detach())
             old = st.old_of(mb)
             seq_ids = torch.repeat_interleave(torch.arange(len(mb.samples)),
                                               torch.tensor([len(s.response_ids) for s in mb.samples]))
@@ -406,12 +465,23 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
 
         return logits, loss_func
 
-    # One schedule call per mini-batch: grads are finalised (DP and tied-embedding all-reduces)
-    # exactly once per update. Shapes may differ: the config sets variable_seq_lengths.
-    run_schedule(groups, ddp, step, iter(range(len(mbs))), num_microbatches=len(mbs),
-                 seq_length=max(mb.ids.shape[1] for mb in mbs), micro_batch_size=max(mb.ids.shape[0] for mb in mbs))
+    chunks = _chunks(mbs, st)
+    for c, chunk in enumerate(chunks):
+        if st.teacher is not None:
+            t0 = time.perf_counter()
+            _teacher_pass(st, [s for i in chunk for s in mbs[i].samples])
+            timers["time/teacher"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ddp.train()
+        # Shapes may differ between micro-batches: the config sets variable_seq_lengths.
+        with _finalize_grads(ddp, c == len(chunks) - 1):
+            run_schedule(groups, ddp, step, iter(chunk), num_microbatches=len(chunk),
+                         seq_length=max(mbs[i].ids.shape[1] for i in chunk),
+                         micro_batch_size=max(mbs[i].ids.shape[0] for i in chunk))
+        timers["time/fwd_bwd"] += time.perf_counter() - t0
+        st.t_routed.clear()
+        st.t_probe.clear()
     t1 = time.perf_counter()
-    timers["time/fwd_bwd"] += t1 - t0
     try:
         if not _grads_finite(ddp, groups):
             return float("nan"), True
@@ -423,13 +493,13 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
 
 def _lift_pass(st: _Step, ddp, samples: list[TrainSample]) -> None:
     """Key-token lift: the mean change of log p on FKL-routed (key-span) tokens across the step."""
-    mbs = make_micro_batches(samples, st.b.micro_batch_size, batching=st.b)
-    for mb, out in zip(mbs, _run_forward(ddp, st.groups, mbs, st.b)):
-        if out is None:
-            continue
+
+    def lift(mb: MicroBatch, out: torch.Tensor) -> None:
         lp = st.logprobs(out, mb)
         key = torch.tensor([r == Route.FKL for s in mb.samples for r in s.routes], device=lp.device)
         st.pre.mean("kl/key_token_lift", (lp - st.old_of(mb).to(lp.device))[key])
+
+    _run_forward(ddp, st.groups, make_micro_batches(samples, st.b.micro_batch_size, batching=st.b), st.b, lift)
 
 
 def _batching(ddp, groups: ParallelGroups, micro_batch_size: int, max_tokens: int, pack: bool) -> Batching:
@@ -460,20 +530,24 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
                *, micro_batch_size: int = 4, vocab_size: int, teacher=None, mini_batches: int = 1,
                tis_cap: float | None = None, lr: float | None = None, probe_tokens: int = 4,
                key_token_lift: int = 4, record_teacher: bool = False, max_tokens_per_micro_batch: int = 0,
-               pack_sequences: bool = False, separate_old_pass: bool = False) -> StepResult:
+               pack_sequences: bool = False, teacher_tokens: int = 0, separate_old_pass: bool = False) -> StepResult:
     """`mini_batches` optimizer updates over the step's rollouts (the global list, same on every rank).
 
     teacher: the module for the teacher pass (default: `ddp` itself, the live teacher). lr: set
     before the updates (the LR schedule lives in the loop). key_token_lift: how many rollouts with
     key spans (the first ones in global order, so the number is layout-independent) to re-score
-    after the update; 0 = off. separate_old_pass: compute pi_old for the first mini-batch in its
-    own pass too (the layout before the update provided it; for comparisons).
+    after the update; 0 = off. teacher_tokens: teacher positions (routed + probes) whose logits are
+    held at once (0 = a whole mini-batch's). separate_old_pass: compute pi_old for the first
+    mini-batch in its own pass too (as before the update provided it; for comparisons).
     """
-    b = _batching(ddp, groups, micro_batch_size, max_tokens_per_micro_batch, pack_sequences)
-    st = _Step(groups, loss_cfg, lam, vocab_size, b, tis_cap, probe_tokens if lam > 0 else 0)
-    minis = split_mini_batches(samples, mini_batches, groups.dp_size)
     # Decided on the global list so that every DP rank declares the same metric names.
     use_teacher = lam > 0 and any(any(s.routes) for s in samples)
+    teacher_outputs: dict[int, dict[str, list[float]]] = {}
+    st = _Step(groups, loss_cfg, lam, vocab_size,
+               _batching(ddp, groups, micro_batch_size, max_tokens_per_micro_batch, pack_sequences), tis_cap,
+               probe_tokens if lam > 0 else 0, teacher=(teacher if teacher is not None else ddp) if use_teacher else None,
+               teacher_tokens=teacher_tokens, record=teacher_outputs if record_teacher else None)
+    minis = split_mini_batches(samples, mini_batches, groups.dp_size)
     have_engine_lp = all(s.rollout_logprobs is not None for s in samples)
     if tis_cap is not None and not have_engine_lp:
         raise ValueError("loss.tis_cap is set but the rollouts carry no engine log-probs")
@@ -492,19 +566,14 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
             st.pre.mean_of("kl/key_token_lift", 0.0, 0.0)
 
     t0 = time.perf_counter()
-    teacher_outputs: dict[int, dict[str, list[float]]] = {}
-    if use_teacher:
-        _teacher_pass(st, teacher if teacher is not None else ddp, [s for m in mine for s in m],
-                      teacher_outputs if record_teacher else None)
-    t1 = time.perf_counter()
     later = [s for m in (mine if separate_old_pass else mine[1:]) for s in m]
     _old_logprob_pass(st, ddp, later)
-    t2 = time.perf_counter()
+    timers = {"time/old_logprobs": time.perf_counter() - t0 if later else 0.0, "time/teacher": 0.0,
+              "time/fwd_bwd": 0.0, "time/optimizer": 0.0}
 
     if lr is not None:
         set_lr(optimizer, lr)
     stats, norms, skipped = Stats(), [], 0
-    timers = {"time/teacher": t1 - t0 if use_teacher else 0.0, "time/old_logprobs": t2 - t1 if later else 0.0, "time/fwd_bwd": 0.0, "time/optimizer": 0.0}
     for k, (mini, share) in enumerate(zip(minis, mine)):
         counts = GlobalCounts(sum(len(s.response_ids) for s in mini), len(mini))
         norm, bad = _update(st, ddp, optimizer, share, counts, k == 0 and not separate_old_pass, stats, timers)

@@ -14,6 +14,7 @@ import torch
 from megatron_trace.parallel import run_on_ranks
 
 VOCAB = 1000
+TIMERS = {"time/teacher": 0.0, "time/fwd_bwd": 0.0, "time/optimizer": 0.0}
 LAYOUTS = {
     "padded": dict(micro_batch_size=2),
     "padded_budget": dict(micro_batch_size=2, max_tokens=40),
@@ -64,7 +65,7 @@ def _layout_rank(hf_dir, tp, pp):
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.parallel import initialize
     from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
-    from megatron_trace.train.step import Batching, _old_logprob_pass, _Step, _teacher_pass, _update
+    from megatron_trace.train.step import Batching, _old_logprob_pass, _Step, _update
 
     groups = initialize(tp=tp, pp=pp)
     ddp = wrap_ddp(load_hf(hf_dir, groups), groups)
@@ -74,27 +75,27 @@ def _layout_rank(hf_dir, tp, pp):
     counts = GlobalCounts(sum(len(s.response_ids) for s in batch), len(batch))
     layouts = dict(LAYOUTS)
     g = torch.Generator().manual_seed(3)
-    for k in range(3):  # random orders x random budgets: other partitions into micro-batches
+    for k in range(3):  # random orders x random budgets (and teacher chunks): other partitions
         layouts[f"random{k}"] = dict(micro_batch_size=int(torch.randint(1, 5, (1,), generator=g)),
                                      max_tokens=int(torch.randint(0, 60, (1,), generator=g)),
-                                     pack=bool(k % 2), order=torch.randperm(len(batch), generator=g).tolist())
+                                     pack=bool(k % 2), order=torch.randperm(len(batch), generator=g).tolist(),
+                                     teacher_tokens=int(torch.randint(0, 30, (1,), generator=g)))
     out = {"rope": _rope_check(ddp)}
     for name, kw in layouts.items():
         order = kw.pop("order", None)
+        tokens = kw.pop("teacher_tokens", 0)
         mine = [batch[i] for i in order] if order else batch
-        st = _Step(groups, LossConfig(variant="trace_both"), 0.3, VOCAB, Batching(**kw), None, 2)
         record = {}
-        _teacher_pass(st, ddp, mine, record)
+        st = _Step(groups, LossConfig(variant="trace_both"), 0.3, VOCAB, Batching(**kw), None, 2, teacher=ddp,
+                   teacher_tokens=tokens, record=record)
         _old_logprob_pass(st, ddp, mine)
         stats = Stats()
-        timers = {"time/fwd_bwd": 0.0, "time/optimizer": 0.0}
-        _update(st, ddp, opt, mine, counts, False, stats, timers)
+        _update(st, ddp, opt, mine, counts, False, stats, TIMERS.copy())
         grads = _grads(ddp)
         with torch.no_grad():
             for p, p0 in zip(ddp.parameters(), params0):
                 p.copy_(p0)
-        out[name] = {"old": {u: v.clone() for u, v in st.old.items()},
-                     "teacher": {u: v.clone() for u, v in st.t_routed.items()}, "record": record,
+        out[name] = {"old": {u: v.clone() for u, v in st.old.items()}, "record": record,
                      "metrics": stats.merge(st.pre).reduce() if groups.is_last_stage else {},
                      "grads": grads, "padding": st.layout.reduce().get("layout/padding_frac")}
     return out
@@ -130,10 +131,10 @@ def test_packed_and_budgeted_layouts_equal_padded(hf_dir, tp, pp):
             assert set(r["old"]) == set(ref["old"]) == set(range(7))
             for u, v in ref["old"].items():
                 assert _close(r["old"][u], v), (rank, name, "old", u)
-            assert set(r["teacher"]) == set(ref["teacher"]) and len(ref["teacher"]) == 5
-            for u, v in ref["teacher"].items():
-                assert _close(r["teacher"][u], v), (rank, name, "teacher", u)
-                assert r["record"][u]["logprob"] == pytest.approx(ref["record"][u]["logprob"], abs=1e-6)
+            assert set(r["record"]) == set(ref["record"]) and len(ref["record"]) == 5
+            for u, v in ref["record"].items():  # the teacher at the routed tokens: log-prob, entropy
+                for key in ("logprob", "entropy"):
+                    assert r["record"][u][key] == pytest.approx(v[key], abs=1e-6), (rank, name, u, key)
             for k, v in ref["metrics"].items():
                 assert math.isclose(r["metrics"][k], v, rel_tol=1e-6, abs_tol=1e-7) or (
                     math.isnan(v) and math.isnan(r["metrics"][k])), (rank, name, k)
@@ -148,7 +149,7 @@ def _sp_rank(hf_dir):
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.parallel import initialize
     from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
-    from megatron_trace.train.step import _batching, _old_logprob_pass, _Step, _teacher_pass, _update
+    from megatron_trace.train.step import _batching, _old_logprob_pass, _Step, _update
 
     groups = initialize(tp=2, pp=1)
     batch = samples()
@@ -159,13 +160,13 @@ def _sp_rank(hf_dir):
         opt = build_optimizer(ddp, groups, OptimSettings(optimizer="sgd", lr=0.0, clip_grad=0.0))
         for pack in (False, True):
             b = _batching(ddp, groups, 3, 0, pack)
-            st = _Step(groups, LossConfig(variant="trace_both"), 0.3, VOCAB, b, None, 2)
-            _teacher_pass(st, ddp, batch, None)
+            record = {}
+            st = _Step(groups, LossConfig(variant="trace_both"), 0.3, VOCAB, b, None, 2, teacher=ddp, record=record)
             _old_logprob_pass(st, ddp, batch)
             stats = Stats()
-            _update(st, ddp, opt, batch, counts, False, stats, {"time/fwd_bwd": 0.0, "time/optimizer": 0.0})
+            _update(st, ddp, opt, batch, counts, False, stats, TIMERS.copy())
             out[sp, pack] = {"multiple": b.multiple, "grads": _grads(ddp), "old": dict(st.old),
-                             "teacher": dict(st.t_routed), "loss": stats.reduce()["loss/total"]}
+                             "teacher": record, "loss": stats.reduce()["loss/total"]}
     return out
 
 
@@ -179,6 +180,6 @@ def test_sequence_parallel_equals_plain_tp(hf_dir):
             for u, v in ref["old"].items():
                 assert _close(r["old"][u], v, 1e-5), (key, u)
             for u, v in ref["teacher"].items():
-                assert _close(r["teacher"][u], v, 1e-5), (key, u)
+                assert r["teacher"][u]["logprob"] == pytest.approx(v["logprob"], abs=1e-5), (key, u)
             for n, g in ref["grads"].items():
                 assert _close(r["grads"][n], g, 1e-5), (key, n, (r["grads"][n] - g).abs().max().item())

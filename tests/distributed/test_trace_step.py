@@ -118,7 +118,9 @@ def test_trace_step_matches_single_process(hf_dir, single, tp, pp):
     ref_metrics, ref_skipped, _, ref_after = single
     assert not ref_skipped and ref_metrics["kl/fkl_mean"] > 0 and ref_metrics["route/fkl_frac"] > 0
     assert ref_metrics["optim/updates"] == 2 and ref_metrics["ppo/tis_weight_mean"] > 0
-    for metrics, skipped, _, after in run_on_ranks(_rank, tp * pp, hf_dir, tp, pp, 0.3):
+    # The teacher's logits held one micro-batch at a time (the reference holds them all): the
+    # update then takes several schedule calls, and only the last reduces the gradients.
+    for metrics, skipped, _, after in run_on_ranks(_rank, tp * pp, hf_dir, tp, pp, 0.3, teacher_tokens=1):
         assert not skipped
         for k, w in ref_after.items():
             assert (after[k] - w).abs().max().item() <= 1e-5, k
@@ -165,11 +167,16 @@ def test_non_finite_mini_batch_skips_only_its_update(hf_dir):
 
 
 @pytest.mark.dist
-def test_step_diagnostics_equal_dense_float64_recomputation(hf_dir):
-    metrics, ref = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.3, None, True)[0]
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_step_diagnostics_equal_dense_float64_recomputation(hf_dir, mini_batches):
+    metrics, ref = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.3, None, True, mini_batches)[0]
+    if mini_batches > 1:
+        # The leakage probe reads the update's forward: for mini-batch 2 that is the actor after
+        # update 1 (and so is the live teacher); the reference holds the step-start weights.
+        del ref["teacher/leakage_kl_offspan"]
     for k, v in ref.items():
         assert math.isclose(metrics[k], v, rel_tol=1e-4, abs_tol=1e-6), (k, metrics[k], v)
-    assert ref["teacher/leakage_kl_offspan"] > 0 and ref["kl/key_token_lift"] != 0
+    assert ref.get("teacher/leakage_kl_offspan", 1.0) > 0 and ref["kl/key_token_lift"] != 0
     assert metrics["time/teacher"] > 0 and metrics["time/key_token_lift"] > 0
 
 

@@ -36,7 +36,7 @@ def _thd_rank(hf_dir):
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.parallel import initialize
     from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
-    from megatron_trace.train.step import _batching, _old_logprob_pass, _Step, _teacher_pass, _update
+    from megatron_trace.train.step import _batching, _old_logprob_pass, _Step, _update
     from megatron_trace.types import TrainSample
 
     groups = initialize(device="cuda")
@@ -56,11 +56,11 @@ def _thd_rank(hf_dir):
     for name, pack in (("padded", False), ("packed", True)):
         b = _batching(ddp, groups, 3, 0, pack)
         out["thd"] = out.get("thd", False) or b.thd
-        st = _Step(groups, LossConfig(variant="trace_fkl"), 0.3, VOCAB, b, None, 2)
-        _teacher_pass(st, ddp, batch, None)
+        st = _Step(groups, LossConfig(variant="trace_fkl"), 0.3, VOCAB, b, None, 2, teacher=ddp)
         _old_logprob_pass(st, ddp, batch)
         stats = Stats()
-        _update(st, ddp, opt, batch, counts, False, stats, {"time/fwd_bwd": 0.0, "time/optimizer": 0.0})
+        _update(st, ddp, opt, batch, counts, False, stats,
+                {"time/teacher": 0.0, "time/fwd_bwd": 0.0, "time/optimizer": 0.0})
         out[name] = {"grads": {n: p.main_grad.detach().cpu().clone() for n, p in ddp.named_parameters()},
                      "old": {u: v.cpu() for u, v in st.old.items()}, "loss": stats.reduce()["loss/total"]}
     return out
