@@ -38,16 +38,25 @@ def _case_inputs(name: str):
 
 
 CASES = [
-    # name, temperature, entry_clip
-    ("plain", 1.0, None),
-    ("plain", 1.0, 0.05),
-    ("temp", 0.7, None),
-    ("temp", 1.6, 0.05),
-    ("extreme", 1.0, None),
-    ("extreme", 1.0, 0.05),
-    ("neginf", 1.0, None),
-    ("neginf", 0.8, 0.05),
-    ("empty", 1.0, 0.05),
+    # name, temperature, entry_clip, clip mode
+    ("plain", 1.0, None, "upper"),
+    ("plain", 1.0, 0.05, "upper"),
+    ("temp", 0.7, None, "upper"),
+    ("temp", 1.6, 0.05, "upper"),
+    ("extreme", 1.0, None, "upper"),
+    ("extreme", 1.0, 0.05, "upper"),
+    ("neginf", 1.0, None, "upper"),
+    ("neginf", 0.8, 0.05, "upper"),
+    ("empty", 1.0, 0.05, "upper"),
+    ("plain", 1.0, 0.05, "abs"),
+    ("temp", 0.7, 0.02, "abs"),
+    ("neginf", 0.8, 0.05, "abs"),
+    ("extreme", 1.0, 0.05, "abs"),
+    ("plain", 1.0, 0.05, "grad"),
+    ("temp", 1.6, 0.02, "grad"),
+    ("neginf", 0.8, 0.05, "grad"),
+    ("extreme", 1.0, 0.05, "grad"),
+    ("plain", 1.0, 0.05, "none"),
 ]
 
 
@@ -57,7 +66,7 @@ def run_cases(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype, chunk_si
     shard = -(-V // tp_size)
     lo, hi = tp_rank * shard, (tp_rank + 1) * shard
     out = []
-    for name, temp, clip in CASES:
+    for name, temp, clip, mode in CASES:
         s_full, t_full, y = _case_inputs(name)
         pad = shard * tp_size - V
         s_pad = torch.cat([s_full, torch.full((s_full.shape[0], pad), 5.0, dtype=s_full.dtype)], 1)  # junk: masked
@@ -69,42 +78,55 @@ def run_cases(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype, chunk_si
         lp, ent = token_logprob_and_entropy(s, y, tp_group, temp, vocab_size=V, chunk_size=chunk_size,
                                             entropy_grad=True)
         fkl, n_clip = token_divergence(s, t, "forward", tp_group, temp, clip, vocab_size=V, chunk_size=chunk_size,
-                                       return_clip_counts=True)
+                                       return_clip_counts=True, clip_mode=mode)
         if name == "neginf":  # RKL with student-only -inf: swap roles of the one-sided mask
             s_r = torch.cat([t_full, torch.full((t_full.shape[0], pad), 5.0, dtype=t_full.dtype)], 1)[:, lo:hi]
             s_r = s_r.to(dtype).requires_grad_()
             t_r = s_pad[:, lo:hi].to(dtype)
         else:
             s_r, t_r = s, t
-        rkl = token_divergence(s_r, t_r, "reverse", tp_group, temp, clip, vocab_size=V, chunk_size=chunk_size)
+        rkl = token_divergence(s_r, t_r, "reverse", tp_group, temp, clip, vocab_size=V, chunk_size=chunk_size,
+                               clip_mode=mode)
         loss = (lp * g_lp.to(lp.dtype)).sum() + (ent * g_h.to(ent.dtype)).sum() + (fkl * g_f.to(fkl.dtype)).sum()
         grads = torch.autograd.grad(loss, s, allow_unused=True)[0] if s.shape[0] else torch.zeros_like(s)
         grad_r = (torch.autograd.grad((rkl * g_r.to(rkl.dtype)).sum(), s_r)[0] if s.shape[0]
                   else torch.zeros_like(s_r))
-        out.append(dict(case=(name, temp, clip), lp=lp.detach(), ent=ent.detach(), fkl=fkl.detach(),
+        out.append(dict(case=(name, temp, clip, mode), lp=lp.detach(), ent=ent.detach(), fkl=fkl.detach(),
                         rkl=rkl.detach(), n_clip=n_clip, grad=grads, grad_r=grad_r, lo=lo, hi=hi))
     return out
 
 
-def _reference(name, temp, clip):
+def _reference(name, temp, clip, mode):
     s_full, t_full, y = _case_inputs(name)
+    clip = None if mode == "none" else clip
     g = torch.Generator().manual_seed(11)
     g_lp, g_h, g_f, g_r = (torch.randn(s_full.shape[0], generator=g, dtype=torch.float64) for _ in range(4))
     s = s_full.clone().requires_grad_()
     lp, ent = ref.logprob_entropy(s, y, temp)
-    fkl = ref.divergence(s, t_full, "forward", temp, clip)
-    loss = (lp * g_lp).sum() + (ent * g_h).sum() + (fkl * g_f).sum()
-    grad = torch.autograd.grad(loss, s)[0] if s.shape[0] else torch.zeros_like(s)
     if name == "neginf":
         s_r, t_r = t_full.clone().requires_grad_(), s_full
     else:
         s_r, t_r = s_full.clone().requires_grad_(), t_full
-    rkl = ref.divergence(s_r, t_r, "reverse", temp, clip)
+    if mode == "grad" and clip is not None:
+        loss = (lp * g_lp).sum() + (ent * g_h).sum()
+        grad = torch.autograd.grad(loss, s)[0] if s.shape[0] else torch.zeros_like(s)
+        fkl, grad_f, n_clip, scale_f = ref.divergence_grad_clipped(s_full, t_full, "forward", temp, clip, g_f)
+        rkl, grad_r, _, scale_r = ref.divergence_grad_clipped(s_r, t_r, "reverse", temp, clip, g_r)
+        # fp32 rounding scales with the unclipped gradient (|log q - log p| reaches 1e4 in `extreme`)
+        return dict(lp=lp.detach(), ent=ent.detach(), fkl=fkl, rkl=rkl, n_clip=n_clip, grad=grad + grad_f,
+                    grad_r=grad_r, grad_scale=max(scale_f, scale_r, grad.abs().max().item() if grad.numel() else 0))
+    fkl = ref.divergence(s, t_full, "forward", temp, clip, mode)
+    loss = (lp * g_lp).sum() + (ent * g_h).sum() + (fkl * g_f).sum()
+    grad = torch.autograd.grad(loss, s)[0] if s.shape[0] else torch.zeros_like(s)
+    rkl = ref.divergence(s_r, t_r, "reverse", temp, clip, mode)
     grad_r = torch.autograd.grad((rkl * g_r).sum(), s_r)[0] if s.shape[0] else torch.zeros_like(s_r)
     with torch.no_grad():
         terms = torch.log_softmax(t_full / temp, -1).exp() * (
             ref._safe(torch.log_softmax(t_full / temp, -1)) - ref._safe(torch.log_softmax(s_full / temp, -1)))
-        n_clip = (terms > clip).sum(-1).double() if clip is not None else torch.zeros(s_full.shape[0], dtype=torch.float64)
+        if clip is None:
+            n_clip = torch.zeros(s_full.shape[0], dtype=torch.float64)
+        else:
+            n_clip = ((terms > clip) if mode == "upper" else (terms.abs() > clip)).sum(-1).double()
     return dict(lp=lp.detach(), ent=ent.detach(), fkl=fkl.detach(), rkl=rkl.detach(), n_clip=n_clip,
                 grad=grad, grad_r=grad_r)
 
@@ -114,8 +136,8 @@ def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
     if isinstance(per_rank, list) and per_rank and isinstance(per_rank[0], dict):
         per_rank = [per_rank]
     tol = 1e-10 if dtype == torch.float64 else 1e-5
-    for i, (name, temp, clip) in enumerate(CASES):
-        want = _reference(name, temp, clip)
+    for i, (name, temp, clip, mode) in enumerate(CASES):
+        want = _reference(name, temp, clip, mode)
         ranks = [r[i] for r in per_rank]
         for key in ("lp", "ent", "fkl", "rkl", "n_clip"):
             for rank, r in enumerate(ranks):
@@ -123,11 +145,12 @@ def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
                 assert got.shape == want[key].shape, (name, key)
                 err = (got - want[key]).abs().max().item() if got.numel() else 0.0
                 scale = 1.0 if dtype == torch.float64 else max(1.0, want[key].abs().max().item() if got.numel() else 1.0)
-                assert err <= tol * scale, f"{(name, temp, clip)} {key} rank {rank}: err {err}"
+                assert err <= tol * scale, f"{(name, temp, clip, mode)} {key} rank {rank}: err {err}"
         for key in ("grad", "grad_r"):
             full = torch.cat([r[key].double() for r in ranks], dim=1)
             assert torch.all(full[:, V:] == 0), f"{name}: gradient on padded vocab"
             err = (full[:, :V] - want[key]).abs().max().item() if full.numel() else 0.0
             # fp32: 1e-5 relative to the largest magnitude (extreme logits give O(1e4) gradients)
-            scale = 1.0 if dtype == torch.float64 or not full.numel() else max(1.0, want[key].abs().max().item())
-            assert err <= tol * scale, f"{(name, temp, clip)} {key}: err {err}"
+            scale = 1.0 if dtype == torch.float64 or not full.numel() else max(
+                1.0, want.get("grad_scale", want[key].abs().max().item()))
+            assert err <= tol * scale, f"{(name, temp, clip, mode)} {key}: err {err}"

@@ -239,6 +239,11 @@ class LossSection:
     agg: str = "token-mean"
     max_response_len: int = 0  # only for agg=seq-mean-token-sum-norm; 0 = rollout.max_new_tokens
     entry_clip: float | None = 0.05
+    # How entry_clip applies per vocabulary entry: upper (each KL term capped from above, the
+    # OPSD-style clamp), abs (each term clamped to +-clip), grad (value unclipped, each entry of
+    # the gradient clamped to +-clip), none (no clip)
+    entry_clip_mode: str = "upper"
+    temperature: float | None = None  # softmax temperature of every log-prob and KL; null = rollout.temperature
     routed_grpo: str | None = None
     kl_ref_coef: float = 0.0
     entropy_coef: float = 0.0
@@ -251,6 +256,9 @@ class LossSection:
         _check(0 <= self.eps_low < 1, "loss.eps_low", self.eps_low, "a float in [0, 1)")
         _check(self.eps_high >= 0, "loss.eps_high", self.eps_high, "a float >= 0")
         _check(self.entry_clip is None or self.entry_clip > 0, "loss.entry_clip", self.entry_clip, "null or a float > 0")
+        _one_of("loss.entry_clip_mode", self.entry_clip_mode, {"upper", "abs", "grad", "none"})
+        _check(self.temperature is None or self.temperature > 0, "loss.temperature", self.temperature,
+               "null (= rollout.temperature) or a float > 0")
         _check(self.routed_grpo in (None, "anneal", "full", "none"), "loss.routed_grpo", self.routed_grpo,
                "null, anneal, full or none")
         _check(self.kl_ref_coef >= 0, "loss.kl_ref_coef", self.kl_ref_coef, "a float >= 0")

@@ -36,7 +36,7 @@ from enum import IntEnum
 import torch
 
 from .metrics import Stats
-from .vocab_parallel import token_divergence, token_logprob_and_entropy
+from .vocab_parallel import CLIP_MODES, token_divergence, token_logprob_and_entropy
 
 __all__ = [
     "AGG_MODES",
@@ -163,6 +163,7 @@ class LossConfig:
     max_response_len: int = 0  # L_norm for seq-mean-token-sum-norm
     lambda0: float = 0.5
     entry_clip: float | None = 0.05
+    entry_clip_mode: str = "upper"  # upper | abs | grad | none (loss/vocab_parallel.py)
     temperature: float = 1.0
     routed_grpo: str | None = None  # None: the variant's default
     kl_ref_coef: float = 0.0  # k3 KL to a reference policy
@@ -175,6 +176,8 @@ class LossConfig:
             raise ValueError(f"loss.agg must be one of {AGG_MODES}, got {self.agg!r}")
         if self.agg == "seq-mean-token-sum-norm" and self.max_response_len <= 0:
             raise ValueError("loss.max_response_len must be set (> 0) for agg=seq-mean-token-sum-norm")
+        if self.entry_clip_mode not in CLIP_MODES:
+            raise ValueError(f"loss.entry_clip_mode must be one of {CLIP_MODES}, got {self.entry_clip_mode!r}")
         if self.routed_grpo not in (None, "anneal", "full", "none"):
             raise ValueError(f"loss.routed_grpo must be anneal, full or none, got {self.routed_grpo!r}")
         if not (0 <= self.eps_low < 1 and self.eps_high >= 0):
@@ -278,6 +281,7 @@ def routed_loss(
             if sel.numel():
                 d_k, c_k = token_divergence(student[sel], teacher_logits[sel], kind, tp_group, cfg.temperature,
                                             cfg.entry_clip, vocab_size=vocab_size, chunk_size=cfg.chunk_size,
+                                            clip_mode=cfg.entry_clip_mode,
                                             return_clip_counts=True)
                 d = d.index_put((sel,), d_k)
                 n_clip[sel] = c_k

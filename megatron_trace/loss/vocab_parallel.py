@@ -20,10 +20,15 @@ student logits z = logits / temperature, then divided by temperature:
 Without clipping, U is everything, P_U = 1 and B = RKL + 1, which gives the familiar q - p and
 q * (r - RKL).
 
-Entry clipping (the paper's 0.05, direction unstated there): each per-vocabulary-entry term
-p_j (log p_j - log q_j) (FKL) or q_j (log q_j - log p_j) (RKL) is clipped *from above* at
-`entry_clip` before summing, i.e. D = sum_j min(d_j, clip). Negative terms are kept. A clipped
-entry contributes no gradient, like `torch.clamp(max=clip)` (ties count as unclipped).
+Entry clipping (the paper's 0.05, direction unstated there), `clip_mode`:
+  upper  each per-vocabulary-entry term d_j = p_j (log p_j - log q_j) (FKL) or
+         q_j (log q_j - log p_j) (RKL) is clipped from above before summing:
+         D = sum_j min(d_j, clip); negative terms are kept (the OPSD-style clamp);
+  abs    D = sum_j clamp(d_j, -clip, clip);
+  grad   D is unclipped; each vocabulary entry of dD/dz is clamped to [-clip, clip] (z = the
+         scaled student logits, before the upstream weight and the 1/temperature factor).
+In `upper` and `abs` a clipped entry contributes no gradient, like `torch.clamp` (ties count as
+unclipped), so U above is the set of unclipped entries.
 
 Masked vocabulary: entries with global id >= `vocab_size` (Megatron's padding) and -inf input
 logits have zero probability. Terms 0 * log 0 are taken as 0.
@@ -34,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_CHUNK_ELEMENTS", "token_divergence", "token_logprob_and_entropy"]
+__all__ = ["CLIP_MODES", "DEFAULT_CHUNK_ELEMENTS", "token_divergence", "token_logprob_and_entropy"]
 
 # About 8 MB of fp32 per [c, V] temporary: a handful of them stay in a server CPU's L3 and are
 # small next to GPU memory, while chunks stay long enough for efficient kernels.
@@ -182,9 +187,17 @@ def _divergence_terms(logq: torch.Tensor, logp: torch.Tensor, kind: str) -> tupl
     return w * (logq - logp), w
 
 
+CLIP_MODES = ("upper", "abs", "grad", "none")
+
+
+def _over(d: torch.Tensor, clip: float, mode: str) -> torch.Tensor:
+    """Entries whose term is clipped (NaN terms, 0 * log 0, compare False: kept, worth 0)."""
+    return d > clip if mode == "upper" else d.abs() > clip
+
+
 class _Divergence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, kind, group, temperature, entry_clip, vocab_size, chunk_size):
+    def forward(ctx, student, teacher, kind, group, temperature, entry_clip, vocab_size, chunk_size, mode):
         shard = _Shard(student, group, vocab_size)
         cdt = _compute_dtype(student)
         T = student.shape[0]
@@ -201,30 +214,35 @@ class _Divergence(torch.autograd.Function):
             lse = _all_reduce(s, dist.ReduceOp.SUM, group).log()
             logq, logp = z.sub_(lse[:, :1]), t.sub_(lse[:, 1:])
             d, w = _divergence_terms(logq, logp, kind)
-            if entry_clip is None:
+            if entry_clip is None or mode == "grad":
                 over = torch.zeros_like(d, dtype=torch.bool)
             else:
-                over = d > entry_clip  # NaN (0 * log 0) compares False: unclipped, contributes 0
+                over = _over(d, entry_clip, mode)
             d_kept = torch.where(over, 0.0, d)
             if kind == "forward":
                 aux = torch.where(over, 0.0, w).sum(-1)  # P_U
             else:
                 aux = torch.nansum(d_kept, -1) + torch.where(over, 0.0, w).sum(-1)  # B
             n_over = over.sum(-1).to(cdt)
-            clip_total = n_over * (entry_clip or 0.0)
+            # clipped entries count +clip (from above) or -clip (from below, abs mode)
+            clip_total = (torch.where(over & (d > 0), 1.0, 0.0) - torch.where(over & (d < 0), 1.0, 0.0)).sum(-1)
+            clip_total = clip_total.to(cdt) * (entry_clip or 0.0)
             partial = torch.stack([torch.nansum(d_kept, -1) + clip_total, aux, n_over], -1)
             value, aux, n_over = _all_reduce(partial, dist.ReduceOp.SUM, group).unbind(-1)
+            if entry_clip is not None and mode == "grad":  # entries of dD/dz beyond the clip
+                g = _unclipped_grad(logq, logp, kind, aux[:, None])
+                n_over = _all_reduce((g.abs() > entry_clip).sum(-1).to(cdt), dist.ReduceOp.SUM, group)
             out[a:b], clipped[a:b] = value, n_over
             stats[a:b] = torch.stack([m[:, 0], lse[:, 0], m[:, 1], lse[:, 1], aux], -1)
         ctx.save_for_backward(student, teacher, stats)
-        ctx.meta = (shard, cdt, kind, temperature, entry_clip, chunk_size)
+        ctx.meta = (shard, cdt, kind, temperature, entry_clip, chunk_size, mode)
         ctx.mark_non_differentiable(clipped)
         return out, clipped
 
     @staticmethod
     def backward(ctx, g_out, _g_clipped):
         student, teacher, stats = ctx.saved_tensors
-        shard, cdt, kind, temperature, entry_clip, chunk_size = ctx.meta
+        shard, cdt, kind, temperature, entry_clip, chunk_size, mode = ctx.meta
         grad = torch.empty_like(student)
         for a, b in _chunks(student.shape[0], shard.width, chunk_size):
             st = stats[a:b]
@@ -232,28 +250,36 @@ class _Divergence(torch.autograd.Function):
             logq = shard.scaled(student[a:b], temperature, cdt).sub_(st[:, 0:1]).sub_(st[:, 1:2])
             logp = shard.scaled(teacher[a:b], temperature, cdt).sub_(st[:, 2:3]).sub_(st[:, 3:4])
             aux = st[:, 4:5]
-            if kind == "forward":
+            if entry_clip is None or mode == "grad":
+                gz = _unclipped_grad(logq, logp, kind, aux)
+                if entry_clip is not None:
+                    gz.clamp_(-entry_clip, entry_clip)
+            elif kind == "forward":
                 p = torch.exp(logp)
                 q = torch.exp(logq)
-                if entry_clip is None:
-                    gz = q.mul_(aux).sub_(p)  # q * P_U - p
-                else:
-                    keep = ~(p * (logp - logq) > entry_clip)
-                    gz = q.mul_(aux).sub_(p.mul_(keep))
+                keep = ~_over(p * (logp - logq), entry_clip, mode)
+                gz = q.mul_(aux).sub_(p.mul_(keep))  # q * P_U - p * 1_U
             else:
                 q = torch.exp(logq)
                 r = logq.sub_(logp)  # log q - log p, in logq's buffer
-                over = q * r > entry_clip if entry_clip is not None else None
-                coef = r.add_(1.0)
-                if over is not None:
-                    coef = coef.masked_fill_(over, 0.0)
+                over = _over(q * r, entry_clip, mode)
+                coef = r.add_(1.0).masked_fill_(over, 0.0)
                 # q * (1_U (r + 1) - B); entries with q = 0 carry no gradient (0 * inf is NaN there).
                 gz = coef.sub_(aux).mul_(q).masked_fill_(q == 0, 0.0)
             gz.mul_(g_out[a:b, None].to(cdt))
             if temperature != 1.0:
                 gz.div_(temperature)
             grad[a:b] = gz
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _unclipped_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, aux: torch.Tensor) -> torch.Tensor:
+    """dD/dz of the unclipped divergence, `[c, V]` (aux: P_U = 1 for FKL, B = D + 1 for RKL)."""
+    q = torch.exp(logq)
+    if kind == "forward":
+        return q.sub_(torch.exp(logp))  # q - p
+    # q * (r + 1 - B); q = 0 entries carry no gradient
+    return (logq - logp).add_(1.0).sub_(aux).mul_(q).masked_fill_(q == 0, 0.0)
 
 
 def token_divergence(
@@ -267,14 +293,20 @@ def token_divergence(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     return_clip_counts: bool = False,
+    clip_mode: str = "upper",
 ):
     """Per-token full-vocabulary KL between teacher and student, `[T]`.
 
     kind: "forward" = KL(teacher || student), "reverse" = KL(student || teacher). Both logits
     are `[T, V/tp]` shards of the same layout and are divided by `temperature`. The gradient
-    flows to the student only. entry_clip clips each per-entry term from above (see module
-    doc). With `return_clip_counts`, also returns the number of clipped entries per token.
+    flows to the student only. entry_clip with clip_mode (upper | abs | grad | none; see the
+    module doc) clips per vocabulary entry. With `return_clip_counts`, also returns the number of
+    clipped entries per token (terms, or gradient entries in grad mode).
     """
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode must be one of {CLIP_MODES}, got {clip_mode!r}")
+    if clip_mode == "none":
+        entry_clip = None
     if kind not in ("forward", "reverse"):
         raise ValueError(f"kind must be 'forward' or 'reverse', got {kind!r}")
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
@@ -287,5 +319,5 @@ def token_divergence(
     if entry_clip is not None and entry_clip <= 0:
         raise ValueError(f"entry_clip must be positive or None, got {entry_clip}")
     value, counts = _Divergence.apply(student_logits, teacher_logits.detach(), kind, tp_group, float(temperature),
-                                      entry_clip, vocab_size, chunk_size)
+                                      entry_clip, vocab_size, chunk_size, clip_mode)
     return (value, counts) if return_clip_counts else value

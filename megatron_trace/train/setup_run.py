@@ -281,6 +281,17 @@ def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dty
     return arch, model, hf_model
 
 
+def loss_kwargs(cfg: Config) -> dict:
+    """`LossConfig` fields from the config. The loss's temperature is the rollout's unless
+    `loss.temperature` says otherwise: the log-probs must be those of the policy that sampled."""
+    lo = cfg.loss
+    return dict(variant=lo.variant, eps_low=lo.eps_low, eps_high=lo.eps_high, agg=lo.agg,
+                max_response_len=lo.max_response_len, lambda0=cfg.schedule.lambda0, entry_clip=lo.entry_clip,
+                entry_clip_mode=lo.entry_clip_mode, routed_grpo=lo.routed_grpo, kl_ref_coef=0.0,
+                entropy_coef=lo.entropy_coef, chunk_size=lo.chunk_size,
+                temperature=lo.temperature if lo.temperature is not None else cfg.rollout.temperature)
+
+
 def _check_memory(cfg: Config, groups: ParallelGroups) -> None:
     """On CUDA, refuse a config the memory planner puts over cluster.gpu_memory_gb, before any
     model is built. CPU runs are not checked: host memory is not what the GPU size describes."""
@@ -323,11 +334,7 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
         gen.sync(ddp, version=0)  # engines <- the actor (remote servers may hold anything)
     run = Run(cfg, groups, arch, tokenizer, ddp, optimizer, engine if dist.get_rank() == 0 else None, annotator,
               verify, schedule, problems,
-              loss_kwargs=dict(variant=cfg.loss.variant, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high,
-                               agg=cfg.loss.agg, max_response_len=cfg.loss.max_response_len,
-                               lambda0=s.lambda0, entry_clip=cfg.loss.entry_clip, routed_grpo=cfg.loss.routed_grpo,
-                               kl_ref_coef=0.0, entropy_coef=cfg.loss.entropy_coef, chunk_size=cfg.loss.chunk_size),
-              teacher=teacher, gen=gen)
+              loss_kwargs=loss_kwargs(cfg), teacher=teacher, gen=gen)
     if cfg.train.offload_during_rollout:
         from .offload import TrainerOffload
 

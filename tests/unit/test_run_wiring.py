@@ -112,3 +112,18 @@ def test_config_includes_merge_in_order_and_refuse_cycles(tmp_path):
     (tmp_path / "d.yaml").write_text("include: [missing.yaml]\n")
     with pytest.raises(ConfigError, match="missing.yaml does not exist"):
         load_config(str(tmp_path / "d.yaml"))
+
+
+def test_loss_temperature_is_the_rollout_temperature_unless_set():
+    from megatron_trace.loss import LossConfig
+    from megatron_trace.train.setup_run import loss_kwargs
+
+    sampled = load_config(None, ["rollout.temperature=0.7"])
+    assert LossConfig(**loss_kwargs(sampled)).temperature == 0.7
+    explicit = load_config(None, ["rollout.temperature=0.7", "loss.temperature=1.0"])
+    assert LossConfig(**loss_kwargs(explicit)).temperature == 1.0
+    assert LossConfig(**loss_kwargs(load_config(None, ["loss.entry_clip_mode=grad"]))).entry_clip_mode == "grad"
+    with pytest.raises(ConfigError, match="loss.entry_clip_mode"):
+        load_config(None, ["loss.entry_clip_mode=lower"])
+    with pytest.raises(ConfigError, match="loss.temperature"):
+        load_config(None, ["loss.temperature=0"])

@@ -3,6 +3,8 @@
 The TP=2 and TP=3 versions of the same cases run in tests/distributed/test_vocab_parallel_tp.py.
 """
 
+import math
+
 import pytest
 import torch
 import vp_cases
@@ -60,3 +62,28 @@ def test_argument_errors_name_the_problem():
         token_logprob_and_entropy(x, torch.zeros(3, dtype=torch.long), temperature=0)
     with pytest.raises(ValueError, match="entry_clip"):
         token_divergence(x, x, "forward", entry_clip=-1.0)
+
+
+@pytest.mark.parametrize("mode, key_rises", [("none", True), ("upper", False), ("abs", False), ("grad", True)])
+def test_which_clip_modes_keep_the_forward_kl_lift(mode, key_rises):
+    """The issue's case at Qwen3's vocabulary: a key token at p_student = 0.05, p_teacher = 0.6,
+    the rest uniform. Unclipped, a descent step on FKL raises the key token (dD/dz_key = q - p =
+    -0.55). `upper` and `abs` cut the key token's own term (1.145 > 0.05) and its gradient; what
+    is left pushes it down. `grad` keeps the direction and only bounds the size (-0.05)."""
+    V, key = 151936, 7
+
+    def logits(p_key):
+        z = torch.zeros(1, V, dtype=torch.float64)
+        z[0, key] = math.log(p_key * (V - 1) / (1 - p_key))  # softmax gives p_key there
+        return z
+
+    student = logits(0.05).requires_grad_()
+    d = token_divergence(student, logits(0.6), "forward", entry_clip=0.05, clip_mode=mode)
+    (g,) = torch.autograd.grad(d.sum(), student)
+    if mode in ("none", "grad"):
+        assert d.item() == pytest.approx(1.145, abs=2e-3)
+    assert (g[0, key].item() < 0) == key_rises, g[0, key].item()
+    if mode == "grad":
+        assert g[0, key].item() == pytest.approx(-0.05) and g.abs().max().item() <= 0.05 + 1e-12
+    if mode == "none":
+        assert g[0, key].item() == pytest.approx(-0.55, abs=1e-9)
