@@ -50,9 +50,9 @@ def _samples(lengths: list[int], vocab: int, seed: int):
         resp = torch.randint(0, vocab, (n,), generator=g).tolist()
         routes = [0] * n
         teacher = None
-        if i % 2 == 0:  # a key span over 25% of the response
-            a = n // 3
-            routes[a:a + max(1, n // 4)] = [1] * len(routes[a:a + max(1, n // 4)])
+        if i % 2 == 0:  # a key span over 25% of the response (at least one token)
+            a, k = n // 3, max(1, n // 4)
+            routes[a:a + k] = [1] * len(routes[a:a + k])
             teacher = torch.randint(0, vocab, (100,), generator=g).tolist() + resp
         out.append(TrainSample(prompt, resp, float(torch.randn(1, generator=g)), routes, None, teacher,
                                100 if teacher else 0, i))

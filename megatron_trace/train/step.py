@@ -125,7 +125,7 @@ def make_micro_batches(samples: list[TrainSample], micro_batch_size: int, *,
                        batching: Batching | None = None) -> list[MicroBatch]:
     """This rank's rollouts as student micro-batches (all response positions read)."""
     b = batching or Batching(micro_batch_size)
-    plan = b.plan([len(s.prompt_ids) + len(s.response_ids) for s in samples])
+    plan = b.plan([_seq_len(s) for s in samples])
     return [_student_batch([samples[i] for i in idx], b) for idx in plan]
 
 
@@ -449,14 +449,13 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
                     st.record_old(mb, st.logprobs(x.detach(), mb))
                 st.leakage(mb, x.detach())
             old = st.old_of(mb)
-            seq_ids = torch.repeat_interleave(torch.arange(len(mb.samples)),
-                                              torch.tensor([len(s.response_ids) for s in mb.samples]))
+            seq_lens = torch.tensor([len(s.response_ids) for s in mb.samples])
+            seq_ids = torch.repeat_interleave(torch.arange(len(mb.samples)), seq_lens)
             batch = LossInputs(
                 targets=mb.targets, old_logprobs=old.detach(),
-                advantages=torch.tensor([mb.samples[r].advantage for r in seq_ids.tolist()], dtype=torch.float64),
-                routes=torch.tensor([x for s in mb.samples for x in s.routes], dtype=torch.int8),
-                seq_ids=seq_ids, seq_lens=torch.tensor([len(s.response_ids) for s in mb.samples]),
-                is_weights=st.is_weights(mb, old))
+                advantages=torch.tensor([s.advantage for s in mb.samples], dtype=torch.float64)[seq_ids],
+                routes=torch.tensor([r for s in mb.samples for r in s.routes], dtype=torch.int8),
+                seq_ids=seq_ids, seq_lens=seq_lens, is_weights=st.is_weights(mb, old))
             loss, s = routed_loss(x, st.teacher_of(mb) if lam > 0 else None, batch, counts, st.cfg, lam, groups.tp,
                                   st.vocab)
             stats.merge(s)
@@ -554,7 +553,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     costs = _dp_costs(minis, use_teacher, separate_old_pass)
     shares = [partition_dp(c, groups.dp_size) for c in costs]
     mine = [[mini[i] for i in share[groups.dp_rank]] for mini, share in zip(minis, shares)]
-    lift_uids = [s.uid for s in samples if Route.FKL in s.routes][:key_token_lift] if lam > 0 else []
+    lift = set([s.uid for s in samples if Route.FKL in s.routes][:key_token_lift] if lam > 0 else [])
     # While lambda > 0 these columns always exist (NaN when a step has no spans), for plots.
     if have_engine_lp:
         st.pre.mean_of("mismatch/logprob_abs_diff", 0.0, 0.0)
@@ -581,7 +580,6 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
         if not bad:
             norms.append(norm)
     t4 = time.perf_counter()
-    lift = set(lift_uids)
     if lift:
         _lift_pass(st, ddp, [s for m in mine for s in m if s.uid in lift])
     t5 = time.perf_counter()

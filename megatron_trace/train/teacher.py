@@ -7,8 +7,9 @@ snapshot  a second module of the same layout, refreshed from the actor at the st
           needs a teacher. With `offload`, its weights wait in CPU memory between passes and
           visit the accelerator only for the teacher forward.
 
-The snapshot is part of run checkpoints (its weights per rank and its version), so a resumed
-run uses the same teacher as an uninterrupted one.
+The snapshot is part of run checkpoints (its weights through `dist_checkpointing`, its version in
+trainer_state.json; train/checkpoint.py), so a resumed run uses the same teacher as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -58,17 +59,3 @@ class SnapshotTeacher:
                 self.module.to("cpu")
         else:
             yield self.module
-
-    def state_dict(self) -> dict:
-        return {"version": self.version,
-                "weights": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()
-                            if isinstance(v, torch.Tensor)}}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        own = self.module.state_dict(keep_vars=True)
-        for k, v in state["weights"].items():
-            if k not in own:
-                raise KeyError(f"teacher snapshot has tensor {k!r} that this model does not")
-            own[k].copy_(v.to(own[k].device))
-        self.version = int(state["version"])
