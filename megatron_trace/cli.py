@@ -1,7 +1,7 @@
 """`megatron-trace` command line.
 
 Subcommands available now:
-  demo     the embedded demo: SFT base -> TRACE RL -> held-out eval on CPU (--compare: 4 variants)
+  demo     the embedded demo: SFT base -> TRACE RL -> held-out eval on CPU (--compare: 5 variants)
   smoke    the foundation smoke path: tiny Qwen3 -> Megatron (TP=2, gloo) -> logits parity -> back to HF
   train    run the TRACE/GRPO loop from a YAML config (--dry-run: validate and print it resolved)
   sft      cross-entropy warm start on reference solutions (same config, same machinery)
@@ -87,9 +87,10 @@ def _cmd_grade(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .config import dump_config, load_config
+    from .config import check_teacher_data, dump_config, load_config
 
     cfg = load_config(args.config, args.overrides)  # fails here, before any work, on a bad key
+    check_teacher_data(cfg)  # a teacher-using variant needs data with reference solutions
     if args.dry_run:
         print(dump_config(cfg), end="")
         return 0
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="directory for everything (default: runs/demo)")
     d.add_argument("--config", default=os.path.join(_CONFIGS, "tiny_cpu_demo.yaml"), help="the RL config")
     d.add_argument("--sft-config", default=os.path.join(_CONFIGS, "tiny_cpu_sft.yaml"), help="the base's SFT config")
-    d.add_argument("--compare", action="store_true", help="GRPO, all-token FKL, TRACE-FKL and TRACE-RKL from one base")
+    d.add_argument("--compare", action="store_true", help="GRPO, all-token FKL, TRACE-FKL, TRACE-RKL and random_mask from one base, with the key-token lift")
     d.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     d.set_defaults(fn=_cmd_demo)
     sm = sub.add_parser("smoke", help="CPU smoke run of the Megatron/Qwen3 foundation (convert, parity, export)")

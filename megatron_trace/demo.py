@@ -7,8 +7,13 @@
    annotator, live teacher with the reference solution as privileged context) into <out>/<variant>;
 3. evaluation of the base and of the final policy on the same held-out problems, same seed
    (`megatron-trace eval`), a paired bootstrap CI of the gain, plots, and demo_report.json.
-With --compare, step 2 and 3 run for GRPO, all-token FKL, TRACE-FKL and TRACE-RKL from the same
-base and seeds, and a comparison table and overlaid plots are written.
+With --compare, step 2 and 3 run for GRPO, all-token FKL (constant lambda, as in its recipes),
+TRACE-FKL, TRACE-RKL and the random-mask ablation (TRACE-FKL's annotated coverage per rollout,
+random positions) from the same base and seeds, and a comparison table and overlaid plots are
+written. Every variant measures the key-token lift at every step (`train.lift_annotate=true`,
+`train.key_token_lift_every=1`): the change of the actor's log-prob of the teacher's top-1
+token at annotated key positions across the step's update. Step 0's rollouts are the same for
+every variant (same base, same seeds), so its lift compares the variants on the same positions.
 """
 
 from __future__ import annotations
@@ -19,7 +24,12 @@ import time
 
 __all__ = ["run_demo"]
 
-VARIANTS_COMPARE = ("grpo", "all_token_fkl", "trace_fkl", "trace_rkl")
+VARIANTS_COMPARE = ("grpo", "all_token_fkl", "trace_fkl", "trace_rkl", "random_mask")
+# Per-variant keys in --compare: GRPO has no KL; the all-token baseline distils for the whole run.
+VARIANT_OVERRIDES = {"grpo": ["schedule.lambda0=0.0"], "all_token_fkl": ["schedule.kind=constant"]}
+# --compare measures the key-token lift of every variant at every step.
+LIFT_OVERRIDES = ["train.lift_annotate=true", "train.key_token_lift_every=1"]
+LIFT_KEY = "lift/key_teacher"
 
 
 def _per_problem(samples_path: str) -> dict[int, float]:
@@ -90,9 +100,10 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
     runs, finals = {}, {}
     for k, v in enumerate(variants):
         stage(2 + 2 * k)
-        lam = ["schedule.lambda0=0.0"] if v == "grpo" else []
+        extra = [*VARIANT_OVERRIDES.get(v, []), *LIFT_OVERRIDES] if compare else []
         cfg = load_config(config, [f"model.hf_dir={base_hf}", f"run.dir={os.path.join(out, v)}", f"run.name={v}",
-                                   f"loss.variant={v}", *lam, *overrides])
+                                   f"loss.variant={v}", *extra, *overrides])
+        kl_end = cfg.schedule.warmup_steps + cfg.schedule.decay_steps
         _train(cfg)
         bar.update(1)
         stage(3 + 2 * k)
@@ -116,7 +127,8 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
         report["variants"][v] = {"final_accuracy": f["accuracy"], "accuracy_gain": f["accuracy"] - base["accuracy"],
                                  "accuracy_gain_ci95": list(gain_ci), "mean_length": f["mean_length"],
                                  "final_entropy": last.get("entropy/all"),
-                                 "exposure": last.get("exposure/lambda2_coverage_cum"), "run_dir": runs[v]}
+                                 "exposure": last.get("exposure/lambda2_coverage_cum"), "run_dir": runs[v],
+                                 **_lift_summary(rows, kl_end)}
     main = variants[-1] if not compare else "trace_fkl"
     m = report["variants"][main]
     report.update({"variant": main, "final_accuracy": m["final_accuracy"], "accuracy_gain_ci95": m["accuracy_gain_ci95"],
@@ -126,16 +138,39 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
     return report
 
 
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if isinstance(x, (int, float)) and x == x]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _lift_summary(rows: list[dict], kl_end: int) -> dict:
+    """The key-token lift (teacher top-1 token, nats) at step 0, its mean over the KL phase (the
+    demo schedule's steps with lambda > 0, whatever the variant's own lambda), and after it."""
+    at = {r["step"]: r.get(LIFT_KEY) for r in rows}
+    return {"lift_step0": _mean([at.get(0)]),
+            "lift_kl_phase": _mean([v for s, v in at.items() if s < kl_end]),
+            "lift_after": _mean([v for s, v in at.items() if s >= kl_end]),
+            "span_coverage_kl_phase": _mean([r.get("route/span_coverage") for r in rows if r["step"] < kl_end])}
+
+
+def _fmt(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
 def format_report(report: dict) -> str:
     lines = [f"held-out problems: {report['num_heldout']} (avg@{report['k']}), wall time {report['wall_seconds']:.0f} s",
-             "", "| policy | accuracy | gain [95% CI] | mean length | entropy | exposure |", "| --- | --- | --- | --- | --- | --- |",
+             "", "| policy | accuracy | gain [95% CI] | mean length | entropy | exposure | key-token lift: step 0 "
+             "| KL phase | after | span coverage |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| base (SFT) | {100 * report['base_accuracy']:.1f}% | | {report['base_mean_length']:.1f} | "
-             f"{'-' if report.get('base_entropy') is None else format(report['base_entropy'], '.3f')} | |"]
+             f"{_fmt(report.get('base_entropy'), '.3f')} | | | | | |"]
     for v, m in report["variants"].items():
         lo, hi = m["accuracy_gain_ci95"]
-        ent = "-" if m["final_entropy"] is None else f"{m['final_entropy']:.3f}"
-        exp = "-" if m["exposure"] is None else f"{m['exposure']:.3f}"
         lines.append(f"| {v} | {100 * m['final_accuracy']:.1f}% | {100 * m['accuracy_gain']:+.1f} "
-                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {m['mean_length']:.1f} | {ent} | {exp} |")
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {m['mean_length']:.1f} | {_fmt(m['final_entropy'], '.3f')} | "
+                     f"{_fmt(m['exposure'], '.3f')} | {_fmt(m.get('lift_step0'), '+.4f')} | "
+                     f"{_fmt(m.get('lift_kl_phase'), '+.4f')} | {_fmt(m.get('lift_after'), '+.4f')} | "
+                     f"{_fmt(m.get('span_coverage_kl_phase'), '.3f')} |")
+    lines.append("key-token lift: mean change (nats) of the actor's log-prob of the teacher's top-1 token at annotated "
+                 "key positions across one step's update; step 0 is the same rollouts for every variant")
     lines += ["", f"plots: {report['plots']}"]
     return "\n".join(lines)

@@ -22,12 +22,15 @@ class TrainSample:
     teacher_ids: list[int] | None = None  # privileged prompt + the same response tokens, when R > 0
     teacher_prompt_len: int = 0  # P' of teacher_ids
     uid: int = 0  # global rollout index (seeds, replay)
+    # Annotated key-span positions of a correct rollout chosen for the key-token lift metric
+    # (whatever the loss does with them); needs teacher_ids. None = not measured.
+    key_positions: list[int] | None = None
 
     def __post_init__(self) -> None:
         if len(self.routes) != len(self.response_ids):
             raise ValueError(f"routes has {len(self.routes)} entries for {len(self.response_ids)} response tokens")
-        if any(self.routes) and self.teacher_ids is None:
-            raise ValueError("a sample with routed tokens needs teacher_ids")
+        if (any(self.routes) or self.key_positions) and self.teacher_ids is None:
+            raise ValueError("a sample with routed tokens or key_positions needs teacher_ids")
         if not self.prompt_ids or not self.response_ids:
             raise ValueError("prompt and response must both be non-empty")
 

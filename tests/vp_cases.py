@@ -61,7 +61,7 @@ CASES = [
 
 
 def run_cases(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype, chunk_size: int | None = 4):
-    from megatron_trace.loss import token_divergence, token_logprob_and_entropy
+    from megatron_trace.loss import token_argmax, token_divergence, token_logprob_and_entropy
 
     shard = -(-V // tp_size)
     lo, hi = tp_rank * shard, (tp_rank + 1) * shard
@@ -92,7 +92,8 @@ def run_cases(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype, chunk_si
         grad_r = (torch.autograd.grad((rkl * g_r.to(rkl.dtype)).sum(), s_r)[0] if s.shape[0]
                   else torch.zeros_like(s_r))
         out.append(dict(case=(name, temp, clip, mode), lp=lp.detach(), ent=ent.detach(), fkl=fkl.detach(),
-                        rkl=rkl.detach(), n_clip=n_clip, grad=grads, grad_r=grad_r, lo=lo, hi=hi))
+                        rkl=rkl.detach(), n_clip=n_clip, grad=grads, grad_r=grad_r, lo=lo, hi=hi,
+                        argmax=token_argmax(s.detach(), tp_group, vocab_size=V)))
     return out
 
 
@@ -131,6 +132,11 @@ def _reference(name, temp, clip, mode):
                 grad=grad, grad_r=grad_r)
 
 
+def _dense_argmax(name: str) -> torch.Tensor:
+    # torch.argmax returns the first maximum: the smallest id among ties (`extreme` has many).
+    return _case_inputs(name)[0].argmax(-1) if _case_inputs(name)[0].shape[0] else torch.zeros(0, dtype=torch.long)
+
+
 def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
     """per_rank: run_cases output, or a list of them (one per TP rank)."""
     if isinstance(per_rank, list) and per_rank and isinstance(per_rank[0], dict):
@@ -146,6 +152,8 @@ def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
                 err = (got - want[key]).abs().max().item() if got.numel() else 0.0
                 scale = 1.0 if dtype == torch.float64 else max(1.0, want[key].abs().max().item() if got.numel() else 1.0)
                 assert err <= tol * scale, f"{(name, temp, clip, mode)} {key} rank {rank}: err {err}"
+        for rank, r in enumerate(ranks):  # the padding columns hold 5.0, above most real logits
+            assert torch.equal(r["argmax"], _dense_argmax(name)), f"{(name, temp, clip, mode)} argmax rank {rank}"
         for key in ("grad", "grad_r"):
             full = torch.cat([r[key].double() for r in ranks], dim=1)
             assert torch.all(full[:, V:] == 0), f"{name}: gradient on padded vocab"

@@ -15,7 +15,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from .schema import Config
 
-__all__ = ["ConfigError", "config_to_dict", "dump_config", "load_config"]
+__all__ = ["ConfigError", "check_teacher_data", "config_to_dict", "dump_config", "load_config"]
+
+PEEK_ROWS = 64  # rows of a local data file looked at for reference solutions
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,35 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     except ValueError as exc:  # our __post_init__ range checks
         raise ConfigError(f"{source}: {exc}") from None
     return cfg  # type: ignore[return-value]
+
+
+def check_teacher_data(cfg: Config) -> None:
+    """Refuse a variant that distils from the privileged teacher when its data has no reference
+    solutions: the teacher would then see the problem and a one-word diagnostic only, nearly the
+    student's own context, and the KL would carry almost nothing. `data.answer_only_teacher=true`
+    opts in (the teacher gets the gold answer instead).
+
+    Called by `megatron-trace train` (and --dry-run), not by `load_config`: it reads the data.
+    Only the first PEEK_ROWS rows of a local file are read. A hub name is not refused (its rows
+    cannot be read offline at config time), nor is a local path that does not exist: training
+    fails on it with "does not exist" when it opens the data, and recipes must load without their
+    data (MT_DATA unset) for dry-runs and the launchers.
+    """
+    from ..data.problems import peek_has_solution
+    from ..loss.routed import ROUTE_VARIANTS
+
+    variant = cfg.loss.variant
+    uses_teacher = ROUTE_VARIANTS[variant].mask is not None and cfg.schedule.lambda0 > 0
+    # train_only replays saved records, whose teacher inputs were built when they were recorded.
+    if not uses_teacher or cfg.data.answer_only_teacher or cfg.train.mode == "train_only":
+        return
+    if peek_has_solution(cfg.data.source, PEEK_ROWS) is False:
+        raise ConfigError(
+            f"loss.variant={variant} distils from a teacher that sees a reference solution, but data.source "
+            f"{cfg.data.source} has none (no non-empty 'solution' in its first {PEEK_ROWS} rows). Make data with "
+            "solutions with tools/prepare_data.py (python tools/prepare_data.py --source "
+            "open-thoughts/OpenThoughts-114k --out DIR, then data.source=DIR/train.jsonl), or set "
+            "data.answer_only_teacher=true to train on this data with the gold answer in the teacher's context")
 
 
 def dump_config(cfg: Config) -> str:

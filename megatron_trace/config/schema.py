@@ -103,7 +103,15 @@ class DataConfig:
     max_problems: int | None = None
     shuffle: bool = True
     arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
-    thinking: bool = False  # Qwen3 chat template switch for the policy prompt
+    # Qwen3 thinking mode for the policy and teacher prompts (the paper's; `enable_thinking` of the
+    # chat template). Chat templates without that switch ignore it, and the synthetic task's
+    # prompts (data.source=arith) use no chat template at all.
+    thinking: bool = True
+    # A teacher-using loss.variant (with schedule.lambda0 > 0) needs reference solutions in the
+    # data (`solution`; tools/prepare_data.py makes them); `megatron-trace train` refuses data
+    # without any (config.load.check_teacher_data). true: train anyway, and give the teacher the
+    # gold answer where a row has no solution.
+    answer_only_teacher: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_problems is None or self.max_problems >= 1, "data.max_problems", self.max_problems,
@@ -214,7 +222,9 @@ class AnnotateConfig:
 
 @dataclass
 class TeacherConfig:
-    mode: str = "live"  # live | snapshot
+    # snapshot (the paper's): a copy of the actor, re-synced every sync_every steps; live: the
+    # actor itself (no extra memory; the teacher moves with every update)
+    mode: str = "snapshot"
     sync_every: int = 10  # snapshot refresh period (steps)
     offload: bool = False  # snapshot only: keep the copy in CPU memory between teacher passes
     probe_tokens: int = 4  # off-span tokens per routed rollout for the leakage proxy (0 = off)
@@ -245,6 +255,10 @@ class LossSection:
     entry_clip_mode: str = "upper"
     temperature: float | None = None  # softmax temperature of every log-prob and KL; null = rollout.temperature
     routed_grpo: str | None = None
+    # Which spans are distilled (null = the variant's): fkl (key spans of correct rollouts), rkl
+    # (error spans of incorrect ones) or both. With random_mask / inverted_mask it picks the
+    # ablation's spans, e.g. loss.variant=random_mask loss.action=rkl for the 1.7B RKL ablation.
+    action: str | None = None
     kl_ref_coef: float = 0.0
     entropy_coef: float = 0.0
     tis_cap: float | None = None  # truncated importance sampling on the GRPO term; null = off
@@ -261,6 +275,7 @@ class LossSection:
                "null (= rollout.temperature) or a float > 0")
         _check(self.routed_grpo in (None, "anneal", "full", "none"), "loss.routed_grpo", self.routed_grpo,
                "null, anneal, full or none")
+        _check(self.action in (None, "fkl", "rkl", "both"), "loss.action", self.action, "null, fkl, rkl or both")
         _check(self.kl_ref_coef >= 0, "loss.kl_ref_coef", self.kl_ref_coef, "a float >= 0")
         _check(self.entropy_coef >= 0, "loss.entropy_coef", self.entropy_coef, "a float >= 0")
         _check(self.tis_cap is None or self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "null or a float > 0")
@@ -268,12 +283,16 @@ class LossSection:
 
 @dataclass
 class ScheduleConfig:
+    # anneal: lambda0 for warmup_steps, then `decay` to 0 over decay_steps (TRACE); constant:
+    # lambda0 at every step, warm-up and decay unused (the all-token SDPO/OPSD-family baselines)
+    kind: str = "anneal"
     lambda0: float = 0.5
     warmup_steps: int = 10
     decay_steps: int = 30
     decay: str = "linear"
 
     def __post_init__(self) -> None:
+        _one_of("schedule.kind", self.kind, {"anneal", "constant"})
         _check(self.lambda0 >= 0, "schedule.lambda0", self.lambda0, "a float >= 0")
         _check(self.warmup_steps >= 0, "schedule.warmup_steps", self.warmup_steps, "an integer >= 0")
         _check(self.decay_steps >= 0, "schedule.decay_steps", self.decay_steps, "an integer >= 0")
@@ -331,7 +350,15 @@ class TrainConfig:
     mode: str = "full"  # full | rollout_only | train_only (debug modes, see README)
     save_records: bool = False  # write each step's stage records to <run.dir>/records/
     records_dir: str | None = None  # train_only: the records to train on
-    key_token_lift: int = 4  # rollouts with key spans re-scored after the update (lambda > 0); 0 = off
+    # Key-token lift: the change of the actor's log-prob, across the step's updates, at the key
+    # spans of this many correct rollouts (of the teacher's top-1 token there and of the sampled
+    # token); 0 = off. Measured at every step while lambda > 0, and every key_token_lift_every
+    # steps otherwise (0 = never). It needs key spans: where the loss does not annotate (GRPO,
+    # all-token variants, lambda = 0) they come from the annotator only with lift_annotate,
+    # which annotates 2 x key_token_lift correct rollouts of those steps.
+    key_token_lift: int = 4
+    key_token_lift_every: int = 10
+    lift_annotate: bool = False
     # Colocated rollout: move the optimizer state to host memory and free the gradient buffers
     # while the engine generates; both come back before the train step.
     offload_during_rollout: bool = False
@@ -343,6 +370,8 @@ class TrainConfig:
         _check(self.dynamic_max_rounds >= 1, "train.dynamic_max_rounds", self.dynamic_max_rounds, "an integer >= 1")
         _one_of("train.mode", self.mode, {"full", "rollout_only", "train_only"})
         _check(self.key_token_lift >= 0, "train.key_token_lift", self.key_token_lift, "an integer >= 0 (0 = off)")
+        _check(self.key_token_lift_every >= 0, "train.key_token_lift_every", self.key_token_lift_every,
+               "an integer >= 0 (0 = only while lambda > 0)")
         _check(self.mode != "train_only" or bool(self.records_dir), "train.records_dir", self.records_dir,
                "a directory of saved records when train.mode=train_only")
 
@@ -393,6 +422,11 @@ class EvalConfig:
     bootstrap_samples: int = 2000
     batch_prompts: int = 16
     gpqa_csv: str | None = None  # the official GPQA-Diamond CSV (never bundled), or env MT_GPQA_CSV
+    # A .jsonl/.parquet of problem/answer rows (the validation split of tools/prepare_data.py) that
+    # the in-loop evaluation runs as the benchmark "val" instead of eval.benchmarks (first
+    # eval.limit problems); `megatron-trace eval` keeps eval.benchmarks, where "val" may then be
+    # listed to reproduce the in-loop numbers. null = the in-loop evaluation uses the benchmarks.
+    in_loop_source: str | None = None
 
     def __post_init__(self) -> None:
         from ..data.problems import BENCHMARKS
@@ -408,8 +442,8 @@ class EvalConfig:
         _check(self.bootstrap_samples >= 100, "eval.bootstrap_samples", self.bootstrap_samples, "an integer >= 100")
         _check(self.batch_prompts >= 1, "eval.batch_prompts", self.batch_prompts, "an integer >= 1")
         _check(len(self.benchmarks) > 0, "eval.benchmarks", self.benchmarks, "a non-empty list")
-        for i, b in enumerate(self.benchmarks):
-            _one_of(f"eval.benchmarks[{i}]", b, set(BENCHMARKS))
+        for i, b in enumerate(self.benchmarks):  # "val": the in-loop split, for `megatron-trace eval` too
+            _one_of(f"eval.benchmarks[{i}]", b, set(BENCHMARKS) | ({"val"} if self.in_loop_source else set()))
 
 
 @dataclass

@@ -24,6 +24,7 @@ __all__ = [
     "load_gpqa_csv",
     "load_problems",
     "math_prompt",
+    "peek_has_solution",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,50 @@ def load_problems(source: str, *, split: str = "train", limit: int | None = None
     if report.num_skipped:
         log.warning("%s: skipped %d rows without an answer", source, report.num_skipped)
     return rows, report
+
+
+def _peek_rows(path: str, num_rows: int) -> list:
+    """The first `num_rows` rows of a local .jsonl/.json/.parquet file (unreadable lines skipped)."""
+    import json
+
+    if path.lower().endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if "solution" not in pf.schema_arrow.names:
+            return []
+        batch = next(pf.iter_batches(batch_size=num_rows, columns=["solution"]), None)
+        return batch.to_pylist() if batch is not None else []
+    rows: list = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.read(1 << 16).lstrip()
+        f.seek(0)
+        if head.startswith("["):  # a .json array (load_problems reads those too)
+            data = json.load(f)
+            return data[:num_rows] if isinstance(data, list) else []
+        for line in f:
+            if len(rows) >= num_rows:
+                break
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    return rows
+
+
+def peek_has_solution(source: str, num_rows: int = 64) -> bool | None:
+    """Whether any of the first `num_rows` rows of `source` has a reference solution (a non-empty
+    string `solution`). None when that cannot be known without loading the data: a hub name
+    (no network at config time, and the first rows of a hub dataset cannot be read offline) or
+    a local path that does not exist (training then fails with "does not exist" when it opens
+    it). The synthetic task always has solutions."""
+    if source == "arith":
+        return True
+    if not os.path.isfile(source) or not source.lower().endswith((".jsonl", ".json", ".parquet")):
+        return None
+    rows = _peek_rows(source, num_rows)
+    return any(isinstance(r, dict) and isinstance(r.get("solution"), str) and r["solution"].strip() for r in rows)
 
 
 # ------------------------------------------------------------------------------ GPQA-Diamond

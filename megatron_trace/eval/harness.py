@@ -43,17 +43,25 @@ class EvalSettings:
     bootstrap_samples: int = 2000
     gpqa_csv: str | None = None
     arith: dict = field(default_factory=dict)  # num_ops / digits / n / seed of the synthetic set
+    # Benchmarks read from local problem/answer files (.jsonl/.parquet), graded with math-verify:
+    # name -> path. In-loop evaluation puts the validation split here as "val" (eval.in_loop_source).
+    sources: dict[str, str] = field(default_factory=dict)
 
     def fingerprint(self) -> dict:
         d = asdict(self)
         for k in ("batch_prompts", "bootstrap_samples", "benchmarks"):
             d.pop(k)
+        if not d["sources"]:
+            d.pop("sources")  # state.json files written before local sources existed stay valid
         return d
 
 
 def _load(name: str, s: EvalSettings) -> tuple[str, list[dict]]:
-    from ..data.problems import load_benchmark
+    from ..data.problems import load_benchmark, load_problems
 
+    if name in s.sources:
+        rows, _ = load_problems(s.sources[name])
+        return "math", rows[: s.limit] if s.limit else rows
     a = s.arith
     b, rows = load_benchmark(name, gpqa_csv=s.gpqa_csv, arith_n=a.get("n", 200), arith_seed=a.get("seed", 0),
                              arith_ops=a.get("num_ops", 3), arith_digits=a.get("digits", 2),
@@ -181,11 +189,18 @@ def summarize(per_problem: Sequence[Sequence[dict]], k: int, bootstrap_samples: 
     }
 
 
-def settings_from_config(cfg, *, limit: int | None = None) -> EvalSettings:
-    """EvalSettings from a Config's `eval.*` keys (and the synthetic task's shape from `data.arith`)."""
+def settings_from_config(cfg, *, limit: int | None = None, in_loop: bool = False) -> EvalSettings:
+    """EvalSettings from a Config's `eval.*` keys (and the synthetic task's shape from `data.arith`).
+
+    in_loop: the settings of the evaluation inside training, which is the validation split
+    `eval.in_loop_source` (as the benchmark "val") when that is set, else `eval.benchmarks`.
+    `eval.benchmarks` may list "val" too (then it reproduces the in-loop numbers)."""
     e, a = cfg.eval, cfg.data.arith
-    return EvalSettings(benchmarks=list(e.benchmarks), k=e.k, temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                        max_new_tokens=e.max_new_tokens, thinking=e.thinking, limit=limit if limit else e.limit,
+    benchmarks = ["val"] if in_loop and e.in_loop_source else list(e.benchmarks)
+    sources = {"val": e.in_loop_source} if e.in_loop_source and "val" in benchmarks else {}
+    return EvalSettings(benchmarks=benchmarks, sources=sources, k=e.k, temperature=e.temperature, top_p=e.top_p,
+                        top_k=e.top_k, max_new_tokens=e.max_new_tokens, thinking=e.thinking,
+                        limit=limit if limit else e.limit,
                         seed=cfg.seed, batch_prompts=e.batch_prompts, bootstrap_samples=e.bootstrap_samples,
                         gpqa_csv=e.gpqa_csv,
                         arith={"n": e.arith_n, "seed": cfg.seed, "num_ops": a.num_ops, "digits": a.digits,

@@ -14,7 +14,7 @@ from .routed import (
     routed_loss,
 )
 from .schedule import ExposureTracker, KLSchedule
-from .vocab_parallel import token_divergence, token_logprob_and_entropy
+from .vocab_parallel import token_argmax, token_divergence, token_logprob_and_entropy
 
 __all__ = [
     "AGG_MODES",
@@ -31,6 +31,7 @@ __all__ = [
     "rollout_mismatch",
     "routed_loss",
     "tis_weights",
+    "token_argmax",
     "token_divergence",
     "token_logprob_and_entropy",
 ]

@@ -100,7 +100,6 @@ def build_routes(
     seq_ids: torch.Tensor,
     *,
     action: str | None = None,
-    coverage_cap: float = 0.25,
     seed: int = 0,
     step: int = 0,
     rollout_uids: torch.Tensor | None = None,
@@ -108,11 +107,13 @@ def build_routes(
     """Per-token routes `[T]` (int8 `Route`) from rollout correctness and annotated span masks.
 
     correct: `[B]` bool. key_mask / error_mask: `[T]` bool, the annotator's key spans (meaningful
-    on correct rollouts) and error spans (on incorrect ones). action overrides the variant's
-    (fkl | rkl | both). Ablation masks: `random` routes round(coverage_cap * |y|) random tokens
-    of each eligible rollout; `inverted` routes the tokens *outside* the annotated span of each
-    rollout that has one, at most round(coverage_cap * |y|), chosen at random when more. Random
-    choices depend only on (seed, step, rollout uid), never on the DP layout.
+    on correct rollouts) and error spans (on incorrect ones), already under the coverage cap.
+    action overrides the variant's (fkl: key spans of correct rollouts; rkl: error spans of
+    incorrect ones; both). The ablation masks keep each rollout's annotated coverage and change
+    only *which* tokens are routed: `random` routes as many random tokens of the rollout as its
+    span has, `inverted` as many tokens from outside its span (all of them when fewer remain).
+    A rollout without a span (annotation failed or found nothing) routes nothing in either.
+    Random choices depend only on (seed, step, rollout uid), never on the DP layout.
     """
     v = _variant(variant)
     act = action or v.action
@@ -140,16 +141,12 @@ def build_routes(
     uids = rollout_uids if rollout_uids is not None else torch.arange(int(seq_ids.max()) + 1)
     for b in torch.unique(seq_ids).tolist():
         pos = torch.nonzero(seq_ids == b)[:, 0]
-        if not bool(eligible[pos[0]]):
+        k = int(span[pos].sum())  # the rollout's annotated coverage (0 unless eligible)
+        if k == 0:
             continue
-        cap = int(round(coverage_cap * pos.numel()))
         rseed = ((seed * 1_000_003 + step) * 1_000_033 + int(uids[b])) % (2**31 - 1)
-        if v.mask == "random":
-            chosen = _random_subset(pos, cap, rseed)
-        else:  # inverted: only rollouts whose annotation produced a span
-            if not bool(span[pos].any()):
-                continue
-            chosen = _random_subset(pos[~span[pos]], cap, rseed)
+        pool = pos if v.mask == "random" else pos[~span[pos]]
+        chosen = _random_subset(pool, k, rseed)
         routes[chosen] = route_of[chosen]
     return routes
 

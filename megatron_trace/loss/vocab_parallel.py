@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["CLIP_MODES", "DEFAULT_CHUNK_ELEMENTS", "token_divergence", "token_logprob_and_entropy"]
+__all__ = ["CLIP_MODES", "DEFAULT_CHUNK_ELEMENTS", "token_argmax", "token_divergence", "token_logprob_and_entropy"]
 
 # About 8 MB of fp32 per [c, V] temporary: a handful of them stay in a server CPU's L3 and are
 # small next to GPU memory, while chunks stay long enough for efficient kernels.
@@ -173,6 +173,25 @@ def token_logprob_and_entropy(
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     return _LogProbEntropy.apply(logits, targets, tp_group, float(temperature), vocab_size, chunk_size, entropy_grad)
+
+
+@torch.no_grad()
+def token_argmax(logits: torch.Tensor, tp_group=None, *, vocab_size: int | None = None) -> torch.Tensor:
+    """Global id of each row's most likely token `[T]` from vocab-sharded logits `[T, V/tp]`.
+
+    Only two scalars per token cross ranks (the shard maxima, then the smallest id that reaches
+    the global maximum), so ties go to the smallest id on every TP layout. Padding columns past
+    `vocab_size` never win.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"expected logits [T, V], got {tuple(logits.shape)}")
+    shard = _Shard(logits, tp_group, vocab_size)
+    z = shard.scaled(logits, 1.0, _compute_dtype(logits))
+    local_max, local_idx = z.max(dim=-1)
+    best = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
+    none = torch.iinfo(torch.long).max
+    ids = torch.where(local_max == best, local_idx + shard.start, torch.full_like(local_idx, none))
+    return _all_reduce(ids, dist.ReduceOp.MIN, tp_group)
 
 
 # --------------------------------------------------------------------------- FKL / RKL

@@ -27,6 +27,9 @@ FIGURES: dict[str, list[tuple[str, list[str]]]] = {
                    ("span coverage", ["route/span_coverage"])],
     "exposure.png": [("cumulative exposure sum lambda^2 * coverage", ["exposure/lambda2_coverage_cum"]),
                      ("cumulative sum lambda * coverage", ["exposure/lambda_coverage_cum"])],
+    "lift.png": [("key-token lift, teacher's top-1 token (nats/step)", ["lift/key_teacher"]),
+                 ("key-token lift, sampled token (nats/step)", ["lift/key_sampled"]),
+                 ("teacher top-1 = sampled token", ["lift/teacher_agrees_with_sample"])],
     "mismatch.png": [("train/rollout |log-prob diff|", ["mismatch/logprob_abs_diff"]),
                      ("train/rollout k3 KL", ["mismatch/k3_kl"])],
 }

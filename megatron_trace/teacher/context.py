@@ -1,8 +1,9 @@
 """The privileged teacher context: what the teacher sees, and where its logits line up.
 
 The teacher is the policy itself, prompted with privileged information: the problem, the
-reference solution (when there is one) and the annotator's coarse diagnostic type, but never the
-annotated span text (the builder does not even receive it). The student's response tokens follow
+reference solution (when there is one; with `data.answer_only_teacher` and no solution, the gold
+answer in its place) and the annotator's coarse diagnostic type, but never the annotated span
+text (the builder does not even receive it). The student's response tokens follow
 unchanged, so the teacher scores exactly the tokens the student produced.
 
 Alignment: with a prompt of P tokens, response token i sits at teacher position P + i and is
@@ -23,9 +24,12 @@ DEFAULT_TEMPLATE = (
     "Please reason step by step, and put your final answer within \\boxed{{}}."
 )
 SOLUTION_BLOCK = "A verified reference solution, for your eyes only:\n{solution}\n\n"
+# In the solution block's place when a row has no solution but an answer (data.answer_only_teacher).
+ANSWER_BLOCK = "No reference solution is available, but the verified final answer is: {answer}\n\n"
 # The synthetic task's compact form (no chat template, no instruction; see data.problems.math_prompt).
 ARITH_TEMPLATE = "{problem}\n{solution_block}{diagnostic_block}"
 ARITH_SOLUTION_BLOCK = "Reference:\n{solution}\n"
+ARITH_ANSWER_BLOCK = "Answer: {answer}\n"
 ARITH_DIAGNOSTIC_BLOCKS = {True: "Key steps: {diagnostic}\n", False: "Mistake: {diagnostic}\n"}
 
 DIAGNOSTIC_BLOCKS = {
@@ -50,17 +54,27 @@ class TeacherInput:
 
 
 def privileged_prompt(problem: str, solution: str | None, diagnostic: str | None, correct: bool,
-                      template: str = DEFAULT_TEMPLATE, kind: str = "math") -> str:
-    """The teacher's user turn (before the chat template). kind="arith": the compact form."""
+                      template: str = DEFAULT_TEMPLATE, kind: str = "math", answer: str | None = None) -> str:
+    """The teacher's user turn (before the chat template). kind="arith": the compact form.
+
+    answer: the gold answer, shown in the solution block's place only when there is no solution
+    (the caller passes it only under data.answer_only_teacher)."""
     arith = kind == "arith"
     if arith and template == DEFAULT_TEMPLATE:
         template = ARITH_TEMPLATE
     sol_block = ARITH_SOLUTION_BLOCK if arith else SOLUTION_BLOCK
+    ans_block = ARITH_ANSWER_BLOCK if arith else ANSWER_BLOCK
     diag_blocks = ARITH_DIAGNOSTIC_BLOCKS if arith else DIAGNOSTIC_BLOCKS
+    if solution and solution.strip():
+        privileged = sol_block.format(solution=solution.strip())
+    elif answer is not None and str(answer).strip():
+        privileged = ans_block.format(answer=str(answer).strip())
+    else:
+        privileged = ""
     try:
         return template.format(
             problem=problem.strip(),
-            solution_block=sol_block.format(solution=solution.strip()) if solution else "",
+            solution_block=privileged,
             diagnostic_block=diag_blocks[bool(correct)].format(diagnostic=diagnostic) if diagnostic else "",
         )
     except KeyError as exc:
@@ -70,10 +84,11 @@ def privileged_prompt(problem: str, solution: str | None, diagnostic: str | None
 
 def build_teacher_input(tokenizer, problem: str, solution: str | None, diagnostic: str | None, correct: bool,
                         response_ids: list[int], *, thinking: bool = True,
-                        template: str = DEFAULT_TEMPLATE, kind: str = "math") -> TeacherInput:
+                        template: str = DEFAULT_TEMPLATE, kind: str = "math",
+                        answer: str | None = None) -> TeacherInput:
     """Token ids of the privileged prompt (chat-templated like the student's, except for the
-    compact synthetic-task form, kind="arith") + the response."""
-    content = privileged_prompt(problem, solution, diagnostic, correct, template, kind)
+    compact synthetic-task form, kind="arith") + the response. answer: see `privileged_prompt`."""
+    content = privileged_prompt(problem, solution, diagnostic, correct, template, kind, answer)
     if kind != "arith" and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=thinking)

@@ -90,12 +90,21 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
             coverage_cap=cfg.annotate.coverage_cap, segment_mode=cfg.annotate.segment_mode,
             max_segment_chars=cfg.annotate.max_segment_chars, seed=cfg.seed, step=step,
             uid_offset=step * cfg.rollout.prompts_per_step * cfg.rollout.n * cfg.train.dynamic_max_rounds,
-            thinking=cfg.data.thinking, prompt_kind=run.prompt_kind)
+            thinking=cfg.data.thinking, prompt_kind=run.prompt_kind, action=cfg.loss.action,
+            lift_rollouts=cfg.train.key_token_lift if lift_step(cfg, step, lam) else 0,
+            lift_annotate=cfg.train.lift_annotate, answer_only_teacher=cfg.data.answer_only_teacher)
         metrics.update(m)
     samples, metrics = _broadcast((samples, metrics))
     metrics.update({"time/rollout": t1 - t0 - t_reward, "time/reward": t_reward,
                     "time/annotate_and_route": time.perf_counter() - t1})
     return samples, metrics
+
+
+def lift_step(cfg, step: int, lam: float) -> bool:
+    """Whether step `step` measures the key-token lift: every step while lambda > 0, then every
+    `train.key_token_lift_every` steps."""
+    every = cfg.train.key_token_lift_every
+    return cfg.train.key_token_lift > 0 and (lam > 0 or (every > 0 and step % every == 0))
 
 
 def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], loss_cfg: LossConfig,
@@ -113,7 +122,7 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
         run.offload.reload()
     t0 = time.perf_counter()
     teacher = run.teacher
-    if teacher is not None and teacher.due(step) and step <= run.schedule.last_active_step:
+    if teacher is not None and teacher.due(step) and run.schedule.needs_teacher(step):
         teacher.refresh(run.ddp, step)
     with teacher.on_device() if teacher is not None else contextlib.nullcontext() as t_module:
         result = train_step(run.ddp, run.optimizer, run.groups, samples, loss_cfg, lam,
@@ -140,13 +149,14 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
 
 
 def evaluate_in_loop(run: Run, weights_step: int) -> dict:
-    """Rank 0: avg@k of the engine's current weights on `eval.benchmarks` (first `eval.limit`
-    problems each); samples and reports under `<run.dir>/eval/step_N/`."""
+    """Rank 0: avg@k of the engine's current weights on `eval.benchmarks`, or on the validation
+    split `eval.in_loop_source` when set (first `eval.limit` problems each); samples and reports
+    under `<run.dir>/eval/step_N/`."""
     from ..eval import eval_metrics, evaluate, settings_from_config
 
     t0 = time.perf_counter()
     out = os.path.join(run.cfg.run.dir, "eval", f"step_{weights_step:06d}") if run.metrics_path else None
-    report = evaluate(run.engine, run.tokenizer, settings_from_config(run.cfg), out_dir=out,
+    report = evaluate(run.engine, run.tokenizer, settings_from_config(run.cfg, in_loop=True), out_dir=out,
                       model=f"{run.cfg.run.name}@step{weights_step}", progress=False)
     return {**eval_metrics(report), "time/eval": time.perf_counter() - t0}
 

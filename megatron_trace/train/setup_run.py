@@ -281,6 +281,12 @@ def build_actor(cfg: Config, groups: ParallelGroups, tokenizer, dtype: torch.dty
     return arch, model, hf_model
 
 
+def kl_schedule(cfg: Config) -> KLSchedule:
+    """lambda_k from the schedule section (kind anneal or constant; see loss/schedule.py)."""
+    s = cfg.schedule
+    return KLSchedule(s.lambda0, s.warmup_steps, s.decay_steps, s.decay, kind=s.kind)
+
+
 def loss_kwargs(cfg: Config) -> dict:
     """`LossConfig` fields from the config. The loss's temperature is the rollout's unless
     `loss.temperature` says otherwise: the log-probs must be those of the policy that sampled."""
@@ -320,7 +326,7 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
                                                            clip_grad=o.clip_grad,
                                                            use_distributed_optimizer=o.distributed_optimizer))
     s = cfg.schedule
-    schedule = KLSchedule(s.lambda0, s.warmup_steps, s.decay_steps, s.decay)
+    schedule = kl_schedule(cfg)
     teacher = None
     if cfg.teacher.mode == "snapshot" and s.lambda0 > 0 and ROUTE_VARIANTS[cfg.loss.variant].mask is not None:
         teacher = SnapshotTeacher(arch, groups, params_dtype=dtype, use_te=cfg.model.use_te,
@@ -328,7 +334,9 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
     gen, engine = _build_generation(cfg, groups, hf_model, dtype, tokenizer, closers)
     annotator = None
     if dist.get_rank() == 0 and cfg.train.mode != "train_only":
-        if s.lambda0 > 0 and ROUTE_VARIANTS[cfg.loss.variant].mask in ("annotator", "inverted"):
+        spans = s.lambda0 > 0 and ROUTE_VARIANTS[cfg.loss.variant].mask in ("annotator", "inverted", "random")
+        lift = cfg.train.key_token_lift > 0 and cfg.train.lift_annotate  # the lift metric's spans
+        if spans or lift:
             annotator = _build_annotator(cfg, engine, tokenizer)
     if cfg.train.mode != "train_only" and (cfg.model.ckpt or cfg.rollout.placement == "remote"):
         gen.sync(ddp, version=0)  # engines <- the actor (remote servers may hold anything)

@@ -63,20 +63,39 @@ def response_offsets(tokenizer, token_ids: Sequence[int]) -> list[tuple[int, int
 
 def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, annotator, lam: float,
                         coverage_cap: float, segment_mode: str, max_segment_chars: int, seed: int, step: int,
-                        uid_offset: int = 0, thinking: bool = False,
-                        prompt_kind: str = "math") -> tuple[list[TrainSample], dict[str, float]]:
-    """Annotate (only while lambda > 0), build routes and teacher inputs; returns samples + metrics."""
+                        uid_offset: int = 0, thinking: bool = False, prompt_kind: str = "math",
+                        action: str | None = None, lift_rollouts: int = 0,
+                        lift_annotate: bool = False,
+                        answer_only_teacher: bool = False) -> tuple[list[TrainSample], dict[str, float]]:
+    """Annotate, build routes and teacher inputs; returns samples + metrics.
+
+    The annotator sees every rollout while lambda > 0 for the variants whose masks come from
+    spans: TRACE, and the random/inverted ablations (so their teacher keeps the diagnostic and
+    their masks keep each rollout's annotated coverage). action: `loss.action` (null = the
+    variant's). lift_rollouts: mark the first that many correct rollouts with key spans for the
+    key-token lift metric (`TrainSample.key_positions`, with a teacher input). Where the loss
+    does not annotate (GRPO, all-token, any step at lambda = 0), `lift_annotate` annotates the
+    first 2 x lift_rollouts correct rollouts for the metric alone; without it there is no lift.
+    answer_only_teacher (`data.answer_only_teacher`): the teacher sees the row's gold answer where
+    the row has no solution.
+    """
     flat = [(sg, j) for sg in scored for j in range(len(sg.group.samples))]
     counter = FailureCounter()
     key_masks: list[list[bool]] = [[False] * len(sg.group.samples[j].token_ids) for sg, j in flat]
     err_masks = [list(m) for m in key_masks]
     diagnostics: list[str | None] = [None] * len(flat)
     # Only variants whose masks come from annotated spans pay for the annotator.
-    needs_annotation = lam > 0 and ROUTE_VARIANTS[variant].mask in ("annotator", "inverted")
+    loss_annotates = lam > 0 and ROUTE_VARIANTS[variant].mask in ("annotator", "inverted", "random")
+    if loss_annotates:
+        todo = list(range(len(flat)))
+    elif lift_rollouts and lift_annotate:
+        todo = [i for i, (sg, j) in enumerate(flat) if sg.rewards[j] > 0][:2 * lift_rollouts]
+    else:
+        todo = []
     t_ann = 0.0
-    if needs_annotation:
+    if todo:
         requests = []
-        for sg, j in flat:
+        for sg, j in (flat[i] for i in todo):
             text = sg.texts[j]
             requests.append(AnnotationRequest(sg.group.meta["problem"], sg.group.meta.get("solution"),
                                               sg.rewards[j] > 0, text,
@@ -85,28 +104,32 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         anns = annotator.annotate(requests)
         t_ann = time.perf_counter() - t_ann
         final = []
-        for i, ((sg, j), req, ann) in enumerate(zip(flat, requests, anns)):
+        for i, req, ann in zip(todo, requests, anns):
+            sg, j = flat[i]
             mask, ann = annotation_to_mask(ann, req, response_offsets(tokenizer, sg.group.samples[j].token_ids),
                                            coverage_cap)
             final.append(ann)
             (key_masks if req.correct else err_masks)[i] = mask
             diagnostics[i] = ann.diagnostic
         counter.add(final)
+    lift = set([i for i, (sg, j) in enumerate(flat) if sg.rewards[j] > 0 and any(key_masks[i])][:lift_rollouts])
     samples = []
     for i, (sg, j) in enumerate(flat):
         s = sg.group.samples[j]
         correct = torch.tensor([sg.rewards[j] > 0])
         routes = build_routes(variant, correct, torch.tensor(key_masks[i], dtype=torch.bool),
                               torch.tensor(err_masks[i], dtype=torch.bool), torch.zeros(len(s.token_ids), dtype=torch.long),
-                              coverage_cap=coverage_cap, seed=seed, step=step,
+                              action=action, seed=seed, step=step,
                               rollout_uids=torch.tensor([uid_offset + i])).tolist() if lam > 0 else [0] * len(s.token_ids)
         teacher_ids, p_len = None, 0
-        if any(r != Route.GRPO for r in routes):
+        if i in lift or any(r != Route.GRPO for r in routes):
             t = build_teacher_input(tokenizer, sg.group.meta["problem"], sg.group.meta.get("solution"), diagnostics[i],
-                                    sg.rewards[j] > 0, s.token_ids, thinking=thinking, kind=prompt_kind)
+                                    sg.rewards[j] > 0, s.token_ids, thinking=thinking, kind=prompt_kind,
+                                    answer=sg.group.meta.get("answer") if answer_only_teacher else None)
             teacher_ids, p_len = t.input_ids, t.prompt_len
+        keys = [t for t, k in enumerate(key_masks[i]) if k] if i in lift else None
         samples.append(TrainSample(list(sg.group.prompt_ids), list(s.token_ids), sg.advantages[j], routes,
-                                   list(s.logprobs), teacher_ids, p_len, uid_offset + i))
+                                   list(s.logprobs), teacher_ids, p_len, uid_offset + i, keys))
     rewards = [r for sg in scored for r in sg.rewards]
     lens = [len(s.response_ids) for s in samples]
     correct_lens = [n for n, r in zip(lens, rewards) if r > 0]
@@ -119,6 +142,7 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         "length/correct": sum(correct_lens) / len(correct_lens) if correct_lens else float("nan"),
         "length/incorrect": sum(wrong_lens) / len(wrong_lens) if wrong_lens else float("nan"),
         "time/annotate": t_ann,
-        **(counter.as_metrics() if needs_annotation else {}),
+        **(counter.as_metrics() if todo else {}),
+        **({"lift/rollouts": float(len(lift))} if lift_rollouts else {}),
     }
     return samples, metrics

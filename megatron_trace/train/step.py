@@ -7,7 +7,9 @@
       teacher    forward only, no grad, on [privileged prompt + response] of the chunk's routed
                  rollouts, right before the chunk (its logits are never held for a whole step)
       fwd/bwd    the routed loss; gradients accumulate over chunks; one optimizer step at the end
-    lift       (lambda > 0) forward only after the updates on rollouts with key spans
+    lift       key-token lift (any lambda, any variant), on the few rollouts that carry
+               `key_positions`: before the old pass, the teacher's top-1 token at each key
+               position and the actor's log-probs; after the updates, the actor's again
 
 Every pass goes through Megatron's `get_forward_backward_func` (PP works unchanged), and the LM
 head runs only at the positions a pass reads (span-sparse head: a pre-hook on the output layer
@@ -41,9 +43,9 @@ from ..loss import (
     GlobalCounts,
     LossConfig,
     LossInputs,
-    Route,
     Stats,
     routed_loss,
+    token_argmax,
     token_divergence,
     token_logprob_and_entropy,
 )
@@ -96,29 +98,39 @@ def probe_positions(sample: TrainSample, k: int) -> list[int]:
     return sorted({off[int(j * step)] for j in range(min(k, len(off)))})
 
 
-def _student_batch(samples: list[TrainSample], b: Batching) -> MicroBatch:
-    """Reads every response position: T = the rollouts' response tokens, in sample order."""
-    lay = lay_out([s.prompt_ids + s.response_ids for s in samples], packed=b.pack, multiple=b.multiple)
+def _reader_batch(samples: list[TrainSample], seqs: list[list[int]], prompt_lens: list[int],
+                  rounds: list[list[list[int]]], b: Batching) -> MicroBatch:
+    """`seqs` laid out as one micro-batch that reads, round after round, the response positions
+    `rounds[k][j]` of sequence j (a response position i is predicted at prompt_len - 1 + i)."""
+    lay = lay_out(seqs, packed=b.pack, multiple=b.multiple)
     rows, cols = [], []
-    for (r, c), s in zip(lay.where, samples):
-        p, n = len(s.prompt_ids), len(s.response_ids)
-        rows += [r] * n
-        cols += range(c + p - 1, c + p - 1 + n)
+    for picks in rounds:
+        for (r, c), p, idx in zip(lay.where, prompt_lens, picks):
+            rows += [r] * len(idx)
+            cols += [c + p - 1 + i for i in idx]
     rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
     return MicroBatch(samples, lay, rows, cols, lay.ids[rows, cols + 1])
+
+
+def _student_batch(samples: list[TrainSample], b: Batching) -> MicroBatch:
+    """Reads every response position: T = the rollouts' response tokens, in sample order."""
+    return _reader_batch(samples, [s.prompt_ids + s.response_ids for s in samples], [len(s.prompt_ids) for s in samples],
+                         [[range(len(s.response_ids)) for s in samples]], b)
 
 
 def _teacher_batch(samples: list[TrainSample], b: Batching, probe_tokens: int) -> MicroBatch:
     """Reads the routed positions of every rollout, then its leakage-probe positions."""
-    lay = lay_out([s.teacher_ids for s in samples], packed=b.pack, multiple=b.multiple)
-    rows, cols = [], []
-    for probes in (False, True):
-        for (r, c), s in zip(lay.where, samples):
-            picks = probe_positions(s, probe_tokens) if probes else s.routed_positions
-            rows += [r] * len(picks)
-            cols += [c + s.teacher_prompt_len - 1 + i for i in picks]
-    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    return MicroBatch(samples, lay, rows, cols, lay.ids[rows, cols + 1])
+    return _reader_batch(samples, [s.teacher_ids for s in samples], [s.teacher_prompt_len for s in samples],
+                         [[s.routed_positions for s in samples], [probe_positions(s, probe_tokens) for s in samples]], b)
+
+
+def _key_batch(samples: list[TrainSample], b: Batching, teacher: bool) -> MicroBatch:
+    """Reads the key positions of every rollout, in the teacher's or the student's sequence."""
+    if teacher:
+        return _reader_batch(samples, [s.teacher_ids for s in samples], [s.teacher_prompt_len for s in samples],
+                             [[s.key_positions for s in samples]], b)
+    return _reader_batch(samples, [s.prompt_ids + s.response_ids for s in samples],
+                         [len(s.prompt_ids) for s in samples], [[s.key_positions for s in samples]], b)
 
 
 def make_micro_batches(samples: list[TrainSample], micro_batch_size: int, *,
@@ -302,6 +314,8 @@ class _Step:
         self.old: dict[int, torch.Tensor] = {}  # uid -> old log-probs [n]
         self.t_routed: dict[int, torch.Tensor] = {}  # uid -> teacher logits at routed positions [R, V/tp]
         self.t_probe: dict[int, torch.Tensor] = {}  # uid -> teacher logits at probe positions [Q, V/tp]
+        self.lift_top1: dict[int, torch.Tensor] = {}  # uid -> the teacher's top-1 token at key positions
+        self.lift_before: dict[int, tuple] = {}  # uid -> the actor's (sampled, top-1) log-probs there
         self.pre = Stats()  # diagnostics of the passes (last stage only)
         self.layout = Stats()  # padding and micro-batch counts (every rank)
 
@@ -311,8 +325,9 @@ class _Step:
         self.layout.mean_of("layout/padding_frac", total - sum(sum(mb.lay.lengths) for mb in mbs), total)
         self.layout.sum("layout/micro_batches", len(mbs))
 
-    def logprobs(self, logits: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-        lp, _ = token_logprob_and_entropy(logits, mb.targets.to(logits.device), self.groups.tp, self.cfg.temperature,
+    def logprobs(self, logits: torch.Tensor, mb: MicroBatch, targets: torch.Tensor | None = None) -> torch.Tensor:
+        targets = mb.targets if targets is None else targets
+        lp, _ = token_logprob_and_entropy(logits, targets.to(logits.device), self.groups.tp, self.cfg.temperature,
                                           vocab_size=self.vocab, chunk_size=self.cfg.chunk_size)
         return lp
 
@@ -490,15 +505,54 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
         timers["time/optimizer"] += time.perf_counter() - t1
 
 
-def _lift_pass(st: _Step, ddp, samples: list[TrainSample]) -> None:
-    """Key-token lift: the mean change of log p on FKL-routed (key-span) tokens across the step."""
+def _lift_read(st: _Step, ddp, samples: list[TrainSample], into: dict) -> None:
+    """The actor's log-probs at the key positions of `samples`: of the sampled token and of the
+    teacher's top-1 token (`st.lift_top1`), per rollout uid into `into`."""
+    mbs = [_key_batch([samples[i] for i in idx], st.b, teacher=False) for idx in st.b.plan([_seq_len(s) for s in samples])]
 
-    def lift(mb: MicroBatch, out: torch.Tensor) -> None:
-        lp = st.logprobs(out, mb)
-        key = torch.tensor([r == Route.FKL for s in mb.samples for r in s.routes], device=lp.device)
-        st.pre.mean("kl/key_token_lift", (lp - st.old_of(mb).to(lp.device))[key])
+    def read(mb: MicroBatch, out: torch.Tensor) -> None:
+        top = torch.cat([st.lift_top1[s.uid] for s in mb.samples]).to(out.device)
+        sampled, teacher = st.logprobs(out, mb), st.logprobs(out, mb, targets=top)
+        k = 0
+        for s in mb.samples:
+            n = len(s.key_positions)
+            into[s.uid] = (sampled[k:k + n], teacher[k:k + n])
+            k += n
 
-    _run_forward(ddp, st.groups, make_micro_batches(samples, st.b.micro_batch_size, batching=st.b), st.b, lift)
+    _run_forward(ddp, st.groups, mbs, st.b, read)
+
+
+def _lift_before(st: _Step, ddp, teacher, samples: list[TrainSample]) -> None:
+    """Key-token lift, before the updates: the teacher's most likely token at each key position
+    (its privileged view: the paper's teacher-supported token), then the actor's log-probs."""
+    mbs = [_key_batch([samples[i] for i in idx], st.b, teacher=True)
+           for idx in st.b.plan([len(s.teacher_ids) for s in samples])]
+
+    def top1(mb: MicroBatch, out: torch.Tensor) -> None:
+        ids = token_argmax(out, st.groups.tp, vocab_size=st.vocab)
+        k = 0
+        for s in mb.samples:
+            st.lift_top1[s.uid] = ids[k:k + len(s.key_positions)]
+            k += len(s.key_positions)
+
+    _run_forward(teacher, st.groups, mbs, st.b, top1)
+    _lift_read(st, ddp, samples, st.lift_before)
+
+
+def _lift_after(st: _Step, ddp, samples: list[TrainSample]) -> None:
+    """Key-token lift, after the updates: the mean change of the actor's log-prob at key
+    positions, of the teacher's top-1 token (`lift/key_teacher`) and of the sampled token
+    (`lift/key_sampled`), and how often the two coincide."""
+    after: dict = {}
+    _lift_read(st, ddp, samples, after)
+    for uid, (sampled, teacher) in after.items():
+        s0, t0 = st.lift_before[uid]
+        st.pre.mean("lift/key_sampled", sampled - s0.to(sampled.device))
+        st.pre.mean("lift/key_teacher", teacher - t0.to(teacher.device))
+    for s in samples:
+        if s.uid in st.lift_top1:
+            agree = st.lift_top1[s.uid].cpu() == torch.tensor(s.response_ids)[s.key_positions]
+            st.pre.mean("lift/teacher_agrees_with_sample", agree.double())
 
 
 def _batching(ddp, groups: ParallelGroups, micro_batch_size: int, max_tokens: int, pack: bool) -> Batching:
@@ -534,8 +588,9 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
 
     teacher: the module for the teacher pass (default: `ddp` itself, the live teacher). lr: set
     before the updates (the LR schedule lives in the loop). key_token_lift: how many rollouts with
-    key spans (the first ones in global order, so the number is layout-independent) to re-score
-    after the update; 0 = off. teacher_tokens: teacher positions (routed + probes) whose logits are
+    `key_positions` (the first ones in global order, so the number is layout-independent) to
+    measure the key-token lift on, whatever lambda and the variant; 0 = off. Its teacher is the
+    step's teacher while lambda > 0, else the actor itself (with the privileged prompt). teacher_tokens: teacher positions (routed + probes) whose logits are
     held at once (0 = a whole mini-batch's). separate_old_pass: compute pi_old for the first
     mini-batch in its own pass too (as before the update provided it; for comparisons).
     """
@@ -553,7 +608,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     costs = _dp_costs(minis, use_teacher, separate_old_pass)
     shares = [partition_dp(c, groups.dp_size) for c in costs]
     mine = [[mini[i] for i in share[groups.dp_rank]] for mini, share in zip(minis, shares)]
-    lift = set([s.uid for s in samples if Route.FKL in s.routes][:key_token_lift] if lam > 0 else [])
+    lift = set([s.uid for s in samples if s.key_positions][:key_token_lift])
     # While lambda > 0 these columns always exist (NaN when a step has no spans), for plots.
     if have_engine_lp:
         st.pre.mean_of("mismatch/logprob_abs_diff", 0.0, 0.0)
@@ -561,9 +616,15 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
         st.pre.max("mismatch/logprob_abs_diff_max", 0.0)
     if lam > 0:
         st.pre.mean_of("teacher/leakage_kl_offspan", 0.0, 0.0)
-        if key_token_lift:
-            st.pre.mean_of("kl/key_token_lift", 0.0, 0.0)
+    if lift:
+        for k in ("lift/key_sampled", "lift/key_teacher", "lift/teacher_agrees_with_sample"):
+            st.pre.mean_of(k, 0.0, 0.0)
 
+    t0 = time.perf_counter()
+    lifted = [s for m in mine for s in m if s.uid in lift]
+    if lifted:
+        _lift_before(st, ddp, (teacher if teacher is not None else ddp) if lam > 0 else ddp, lifted)
+    t_lift = time.perf_counter() - t0
     t0 = time.perf_counter()
     later = [s for m in (mine if separate_old_pass else mine[1:]) for s in m]
     _old_logprob_pass(st, ddp, later)
@@ -580,11 +641,9 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
         if not bad:
             norms.append(norm)
     t4 = time.perf_counter()
-    if lift:
-        _lift_pass(st, ddp, [s for m in mine for s in m if s.uid in lift])
-    t5 = time.perf_counter()
-
-    timers["time/key_token_lift"] = t5 - t4 if lift else 0.0
+    if lifted:
+        _lift_after(st, ddp, lifted)
+    timers["time/key_token_lift"] = t_lift + time.perf_counter() - t4 if lift else 0.0
     stats.merge(st.pre).merge(st.layout)
     metrics = stats.reduce(groups.dp, device=groups.device) if groups.is_last_stage else {}
     metrics["layout/dp_imbalance"] = _imbalance(costs, shares, groups.dp_size)

@@ -24,7 +24,7 @@ DESIGN_METRICS = [
     "entropy/all", "entropy/span", "entropy/off_span", "route/grpo_frac", "route/fkl_frac", "route/rkl_frac",
     "route/span_coverage", "annotate/ok", "annotate/invalid_json", "kl/lambda", "exposure/lambda2_coverage_cum",
     "exposure/lambda_coverage_cum", "kl/fkl_mean", "kl/rkl_mean", "kl/entry_clip_frac", "ppo/clip_frac_low",
-    "ppo/clip_frac_high", "mismatch/logprob_abs_diff", "mismatch/k3_kl", "kl/key_token_lift",
+    "ppo/clip_frac_high", "mismatch/logprob_abs_diff", "mismatch/k3_kl", "lift/key_teacher", "lift/key_sampled",
     "teacher/leakage_kl_offspan", "time/rollout", "time/reward", "time/annotate", "time/teacher",
     "time/old_logprobs", "time/fwd_bwd", "time/optimizer", "time/step", "optim/grad_norm", "optim/lr",
 ]
@@ -104,7 +104,7 @@ def test_metrics_complete_deterministic_and_scheduled(tmp_path):
         missing = [k for k in DESIGN_METRICS if k not in m]
         assert not missing, (step, missing)
         assert m["time/teacher"] > 0 and m["time/annotate"] > 0 and m["route/grpo_frac"] < 1
-    assert any(m["route/fkl_frac"] > 0 and math.isfinite(m["kl/key_token_lift"]) for m in h1)
+    assert any(m["route/fkl_frac"] > 0 and math.isfinite(m["lift/key_teacher"]) for m in h1)
     last = h1[3]  # lambda = 0: no annotator, no teacher, no KL
     assert last["time/teacher"] == 0.0 and last["time/annotate"] == 0.0 and last["loss/kl"] == 0.0
     assert "teacher/leakage_kl_offspan" not in last and "annotate/ok" not in last

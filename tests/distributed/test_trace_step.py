@@ -25,7 +25,11 @@ def samples(nan_at=None):
         priv = torch.randint(0, VOCAB, (P + 2,), generator=g).tolist()
         adv = float("nan") if i == nan_at else float(torch.randn(1, generator=g))
         engine_lp = (-torch.rand(L, generator=g) * 8).tolist()
-        out.append(TrainSample(prompt, resp, adv, routes, engine_lp, priv + resp if any(routes) else None, len(priv), i))
+        # Key-token lift on the FKL-routed positions, and on one rollout the loss does not route
+        # (the metric is measured whatever the loss does with the spans).
+        keys = [t for t, r in enumerate(routes) if r == 1] or ([0, L - 1] if i == 1 else None)
+        out.append(TrainSample(prompt, resp, adv, routes, engine_lp, priv + resp if any(routes) or keys else None,
+                               len(priv), i, keys))
     return out
 
 
@@ -41,10 +45,9 @@ def _dense_lp(model, groups, ids):
 
 def _reference_diagnostics(ddp, groups, batch, step):
     """Dense float64 recomputation of the mismatch, leakage and key-token-lift metrics."""
-    from megatron_trace.loss import Route
     from megatron_trace.train.step import probe_positions
 
-    diffs, leaks, lifts = [], [], []
+    diffs, leaks = [], []
     for s in batch:
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         p, n = len(s.prompt_ids), len(s.response_ids)
@@ -56,20 +59,30 @@ def _reference_diagnostics(ddp, groups, batch, step):
             for i in probe_positions(s, STEP_KW["probe_tokens"]):
                 t = t_lp[s.teacher_prompt_len - 1 + i]
                 leaks.append(float((t.exp() * (t - lp_all[i])).sum()))
-        lifts.append((lp, [r == Route.FKL for r in s.routes]))
-    step()
-    for (old, key), s in zip(lifts, batch):
+    lifted = [s for s in batch if s.key_positions]
+    assert len(lifted) > STEP_KW["key_token_lift"] and any(not any(s.routes) for s in lifted[:2])
+    lifted = lifted[:STEP_KW["key_token_lift"]]  # the cap counts in global order
+
+    def key_logprobs(s, top1=None):
         ids = torch.tensor([s.prompt_ids + s.response_ids])
-        p, n = len(s.prompt_ids), len(s.response_ids)
-        new = _dense_lp(ddp, groups, ids)[0, p - 1:p - 1 + n].gather(1, torch.tensor(s.response_ids)[:, None])[:, 0]
-        lifts_s = (new - old)[torch.tensor(key)]
-        key[:] = lifts_s.tolist()
-    with_keys = [k for _, k in lifts if any(isinstance(x, float) for x in k)]
-    assert len(with_keys) > STEP_KW["key_token_lift"]  # the cap matters in this batch
-    lift = [x for k in with_keys[:STEP_KW["key_token_lift"]] for x in k]
+        rows = _dense_lp(ddp, groups, ids)[0, [len(s.prompt_ids) - 1 + i for i in s.key_positions]]
+        sampled = torch.tensor(s.response_ids)[s.key_positions]
+        return rows.gather(1, sampled[:, None])[:, 0], rows.gather(1, top1[:, None])[:, 0]
+
+    top1 = []  # the live teacher (the step-start actor) with the privileged prompt, dense argmax
+    for s in lifted:
+        t_lp = _dense_lp(ddp, groups, torch.tensor([s.teacher_ids]))[0]
+        top1.append(t_lp[[s.teacher_prompt_len - 1 + i for i in s.key_positions]].argmax(-1))
+    before = [key_logprobs(s, t) for s, t in zip(lifted, top1)]
+    step()
+    after = [key_logprobs(s, t) for s, t in zip(lifted, top1)]
+    d_sampled = torch.cat([a[0] - b[0] for a, b in zip(after, before)])
+    d_teacher = torch.cat([a[1] - b[1] for a, b in zip(after, before)])
+    agree = torch.cat([t == torch.tensor(s.response_ids)[s.key_positions] for s, t in zip(lifted, top1)])
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {"mismatch/logprob_abs_diff": mean(diffs), "mismatch/logprob_abs_diff_max": max(diffs),
-            "teacher/leakage_kl_offspan": mean(leaks), "kl/key_token_lift": mean(lift)}
+            "teacher/leakage_kl_offspan": mean(leaks), "lift/key_sampled": d_sampled.mean().item(),
+            "lift/key_teacher": d_teacher.mean().item(), "lift/teacher_agrees_with_sample": agree.double().mean().item()}
 
 
 def _rank(hf_dir, tp, pp, lam, nan_at=None, with_reference=False, mini_batches=2, **extra):
@@ -176,15 +189,22 @@ def test_step_diagnostics_equal_dense_float64_recomputation(hf_dir, mini_batches
         del ref["teacher/leakage_kl_offspan"]
     for k, v in ref.items():
         assert math.isclose(metrics[k], v, rel_tol=1e-4, abs_tol=1e-6), (k, metrics[k], v)
-    assert ref.get("teacher/leakage_kl_offspan", 1.0) > 0 and ref["kl/key_token_lift"] != 0
+    assert ref.get("teacher/leakage_kl_offspan", 1.0) > 0 and ref["lift/key_teacher"] != 0
+    assert ref["lift/key_sampled"] != ref["lift/key_teacher"]
     assert metrics["time/teacher"] > 0 and metrics["time/key_token_lift"] > 0
 
 
 @pytest.mark.dist
-def test_lambda_zero_skips_teacher_and_lift(hf_dir):
-    metrics, skipped, _, _ = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.0)[0]
-    assert not skipped and metrics["time/teacher"] == 0.0 and metrics["time/key_token_lift"] == 0.0
-    assert "teacher/leakage_kl_offspan" not in metrics and metrics["loss/kl"] == 0.0
+def test_lambda_zero_skips_teacher_but_still_measures_the_lift(hf_dir):
+    """At lambda = 0 no teacher pass runs for the loss; rollouts that carry key positions still
+    get the key-token lift (its teacher is then the actor with the privileged prompt)."""
+    metrics, ref = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.0, None, True, 1)[0]
+    assert metrics["time/teacher"] == 0.0 and metrics["loss/kl"] == 0.0
+    assert "teacher/leakage_kl_offspan" not in metrics and metrics["time/key_token_lift"] > 0
+    for k in ("lift/key_sampled", "lift/key_teacher", "lift/teacher_agrees_with_sample"):
+        assert math.isclose(metrics[k], ref[k], rel_tol=1e-4, abs_tol=1e-6), (k, metrics[k], ref[k])
+    off, _, _, _ = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.0, key_token_lift=0)[0]
+    assert off["time/key_token_lift"] == 0.0 and "lift/key_teacher" not in off
 
 
 def _both_ways(hf_dir, mini_batches):

@@ -1,6 +1,7 @@
 """`megatron-trace demo` end to end with a tiny budget: SFT base -> TRACE RL -> held-out eval of
 both on the same problems, the report with a paired CI, plots; a rerun reuses every stage.
-(The full-budget demo and its measured gain are in README/LOG; this checks the mechanics.)"""
+(The full-budget demo and its measured gain are in README/LOG; this checks the mechanics.) Both
+tests share one output folder, so --compare reuses the first test's base and TRACE-FKL run."""
 
 import json
 import subprocess
@@ -8,14 +9,22 @@ import sys
 
 import pytest
 
-TINY = ["sft.steps=4", "sft.batch_size=8", "sft.heldout=0", "train.steps=2", "checkpoint.every=2",
-        "rollout.prompts_per_step=2", "rollout.max_new_tokens=12", "eval.every=0", "eval.arith_n=6", "eval.k=2",
-        "eval.max_new_tokens=12", "log.progress=false"]
+# A base that gets some answers right (one-operation problems, 100 SFT steps), since the
+# key-token lift needs correct rollouts with key spans; the oracle marks one of a response's two
+# lines, so the span cap is 0.7.
+TINY = ["sft.steps=100", "sft.batch_size=16", "sft.heldout=0", "data.arith.num_ops=1", "data.arith.num_train=100",
+        "annotate.coverage_cap=0.7", "train.steps=2", "checkpoint.every=2", "rollout.prompts_per_step=4",
+        "rollout.max_new_tokens=32", "train.key_token_lift=4", "eval.every=0", "eval.arith_n=6", "eval.k=2",
+        "eval.max_new_tokens=32", "log.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo") / "out"
 
 
 @pytest.mark.dist
-def test_demo_pipeline_and_report(tmp_path):
-    out = tmp_path / "demo"
+def test_demo_pipeline_and_report(out):
     cmd = [sys.executable, "-m", "megatron_trace.cli", "demo", "--out", str(out), *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -33,3 +42,30 @@ def test_demo_pipeline_and_report(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)  # everything cached now
     assert again.returncode == 0 and json.loads((out / "demo_report.json").read_text())["final_accuracy"] == \
         report["final_accuracy"]
+
+
+@pytest.mark.dist
+def test_demo_compare_reports_the_lift_of_every_variant(out):
+    """--compare with a small budget: every variant (random_mask included) trains from the same
+    base, logs the key-token lift at every step, and the table shows it per variant."""
+    from megatron_trace.demo import VARIANTS_COMPARE
+
+    cmd = [sys.executable, "-m", "megatron_trace.cli", "demo", "--compare", "--out", str(out), *TINY]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "demo_report.json").read_text())
+    assert set(report["variants"]) == set(VARIANTS_COMPARE) >= {"grpo", "trace_fkl", "random_mask"}
+    rows = {v: [json.loads(x) for x in (out / v / "metrics.jsonl").read_text().splitlines()] for v in VARIANTS_COMPARE}
+    step0 = {v: rs[0] for v, rs in rows.items()}
+    # Same base, same seeds: step 0 has the same rollouts in every variant, some of them correct.
+    assert len({m["reward/accuracy"] for m in step0.values()}) == 1 and step0["grpo"]["reward/accuracy"] > 0
+    table = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for v in VARIANTS_COMPARE:  # GRPO and all-token FKL too: annotated for the metric alone
+        assert step0[v]["lift/rollouts"] > 0 and isinstance(step0[v]["lift/key_teacher"], float), v
+        lift = report["variants"][v]["lift_step0"]
+        assert lift == step0[v]["lift/key_teacher"] and f"{lift:+.4f}" in table[v], (v, table.get(v))
+    # The ablation routes TRACE-FKL's annotated coverage, from the annotator, on other tokens.
+    assert step0["random_mask"]["route/fkl_frac"] == step0["trace_fkl"]["route/fkl_frac"] > 0
+    assert step0["random_mask"]["annotate/ok"] == step0["trace_fkl"]["annotate/ok"] > 0
+    assert step0["all_token_fkl"]["kl/lambda"] == rows["all_token_fkl"][-1]["kl/lambda"] > 0  # constant
+    assert "key-token lift" in proc.stdout and (out / "plots" / "lift.png").stat().st_size > 1000

@@ -184,7 +184,11 @@ def test_recipes_carry_the_paper_defaults(path):
     assert (c.loss.eps_low, c.loss.eps_high, c.loss.entry_clip, c.annotate.coverage_cap) == (0.2, 0.28, 0.05, 0.25)
     assert c.schedule.lambda0 == (0.0 if variant == "grpo" else 0.5)
     assert (c.schedule.warmup_steps, c.schedule.decay_steps) == (10, 30)
+    assert c.schedule.kind == ("constant" if variant.startswith("all_token") else "anneal")
+    assert c.loss.entry_clip_mode == "none"  # measured: the only mode that keeps the lift above GRPO's
+    assert (c.train.key_token_lift, c.train.lift_annotate) == (4, True)  # the lift for every variant
     assert (c.teacher.mode, c.teacher.sync_every) == ("snapshot", 10)
+    assert c.optim.mini_batches == 4 and c.rollout.prompts_per_step * c.rollout.n == 512  # 4 PPO updates of 128
     assert (c.eval.temperature, c.eval.top_p, c.eval.top_k, c.eval.thinking) == (0.6, 0.95, 20, True)
     assert (c.rollout.engine, c.annotate.kind, c.model.dtype, c.parallel.device) == ("sglang", "api", "bfloat16", "cuda")
     assert (c.cluster.nodes * c.cluster.gpus_per_node) % (c.parallel.tp * c.parallel.pp) == 0

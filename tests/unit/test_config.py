@@ -27,6 +27,11 @@ def test_defaults_follow_the_paper():
     assert (c.loss.variant, c.loss.eps_low, c.loss.eps_high, c.loss.entry_clip) == ("trace_fkl", 0.2, 0.28, 0.05)
     assert (c.schedule.lambda0, c.schedule.warmup_steps, c.schedule.decay_steps) == (0.5, 10, 30)
     assert c.annotate.coverage_cap == 0.25 and c.teacher.sync_every == 10 and not c.train.dynamic_sampling
+    assert c.schedule.kind == "anneal" and c.teacher.mode == "snapshot" and c.data.thinking
+    # the tiny configs keep what they ran with: the live teacher, no thinking switch
+    for name in ("tiny_cpu.yaml", "tiny_cpu_demo.yaml", "tiny_cpu_sft.yaml"):
+        tiny = load_config(os.path.join(REPO, "configs", name))
+        assert (tiny.teacher.mode, tiny.data.thinking, tiny.schedule.kind) == ("live", False, "anneal"), name
 
 
 @pytest.mark.parametrize("override, needles", [
@@ -39,6 +44,7 @@ def test_defaults_follow_the_paper():
     ("eval.benchmarks=[math5000]", ["'eval.benchmarks[0]'", "math5000", "math500"]),
     ("loss.entry_clip=big", ["'loss.entry_clip'", "'big'", "float | None"]),
     ("schedule.decay=step", ["'schedule.decay'", "'step'", "cosine"]),
+    ("schedule.kind=forever", ["'schedule.kind'", "'forever'", "anneal", "constant"]),
     ("train.mode=train_only", ["'train.records_dir'", "None", "train.mode=train_only"]),
     ("train.mode=replay", ["'train.mode'", "'replay'", "rollout_only"]),
     ("train.key_token_lift=-1", ["'train.key_token_lift'", "-1", ">= 0"]),

@@ -88,6 +88,45 @@ def test_teacher_context_alignment_and_no_span_text():
         privileged_prompt("p", None, None, True, template="{nope}")
 
 
+def test_answer_only_teacher_sees_the_gold_answer():
+    """data.answer_only_teacher: without a solution the teacher gets the gold answer instead."""
+    from megatron_trace.annotate import Annotation
+    from megatron_trace.rollout import RolloutGroup
+    from megatron_trace.rollout.base import Sample
+    from megatron_trace.train.stages import ScoredGroup, build_train_samples
+
+    with_answer = privileged_prompt("What is 6*7?", None, "key_step", True, answer="42")
+    assert "verified final answer is: 42" in with_answer and "reference solution, for" not in with_answer
+    assert "key_step" in with_answer
+    both = privileged_prompt("What is 6*7?", "6*7 = 42", None, True, answer="42")
+    assert "6*7 = 42" in both and "final answer is" not in both  # a solution wins over the answer
+    assert "42" not in privileged_prompt("What is 6*7?", None, None, True)
+    assert "Answer: 42" in privileged_prompt("6*7", None, None, True, kind="arith", answer="42")
+
+    tok = build_char_tokenizer()
+    t = build_teacher_input(tok, "What is 6*7?", None, None, True, [5, 6], thinking=False, answer="42")
+    assert "verified final answer is: 42" in tok.decode(t.input_ids[: t.prompt_len])
+
+    class KeyFirstLine:
+        def annotate(self, requests):
+            return [Annotation((0,), "key_step") for _ in requests]
+
+    ids = tok("6*7 = 42\nAnswer: 42", add_special_tokens=False)["input_ids"]
+    group = RolloutGroup(0, tok("What is 6*7?", add_special_tokens=False)["input_ids"],
+                         [Sample(ids, [-1.0] * len(ids), "stop", 0)] * 2,
+                         {"problem": "What is 6*7?", "answer": "42", "solution": None})
+
+    def teacher_prompt(**kw):
+        (s, _), _ = build_train_samples([ScoredGroup(group, ["6*7 = 42\nAnswer: 42"] * 2, [1.0, 1.0], [0.0, 0.0])],
+                                        tok, variant="trace_fkl", annotator=KeyFirstLine(), lam=0.5,
+                                        coverage_cap=1.0, segment_mode="line", max_segment_chars=300, seed=0, step=0,
+                                        **kw)
+        return tok.decode(s.teacher_ids[: s.teacher_prompt_len])
+
+    assert "verified final answer is: 42" in teacher_prompt(answer_only_teacher=True)
+    assert "final answer is" not in teacher_prompt()
+
+
 class _Engine:
     """Follows the rollout-engine protocol: generate(list of prompt ids, params) -> samples."""
 

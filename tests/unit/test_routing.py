@@ -42,25 +42,66 @@ def test_all_token_variants():
     assert routes("all_token_rkl") == [R] * 20
 
 
-def test_random_mask_is_25_percent_of_eligible_rollouts_and_seeded():
+def test_random_mask_matches_each_rollouts_annotated_coverage_and_is_seeded():
     r = routes("random_mask", seed=3, step=5)
     f = positions(r, F)
-    assert len([i for i in f if i < 8]) == 2 and len([i for i in f if i >= 16]) == 1  # round(0.25*|y|)
-    assert positions(r, R) == [] and not any(8 <= i < 16 for i in f)  # incorrect rollout untouched
+    # Rollout 0 has a 2-token key span: 2 random tokens of it; rollout 2 has no span (annotation
+    # failed): nothing, exactly like TRACE; the incorrect rollout is not FKL-eligible.
+    assert len([i for i in f if i < 8]) == 2 and not [i for i in f if i >= 8]
+    assert positions(r, R) == []
     assert r == routes("random_mask", seed=3, step=5)
     assert any(routes("random_mask", seed=3, step=s) != r for s in range(6, 12))
     # Depends on the rollout's uid, not its position in this micro-batch.
     uids = torch.tensor([40, 41, 42])
-    a = build_routes("random_mask", CORRECT, KEY, ERR, SEQ, seed=1, rollout_uids=uids)
-    sub = build_routes("random_mask", CORRECT[2:], KEY[16:], ERR[16:], SEQ[16:] - 2, seed=1, rollout_uids=uids[2:])
-    assert torch.equal(a[16:], sub)
+    sub = build_routes("random_mask", CORRECT[1:], KEY[8:], ERR[8:], SEQ[8:] - 1, seed=1, rollout_uids=uids[1:],
+                       action="rkl")
+    full = build_routes("random_mask", CORRECT, KEY, ERR, SEQ, seed=1, rollout_uids=uids, action="rkl")
+    assert torch.equal(full[8:], sub)
 
 
-def test_inverted_mask_routes_non_span_tokens_capped():
+def test_inverted_mask_routes_as_many_non_span_tokens():
     r = routes("inverted_mask", seed=0)
     f = positions(r, F)
     assert len(f) == 2 and all(i < 8 and i not in (2, 3) for i in f)  # rollout 0 only: has a span
     assert positions(r, R) == []  # rollout 2 has no span (failed annotation): plain GRPO
+
+
+@pytest.mark.parametrize("variant", ["random_mask", "inverted_mask"])
+def test_ablation_action_key_reaches_error_spans(variant):
+    rkl = routes(variant, seed=2, action="rkl")
+    assert positions(rkl, F) == [] and len(positions(rkl, R)) == 3  # the 3-token error span of rollout 1
+    assert all(8 <= i < 16 for i in positions(rkl, R))
+    if variant == "inverted_mask":
+        assert not set(positions(rkl, R)) & {10, 11, 12}
+    both = routes(variant, seed=2, action="both")
+    assert len(positions(both, F)) == 2 and len(positions(both, R)) == 3
+
+
+@pytest.mark.parametrize("variant", ["random_mask", "inverted_mask"])
+@pytest.mark.parametrize("action", ["fkl", "rkl", "both"])
+def test_ablation_masks_have_the_annotated_per_rollout_token_counts(variant, action):
+    """Over many random batches: every rollout routes as many tokens as its own annotated span
+    (inverted: as many as fit outside it), and none where the annotation left no span."""
+    g = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        lens = torch.randint(1, 30, (6,), generator=g)
+        seq = torch.repeat_interleave(torch.arange(6), lens)
+        correct = torch.rand(6, generator=g) < 0.5
+        key = torch.rand(seq.numel(), generator=g) < 0.3
+        err = torch.rand(seq.numel(), generator=g) < 0.3
+        key[seq == 0] = False  # rollout 0: annotation failed
+        err[seq == 0] = False
+        ann = build_routes("trace_both" if action == "both" else f"trace_{action}", correct, key, err, seq)
+        got = build_routes(variant, correct, key, err, seq, action=action, seed=trial, step=trial)
+        for b in range(6):
+            mine = seq == b
+            want = int((ann[mine] != 0).sum())
+            if variant == "inverted_mask":
+                want = min(want, int(mine.sum()) - want)
+                assert not ((got[mine] != 0) & (ann[mine] != 0)).any()
+            assert int((got[mine] != 0).sum()) == want, (trial, b)
+            assert set(got[mine].tolist()) - {0} <= set(ann[mine].tolist()) - {0}  # same route kind
+        assert not (got[seq == 0] != 0).any()
 
 
 def test_unknown_variant():

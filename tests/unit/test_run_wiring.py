@@ -3,10 +3,12 @@ real tokenizer, annotator selection, the W&B sink (a recording stand-in for the 
 the real service cannot be reached here), and config rules checked at load time."""
 
 import json
+import os
 import sys
 import types
 
 import pytest
+from conftest import REPO
 
 from megatron_trace.config import ConfigError, load_config
 
@@ -127,3 +129,14 @@ def test_loss_temperature_is_the_rollout_temperature_unless_set():
         load_config(None, ["loss.entry_clip_mode=lower"])
     with pytest.raises(ConfigError, match="loss.temperature"):
         load_config(None, ["loss.temperature=0"])
+
+
+def test_schedule_kind_reaches_the_run_schedule():
+    """The all-token baselines' recipes distil for the whole run; TRACE's anneal to 0 by step 40."""
+    from megatron_trace.train.setup_run import kl_schedule
+
+    const = kl_schedule(load_config(os.path.join(REPO, "configs", "qwen3_8b_all_token_fkl.yaml")))
+    assert const.kind == "constant" and const.active_forever and [const.lam(k) for k in (0, 40, 199)] == [0.5] * 3
+    trace = kl_schedule(load_config(os.path.join(REPO, "configs", "qwen3_8b_trace_fkl.yaml")))
+    assert trace.kind == "anneal" and trace.last_active_step == 39 and trace.lam(40) == 0.0
+    assert kl_schedule(load_config(None, ["schedule.kind=constant", "schedule.lambda0=0.2"])).lam(10_000) == 0.2

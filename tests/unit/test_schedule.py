@@ -5,6 +5,7 @@ import math
 import pytest
 
 from megatron_trace.loss import ExposureTracker, KLSchedule
+from megatron_trace.loss.schedule import NEVER_ENDS
 
 
 def test_default_boundaries_and_sum_of_squares():
@@ -31,8 +32,23 @@ def test_grpo_baseline_never_needs_teacher():
     assert s.last_active_step == -1
 
 
+def test_constant_never_ends():
+    s = KLSchedule(kind="constant")  # warm-up and decay (10, 30 by default) are not read
+    assert [s.lam(k) for k in (0, 9, 10, 39, 40, 41, 10_000)] == [0.5] * 7
+    assert all(s.needs_teacher(k) for k in (0, 39, 40, 199, 10_000))
+    assert s.active_forever and s.last_active_step == NEVER_ENDS and 10**12 <= s.last_active_step
+    assert s.grpo_span_weight(0) == 0.0 and s.grpo_span_weight(10_000) == 0.0  # an annealed span weight stays 0
+    tr = ExposureTracker()
+    cums = [tr.update(s.lam(k), 0.3)["exposure/lambda2_coverage_cum"] for k in range(200)]
+    assert cums == pytest.approx([0.25 * 0.3 * (k + 1) for k in range(200)])  # linear in the step count
+    assert tr.exposure_lin == pytest.approx(0.5 * 0.3 * 200)
+    off = KLSchedule(lambda0=0.0, kind="constant")  # lambda0 = 0 is GRPO whatever the kind
+    assert not off.active_forever and off.last_active_step == -1 and not off.needs_teacher(100)
+    assert not KLSchedule().active_forever
+
+
 @pytest.mark.parametrize("kw, key", [({"lambda0": -1}, "lambda0"), ({"decay": "step"}, "decay"),
-                                     ({"warmup_steps": -2}, "warmup_steps")])
+                                     ({"warmup_steps": -2}, "warmup_steps"), ({"kind": "forever"}, "kind")])
 def test_bad_values_name_the_key(kw, key):
     with pytest.raises(ValueError, match=key):
         KLSchedule(**kw)
