@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import plan_layout, resolve, train_task  # noqa: E402
+from common import plan_layout, repo_relative, resolve, train_task  # noqa: E402
 
 
 def _visible_gpus(device: str) -> int:
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     # torchrun from this interpreter's environment, wherever the shell's PATH points
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     executor = run.LocalExecutor(ntasks_per_node=world, launcher="torchrun", env_vars={"PYTHONUNBUFFERED": "1"})
-    task = train_task(args.config, args.overrides)
+    task = train_task(repo_relative(args.config), args.overrides)
     print(f"[local] {cfg.run.name}: {layout.line()}; {'nccl' if on_gpu else 'gloo'}", file=sys.stderr)
     if args.dry_run:
         # The command NeMo-Run's torchx packaging produces for this executor (what `run.run` runs).

@@ -1,19 +1,28 @@
 #!/usr/bin/env python
-"""Launch `megatron-trace train` on Slurm through NeMo-Run's SlurmExecutor (torchrun per node).
+"""Launch `megatron-trace train` on Slurm through NeMo-Run's SlurmExecutor.
 
-    python launch/slurm.py --config configs/qwen3_8b_trace_fkl.yaml --account A --partition P \\
-        [--nodes 2] [--gpus-per-node 8] --container-image IMG [--mounts /lustre:/lustre ...] \\
-        [--time 08:00:00] [--job-dir DIR] [--out DIR] [--dry-run] [key=value ...]
+    # GPU, in a container (pyxis/enroot)
+    python launch/slurm.py --config configs/qwen3_8b_trace_fkl.yaml --partition P [--account A] \\
+        [--nodes 2] [--gpus-per-node 8] --container-image IMG [--mounts /lustre:/lustre ...] [--wait] [key=value ...]
+    # CPU partition, no container (the job activates this interpreter's venv)
+    python launch/slurm.py --config configs/tiny_cpu.yaml --partition batch --nodes 1 --gpus-per-node 0 \\
+        --no-container --wait train.steps=2 run.dir=/shared/runs/tiny
 
-Nodes, GPUs per node and time default to the config's `cluster.*` keys (set per size in
-configs/base/size_*.yaml). Every GPU is a rank: the job starts nodes x gpus_per_node =
-tp x pp x dp ranks, dp = nodes x gpus_per_node / (tp x pp). A size that tp x pp does not divide,
-or that disagrees with an explicit parallel.dp, is refused. The layout line (stderr) gives tp,
-pp, dp and the rollout engines: dp of them with rollout.placement=colocated, 0 with remote.
+The job's shape and the site profile come from the config's `cluster:` section (nodes,
+gpus_per_node, cpus_per_node, time, account, partition, container_image, container_mounts,
+venv, setup, exclusive, sbatch; per size in configs/base/size_*.yaml); every flag overrides its
+key. GPU jobs: every GPU is a rank, nodes x gpus_per_node = tp x pp x dp (dp derived), one
+torchrun per node. CPU jobs (--gpus-per-node 0 or parallel.device=cpu): one node, one core per
+gloo rank, no GPU request. The layout line (stderr) gives tp, pp, dp and the rollout engines; a
+layout that does not fit is refused before anything is submitted.
 
---dry-run renders the sbatch script with no cluster and no ssh (LocalTunnel +
-Experiment.dryrun) into --out (default launch_out/<run.name>) and prints it.
-Run from a login node that shares the job directory with the compute nodes (--job-dir).
+Relative paths (run.dir, data, models, MT_RUNS / MT_DATA / MT_MODELS) are made absolute against
+the current folder; the resolved config is written into the job's folder and is what the job
+trains on. The job folder (default <run.dir>/slurm) holds the sbatch script, the packaged code
+and the logs; the launcher prints the job id, those paths and the commands to follow and cancel
+the job. --wait blocks until the job ends and exits with its status. --dry-run renders the
+sbatch script without a cluster into --out (default launch_out/<run.name>) and prints it, for
+inspection only (not submittable).
 """
 
 import argparse
@@ -22,47 +31,58 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import cluster_layout, render, resolve, slurm_executor, train_task  # noqa: E402
+from common import (  # noqa: E402
+    Job,
+    absolute_env,
+    add_cluster_flags,
+    cluster_overrides,
+    code_packager,
+    describe,
+    prepare,
+    render,
+    report,
+    resolve,
+    slurm_executor,
+    split_mounts,
+    submit,
+    wait,
+)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--account", required=True)
-    p.add_argument("--partition", required=True)
-    p.add_argument("--nodes", type=int, default=None, help="default: cluster.nodes of the config")
-    p.add_argument("--gpus-per-node", type=int, default=None, help="default: cluster.gpus_per_node")
-    p.add_argument("--container-image", required=True)
-    p.add_argument("--mounts", nargs="*", default=[], help="container mounts, SRC:DST")
-    p.add_argument("--time", default=None, help="default: cluster.time")
-    p.add_argument("--job-dir", default=None,
-                   help="shared directory for job files and logs (default: ./nemo_jobs; <out>/nemo_jobs with --dry-run)")
-    p.add_argument("--out", default=None, help="where --dry-run writes the rendered script")
-    p.add_argument("--dry-run", action="store_true")
+    add_cluster_flags(p)
+    p.add_argument("--out", default=None,
+                   help="where --dry-run writes the rendered script and resolved config (default launch_out/<run.name>)")
     p.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = p.parse_args(argv)
+    split_mounts(args)
 
-    over = list(args.overrides)
-    if args.nodes is not None:
-        over.append(f"cluster.nodes={args.nodes}")
-    if args.gpus_per_node is not None:
-        over.append(f"cluster.gpus_per_node={args.gpus_per_node}")
-    cfg, text = resolve(args.config, over)
-    layout = cluster_layout(cfg)  # refuses a size the layout does not fit, before anything is rendered
-    print(f"[slurm] {cfg.run.name}: {layout.line()}", file=sys.stderr)
-    out = args.out or os.path.join("launch_out", cfg.run.name)
-    job_dir = os.path.abspath(args.job_dir or (os.path.join(out, "nemo_jobs") if args.dry_run else "nemo_jobs"))
-    ex = slurm_executor(account=args.account, partition=args.partition, nodes=cfg.cluster.nodes,
-                        gpus_per_node=cfg.cluster.gpus_per_node, container_image=args.container_image,
-                        mounts=args.mounts, time=args.time or cfg.cluster.time, job_dir=job_dir,
-                        dry_run=args.dry_run)
-    files = render(f"mt-{cfg.run.name}", [(cfg.run.name, train_task(args.config, over), ex)], out,
-                   {cfg.run.name: text}, args.dry_run)
-    for f in files:
-        print(f"[slurm] {'rendered' if args.dry_run else 'wrote'} {f}", file=sys.stderr)
-        if args.dry_run and f.endswith(".sh"):
-            print(open(f).read())
-    return 0
+    absolute_env("slurm")
+    cfg, _ = resolve(args.config, [*args.overrides, *cluster_overrides(args)])
+    cfg, text, layout, cpu = prepare(cfg, args, "slurm")
+    name = cfg.run.name
+    print(f"[slurm] {name}: {layout.line()}", file=sys.stderr)
+    if args.dry_run:
+        out = os.path.abspath(args.out or os.path.join("launch_out", name))
+        job_dir = os.path.join(out, "nemo_jobs")
+    else:
+        job_dir = os.path.abspath(args.job_dir or os.path.join(cfg.run.dir, "slurm"))
+    packager, code = code_packager(args.code, "slurm", dry_run=args.dry_run, files={f"{name}.yaml": text})
+    ex = slurm_executor(cfg, layout, cpu, job_dir=job_dir, packager=packager, tag="slurm", strict=not args.dry_run)
+    job = Job(name, text, cfg, layout, cpu, ex)
+    if args.dry_run:
+        for f in render(f"mt-{name}", [job], out, job_dir):
+            print(f"[slurm] rendered {f}", file=sys.stderr)
+            if f.endswith(".sh"):
+                print(open(f).read())
+        return 0
+    print(f"[slurm] code: {code}", file=sys.stderr)
+    subs = submit(f"mt-{name}", [job], job_dir)
+    for sub in subs:
+        report("slurm", sub, describe(job))
+    return wait("slurm", subs) if args.wait else 0
 
 
 if __name__ == "__main__":

@@ -1,14 +1,23 @@
 #!/usr/bin/env python
-"""The scaling ablation as one NeMo-Run experiment: one Slurm job per (size, variant).
+"""A sweep as one NeMo-Run experiment: one Slurm job per (size, variant[, seed]).
 
+    # the scaling ablation over the Qwen3 recipes (configs/qwen3_<size>_<variant>.yaml)
     python launch/sweep.py --sizes 0p6b,1p7b,8b --variants grpo,trace_fkl,trace_rkl,all_token_fkl \\
-        --account A --partition P --container-image IMG [--mounts ...] [--seeds 1234] [--dry-run] [key=value ...]
+        --partition P [--account A] --container-image IMG [--mounts ...] [--seeds 1,2] [--wait] [key=value ...]
+    # the variants of any one config (configs/base/variant_<variant>.yaml merged over it)
+    python launch/sweep.py --config configs/tiny_cpu.yaml --variants grpo,trace_fkl --partition batch \\
+        --gpus-per-node 0 --no-container --wait train.steps=2 run.dir=/shared/runs/tiny
 
-Each job trains configs/qwen3_<size>_<variant>.yaml; nodes, GPUs, TP/PP and time come from the
-size's config (configs/base/size_<size>.yaml). Each job starts nodes x gpus_per_node =
-tp x pp x dp ranks (dp derived; a layout that does not fit is refused before anything is
-rendered). Overrides apply to every job; each seed gets its own run directory (run.dir gets a
-_s<seed> suffix when several seeds are given).
+With --sizes, each job trains configs/qwen3_<size>_<variant>.yaml; nodes, GPUs, TP/PP and time
+come from the size's config (configs/base/size_<size>.yaml). With --config, each job is that
+config with configs/base/variant_<variant>.yaml on top, and run.dir / run.name get a
+_<variant> suffix. Overrides and the cluster flags (see launch/slurm.py) apply to every job;
+each seed gets its own run directory (a _s<seed> suffix when several seeds are given). Every job
+is planned, resolved and validated before anything is submitted (a layout that does not fit is
+refused), and carries its resolved config. The job folder (default: <common parent of the
+runs>/slurm) holds the scripts, the packaged code and the logs; the launcher prints each job's
+id, files and commands. --wait blocks until every job ends: exit 0 when all COMPLETED.
+--dry-run renders every sbatch script into --out, for inspection only (not submittable).
 """
 
 import argparse
@@ -17,7 +26,23 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import REPO, cluster_layout, render, resolve, slurm_executor, train_task  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    Job,
+    absolute_env,
+    add_cluster_flags,
+    cluster_overrides,
+    code_packager,
+    describe,
+    prepare,
+    render,
+    report,
+    resolve,
+    slurm_executor,
+    split_mounts,
+    submit,
+    wait,
+)
 
 SIZES = ("0p6b", "1p7b", "4b", "8b", "14b", "32b")
 VARIANTS = ("grpo", "trace_fkl", "trace_rkl", "all_token_fkl")
@@ -31,50 +56,84 @@ def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     return items
 
 
+def variant_overrides(variant: str) -> list[str]:
+    """configs/base/variant_<variant>.yaml as key=value overrides."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "configs", "base", f"variant_{variant}.yaml")))
+
+    def flat(prefix: str, value) -> list[str]:
+        if isinstance(value, dict):
+            return [o for k, v in value.items() for o in flat(f"{prefix}{k}.", v)]
+        return [f"{prefix[:-1]}={value}"]
+
+    return flat("", node)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", required=True, help=f"comma-separated, from {','.join(SIZES)}")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sizes", help=f"comma-separated, from {','.join(SIZES)}: the Qwen3 recipes")
+    what.add_argument("--config", help="one config whose variants to sweep")
     p.add_argument("--variants", required=True, help=f"comma-separated, from {','.join(VARIANTS)}")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the configs' seed)")
-    p.add_argument("--account", required=True)
-    p.add_argument("--partition", required=True)
-    p.add_argument("--container-image", required=True)
-    p.add_argument("--mounts", nargs="*", default=[])
-    p.add_argument("--job-dir", default=None)
-    p.add_argument("--out", default=os.path.join("launch_out", "sweep"))
-    p.add_argument("--title", default="mt-scaling")
-    p.add_argument("--dry-run", action="store_true")
+    add_cluster_flags(p)
+    p.add_argument("--out", default=os.path.join("launch_out", "sweep"),
+                   help="where --dry-run writes the rendered scripts and resolved configs")
+    p.add_argument("--title", default=None, help="the experiment's title (default mt-scaling, or mt-<run.name>)")
     p.add_argument("overrides", nargs="*", help="config overrides for every job, key=value")
     args = p.parse_args(argv)
+    split_mounts(args)
 
-    sizes, variants = _split(args.sizes, SIZES, "--sizes"), _split(args.variants, VARIANTS, "--variants")
+    variants = _split(args.variants, VARIANTS, "--variants")
     seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
-    job_dir = os.path.abspath(args.job_dir or (os.path.join(args.out, "nemo_jobs") if args.dry_run else "nemo_jobs"))
-    jobs, resolved = [], {}
-    for size in sizes:
-        for variant in variants:
-            config = os.path.join(REPO, "configs", f"qwen3_{size}_{variant}.yaml")
-            for seed in seeds:
-                over = list(args.overrides)
-                if seed is not None:
-                    over.append(f"seed={seed}")
-                cfg, text = resolve(config, over)
-                if seed is not None and len(seeds) > 1:
-                    over += [f"run.dir={cfg.run.dir}_s{seed}", f"run.name={cfg.run.name}_s{seed}"]
-                    cfg, text = resolve(config, over)
-                layout = cluster_layout(cfg)
-                ex = slurm_executor(account=args.account, partition=args.partition, nodes=cfg.cluster.nodes,
-                                    gpus_per_node=cfg.cluster.gpus_per_node, container_image=args.container_image,
-                                    mounts=args.mounts, time=cfg.cluster.time, job_dir=job_dir, dry_run=args.dry_run)
-                jobs.append((cfg.run.name, train_task(config, over), ex))
-                resolved[cfg.run.name] = text
-                print(f"[sweep] {cfg.run.name}: {layout.line()}", file=sys.stderr)
-    files = render(args.title, jobs, args.out, resolved, args.dry_run)
-    for f in files:
-        print(f"[sweep] {'rendered' if args.dry_run else 'wrote'} {f}", file=sys.stderr)
+    absolute_env("sweep")
+    if args.sizes:
+        sizes = _split(args.sizes, SIZES, "--sizes")
+        plan = [(os.path.join(REPO, "configs", f"qwen3_{size}_{v}.yaml"), [], "") for size in sizes for v in variants]
+    else:
+        plan = [(args.config, variant_overrides(v), f"_{v}") for v in variants]
+    common_over = [*args.overrides, *cluster_overrides(args)]
+    specs = []
+    for config, var_over, suffix in plan:
+        for seed in seeds:
+            over = [*var_over, *common_over]
+            if seed is not None:
+                over.append(f"seed={seed}")
+            cfg, _ = resolve(config, over)
+            tail = suffix + (f"_s{seed}" if seed is not None and len(seeds) > 1 else "")
+            if tail:
+                over += [f"run.dir={cfg.run.dir}{tail}", f"run.name={cfg.run.name}{tail}"]
+                cfg, _ = resolve(config, over)
+            cfg, text, layout, cpu = prepare(cfg, args, "sweep")
+            print(f"[sweep] {cfg.run.name}: {layout.line()}", file=sys.stderr)
+            specs.append((cfg, text, layout, cpu))
+    names = [cfg.run.name for cfg, *_ in specs]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: two jobs would share a run name ({', '.join(names)}); give each its own")
+    title = args.title or ("mt-scaling" if args.sizes else f"mt-{resolve(args.config, common_over)[0].run.name}-sweep")
     if args.dry_run:
-        print(f"[sweep] {len(jobs)} jobs rendered into {args.out}")
-    return 0
+        out = os.path.abspath(args.out)
+        job_dir = os.path.join(out, "nemo_jobs")
+    else:
+        runs = [os.path.abspath(cfg.run.dir) for cfg, *_ in specs]
+        job_dir = os.path.abspath(args.job_dir or os.path.join(os.path.commonpath(runs) if len(runs) > 1 else runs[0],
+                                                                "slurm"))
+    jobs, code = [], ""
+    for cfg, text, layout, cpu in specs:
+        packager, code = code_packager(args.code, "sweep", dry_run=args.dry_run, files={f"{cfg.run.name}.yaml": text})
+        ex = slurm_executor(cfg, layout, cpu, job_dir=job_dir, packager=packager, tag="sweep", strict=not args.dry_run)
+        jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, ex))
+    if args.dry_run:
+        for f in render(title, jobs, out, job_dir):
+            print(f"[sweep] rendered {f}", file=sys.stderr)
+        print(f"[sweep] {len(jobs)} jobs rendered into {out} (for inspection only, not submittable)")
+        return 0
+    print(f"[sweep] code: {code}", file=sys.stderr)
+    subs = submit(title, jobs, job_dir)
+    for sub, job in zip(subs, jobs):
+        report("sweep", sub, describe(job))
+    return wait("sweep", subs) if args.wait else 0
 
 
 if __name__ == "__main__":

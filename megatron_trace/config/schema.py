@@ -448,17 +448,39 @@ class EvalConfig:
 
 @dataclass
 class ClusterConfig:
-    """Job shape for the launchers (launch/); TP x PP must divide nodes x gpus_per_node."""
+    """Job shape and site profile for the Slurm launchers (launch/slurm.py, launch/sweep.py);
+    TP x PP must divide nodes x gpus_per_node. The launchers' flags override these keys."""
 
     nodes: int = 1
+    # 0 = a CPU partition: no GPU request (no gres line); the job runs `megatron-trace train`,
+    # which spawns tp x pp x dp gloo ranks on the one node, one core each
     gpus_per_node: int = 8
+    # CPU jobs: the cores asked for, one rank each (dp = cpus / (tp x pp)); null = tp x pp x
+    # (parallel.dp or 1). Ignored by GPU jobs.
+    cpus_per_node: int | None = None
     time: str = "04:00:00"
     gpu_memory_gb: float = 80.0  # per GPU; `megatron-trace plan` and CUDA runs check the estimate against it
+    account: str | None = None  # null: no --account line (clusters without accounts)
+    partition: str | None = None
+    # pyxis/enroot image the job runs in; null = no container (then `venv` / `setup` set up the job)
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)  # SRC:DST, with a container only
+    # No container: the environment the job activates, a venv folder or its bin/activate; null =
+    # the launcher's own interpreter's venv (the project's .venv when it exists)
+    venv: str | None = None
+    setup: list[str] = field(default_factory=list)  # shell lines run before the task (`module load ...`)
+    exclusive: bool = False  # #SBATCH --exclusive
+    sbatch: list[str] = field(default_factory=list)  # extra #SBATCH flags, e.g. "--qos=high", "--constraint=h100"
 
     def __post_init__(self) -> None:
         _check(self.nodes >= 1, "cluster.nodes", self.nodes, "an integer >= 1")
-        _check(self.gpus_per_node >= 1, "cluster.gpus_per_node", self.gpus_per_node, "an integer >= 1")
+        _check(self.gpus_per_node >= 0, "cluster.gpus_per_node", self.gpus_per_node,
+               "an integer >= 0 (0 = a CPU partition)")
+        _check(self.cpus_per_node is None or self.cpus_per_node >= 1, "cluster.cpus_per_node", self.cpus_per_node,
+               "null or an integer >= 1")
         _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", self.gpu_memory_gb, "a float > 0")
+        for flag in self.sbatch:
+            _check(flag.startswith("--"), "cluster.sbatch", flag, "sbatch flags such as '--qos=high'")
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """NeMo-Run launchers: real sbatch scripts rendered through SlurmExecutor + Experiment.dryrun
 (no cluster, no ssh), the sweep over every recipe (all ranks start: tp x pp x dp = the job's
-GPUs, one colocated engine per DP replica), the local torchrun command, the layouts the
-launchers refuse, and real local torchrun launches on CPU at TP=2 and at DP=2; every recipe
-config carries the paper's defaults."""
+GPUs, one colocated engine per DP replica), CPU / no-container cluster profiles, the paths and
+layouts the launchers resolve or refuse, the local torchrun command, and real local torchrun
+launches on CPU at TP=2 and at DP=2; every recipe config carries the paper's defaults. Real
+submissions to a real Slurm cluster: tests/e2e/test_slurm_cluster.py."""
 
 import glob
 import os
@@ -34,10 +35,11 @@ def _torchrun_ranks(script: str) -> int:
     return int(m.group(1)) * int(m.group(2))
 
 
-def _launch(script, *args, timeout=300):
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, os.path.join("launch", script), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+def _launch(script, *args, timeout=300, cwd=REPO, env=None):
+    """env: variables to set; None unsets one."""
+    env = {k: v for k, v in {**os.environ, "COLUMNS": "200", **(env or {})}.items() if v is not None}
+    return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd, env=env)
 
 
 def test_slurm_dry_run_renders_the_8b_recipe_on_two_nodes(tmp_path):
@@ -47,16 +49,25 @@ def test_slurm_dry_run_renders_the_8b_recipe_on_two_nodes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     script = (tmp_path / "qwen3_8b_trace_fkl_sbatch.sh").read_text()
     assert script == out.stdout.strip() + "\n" or script.strip() in out.stdout
+    assert script.splitlines()[1].startswith("# megatron-trace --dry-run: for inspection only (not submittable)")
     for needle in ["#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --account=acct",
                    "#SBATCH --partition=batch", "#SBATCH --time=06:00:00", f"--container-image {IMG}",
-                   "--container-mounts /lustre:/lustre", "head_node_ip=$(srun",
+                   "--container-mounts /lustre:/lustre", "#SBATCH --job-name=mt-qwen3_8b_trace_fkl",
                    "torchrun --rdzv-backend c10d --rdzv-endpoint $head_node_ip:29500",
                    "--nnodes 2 --nproc-per-node 8 --node-rank $SLURM_NODEID",
-                   "-m megatron_trace.cli train --config configs/qwen3_8b_trace_fkl.yaml",
+                   "-m megatron_trace.cli train --config /nemo_run/qwen3_8b_trace_fkl.yaml",
                    "export PYTHONPATH=/nemo_run/code"]:
         assert needle in script, needle
+    # one torchrun per node; the rendezvous host is the allocation's first node, from Slurm, set
+    # after NeMo-Run's `hostname --ip-address` probe (which can give 127.0.0.1) and before torchrun
+    assert script.count("torchrun ") == 1 and "#SBATCH --ntasks-per-node=1" in script
+    rdzv = 'head_node_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'
+    assert script.index("hostname --ip-address") < script.index(rdzv) < script.index("torchrun ")
+    assert "--exclusive" not in script and "source " not in script  # exclusive is opt-in; the image has the env
     resolved = load_config(str(tmp_path / "qwen3_8b_trace_fkl.resolved.yaml"))
     assert (resolved.parallel.tp, resolved.cluster.nodes, resolved.loss.variant) == (2, 2, "trace_fkl")
+    assert (resolved.cluster.account, resolved.cluster.container_image) == ("acct", IMG)
+    assert resolved.run.dir == os.path.join(REPO, "runs", "qwen3_8b_trace_fkl")  # absolute, from the launcher's cwd
     assert (resolved.parallel.dp, resolved.rollout.placement) == (None, "colocated")  # dp derived
     # every GPU is a rank: 2 x 8 = tp 2 x pp 1 x dp 8, one colocated SGLang engine per replica
     assert _layouts(out.stderr) == {"qwen3_8b_trace_fkl": (2, 1, 8, 16, 8)}, out.stderr[-2000:]
@@ -81,7 +92,8 @@ def test_sweep_dry_run_renders_every_recipe_with_all_ranks_started(tmp_path):
         name = os.path.basename(path)[: -len("_sbatch.sh")]
         c = load_config(str(tmp_path / f"{name}.resolved.yaml"))
         assert c.train.steps == 50 and c.parallel.dp is None and c.rollout.placement == "colocated"
-        assert f"-m megatron_trace.cli train --config configs/{name}.yaml train.steps=50" in text
+        assert f"-m megatron_trace.cli train --config /nemo_run/{name}.yaml\n" in text  # the resolved copy
+        assert f"#SBATCH --gpus-per-node={c.cluster.gpus_per_node}" in text and f"--container-image {IMG}" in text
         world = c.cluster.nodes * c.cluster.gpus_per_node
         assert f"#SBATCH --nodes={c.cluster.nodes}" in text
         assert f"--nnodes {c.cluster.nodes} --nproc-per-node {c.cluster.gpus_per_node}" in text
@@ -112,6 +124,92 @@ def test_slurm_refuses_a_layout_whose_ranks_cannot_all_start(tmp_path, args, nee
     for needle in needles:
         assert needle in out.stderr, (needle, out.stderr)
     assert not glob.glob(str(tmp_path / "*_sbatch.sh"))
+
+
+def test_slurm_dry_run_renders_a_cpu_job_without_a_container(tmp_path):
+    """--gpus-per-node 0 --no-container: no GPU request, no container flags, no torchrun; one core
+    per gloo rank (tp x pp x dp, or --cpus-per-node); the venv activated; site flags rendered."""
+    out = _launch("slurm.py", "--config", "configs/tiny_cpu.yaml", "--partition", "batch", "--gpus-per-node", "0",
+                  "--no-container", "--setup", "module load gcc", "--sbatch", "qos=low", "--sbatch=--requeue",
+                  "--exclusive", "--dry-run", "--out", str(tmp_path), "parallel.dp=2", "train.steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    script = (tmp_path / "tiny_cpu_sbatch.sh").read_text()
+    assert "for inspection only (not submittable)" in script.splitlines()[1]
+    for needle in ["#SBATCH --cpus-per-task=2", "#SBATCH --nodes=1", "#SBATCH --partition=batch",
+                   "#SBATCH --qos=low", "#SBATCH --requeue", "#SBATCH --exclusive", "#SBATCH --job-name=mt-tiny_cpu",
+                   f"source {os.path.join(sys.prefix, 'bin', 'activate')}", "module load gcc",
+                   "--kill-on-bad-exit=1 --cpus-per-task=2 python -m megatron_trace.cli train --config /",
+                   "/tiny_cpu/tiny_cpu.yaml"]:
+        assert needle in script, needle
+    for absent in ["gpus", "gres", "--container", "torchrun", "--account", "/nemo_run"]:
+        assert absent not in script, absent
+    assert _layouts(out.stderr) == {"tiny_cpu": (1, 1, 2, 2, 2)}, out.stderr[-2000:]
+    assert "2 ranks = 2 cores on 1 node" in out.stderr
+    c = load_config(str(tmp_path / "tiny_cpu.resolved.yaml"))
+    assert (c.parallel.device, c.parallel.dp, c.cluster.gpus_per_node, c.cluster.container_image) == ("cpu", 2, 0, None)
+    assert c.cluster.sbatch == ["--qos=low", "--requeue"] and c.train.steps == 2
+    # the cores asked for decide the ranks: dp = cpus / (tp x pp)
+    out = _launch("slurm.py", "--config", "configs/tiny_cpu.yaml", "--cpus-per-node", "4", "--dry-run", "--out",
+                  str(tmp_path / "four"), "parallel.tp=2", "cluster.venv=/opt/venvs/mt")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert _layouts(out.stderr) == {"tiny_cpu": (2, 1, 2, 4, 2)}, out.stderr[-2000:]
+    script = (tmp_path / "four" / "tiny_cpu_sbatch.sh").read_text()
+    assert "#SBATCH --cpus-per-task=4" in script and "source /opt/venvs/mt/bin/activate" in script
+    assert "--partition" not in script  # none given: the cluster's default partition
+
+
+def test_sweep_dry_run_sweeps_the_variants_of_one_config(tmp_path):
+    out = _launch("sweep.py", "--config", "configs/tiny_cpu.yaml", "--variants", "grpo,all_token_fkl",
+                  "--gpus-per-node", "0", "--no-container", "--dry-run", "--out", str(tmp_path), "run.dir=/shared/tiny")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "*_sbatch.sh"))) == [
+        "tiny_cpu_all_token_fkl_sbatch.sh", "tiny_cpu_grpo_sbatch.sh"]
+    grpo = load_config(str(tmp_path / "tiny_cpu_grpo.resolved.yaml"))
+    fkl = load_config(str(tmp_path / "tiny_cpu_all_token_fkl.resolved.yaml"))
+    assert (grpo.loss.variant, grpo.schedule.lambda0, grpo.run.dir) == ("grpo", 0.0, "/shared/tiny_grpo")
+    assert (fkl.loss.variant, fkl.schedule.kind, fkl.run.dir) == ("all_token_fkl", "constant", "/shared/tiny_all_token_fkl")
+    assert "for inspection only, not submittable" in out.stdout
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config", "configs/qwen3_8b_grpo.yaml", "--gpus-per-node", "0", "--dry-run"],
+     ["cluster.gpus_per_node=0", "parallel.device=cuda"]),
+    (["--config", "configs/tiny_cpu.yaml", "--nodes", "2", "--dry-run"], ["CPU job runs on one node", "--nodes 1"]),
+    (["--config", "configs/tiny_cpu.yaml", "--cpus-per-node", "3", "parallel.tp=2", "--dry-run"],
+     ["does not divide the job's 3 rank(s)", "cluster.cpus_per_node=3"]),
+    (["--config", "configs/tiny_cpu.yaml", "--sbatch=qos=x", "--dry-run"], []),
+    # a real submission refuses relative inputs that do not exist here, naming what to set
+    (["--config", "configs/qwen3_0p6b_grpo.yaml", "--partition", "p"], ["model.hf_dir=models/Qwen3-0.6B",
+                                                                         "set MT_MODELS"]),
+    (["--config", "configs/tiny_cpu.yaml", "--no-container", "--venv", "/nonexistent/venv"],
+     ["/nonexistent/venv/bin/activate does not exist"]),
+], ids=["cuda-without-gpus", "cpu-on-two-nodes", "cpus-tp-mismatch", "sbatch-flag-ok", "relative-models",
+        "missing-venv"])
+def test_slurm_refuses_a_profile_that_cannot_run(tmp_path, args, needles):
+    out = _launch("slurm.py", *[os.path.join(REPO, a) if a.startswith("configs/") else a for a in args], "--out",
+                  str(tmp_path), cwd=tmp_path, env={"MT_MODELS": None, "MT_DATA": None, "MT_RUNS": None})
+    if not needles:  # a control: the flag spelled with "=" is accepted
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "#SBATCH --qos=x" in (tmp_path / "tiny_cpu_sbatch.sh").read_text()
+        return
+    assert out.returncode != 0 and "error: " in out.stderr, out.stderr[-2000:]
+    for needle in needles:
+        assert needle in out.stderr, (needle, out.stderr)
+    assert "submitted" not in out.stdout
+
+
+def test_relative_paths_and_mt_variables_resolve_on_the_submitting_side(tmp_path):
+    (tmp_path / "models" / "Qwen3-0.6B").mkdir(parents=True)
+    (tmp_path / "data" / "openthoughts_math").mkdir(parents=True)
+    out = _launch("slurm.py", "--config", os.path.join(REPO, "configs", "qwen3_0p6b_grpo.yaml"), "--container-image",
+                  IMG, "--dry-run", "--out", str(tmp_path / "out"), cwd=tmp_path,
+                  env={"MT_RUNS": "shared/runs", "MT_MODELS": "models", "MT_DATA": "data"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    c = load_config(str(tmp_path / "out" / "qwen3_0p6b_grpo.resolved.yaml"))
+    assert c.run.dir == str(tmp_path / "shared" / "runs" / "qwen3_0p6b_grpo")
+    assert c.model.hf_dir == str(tmp_path / "models" / "Qwen3-0.6B")
+    assert c.data.source == str(tmp_path / "data" / "openthoughts_math" / "train.jsonl")
+    assert "MT_RUNS=shared/runs -> " + str(tmp_path / "shared" / "runs") in out.stderr
 
 
 def test_plan_layout_counts_engines_by_placement_and_refuses_bad_sizes():

@@ -1,0 +1,166 @@
+"""The Slurm launchers against a real one-node Slurm cluster (tests/slurm_cluster.py: Debian's
+slurm-wlm 22.05 + munge, partition `batch`, no GPUs, no pyxis): `launch/slurm.py --wait` and a
+two-variant `launch/sweep.py --wait` submit tiny CPU jobs with no container from an environment
+without the project's venv on PATH (PATH=/usr/bin:/bin, the launcher run by the venv's python),
+and the jobs COMPLETE with both training steps in metrics.jsonl; a dp=2 job runs 2 gloo ranks on
+2 requested cores; a failing job makes --wait exit non-zero. Skipped, with the reason, only
+where the Slurm/munge binaries are missing (tools/install_slurm.sh, run by .ci/run, installs them)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from slurm_cluster import SlurmCluster, missing  # noqa: E402
+
+pytestmark = pytest.mark.slow
+# small and quick: 8 new tokens, 2 prompts x 4 rollouts, no evaluation, no checkpoint before the end
+TINY = ["train.steps=2", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "eval.every=0",
+        "log.progress=false", "checkpoint.every=100"]
+# the code the job runs: the working tree (default) in a git checkout, else the installed package
+CODE = ["--code", "worktree" if os.path.exists(os.path.join(REPO, ".git")) else "installed"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    absent = missing()
+    if absent:
+        pytest.skip(f"Slurm is not installed ({', '.join(absent)} missing): tools/install_slurm.sh installs "
+                    "slurm-wlm and munge (Debian), as .ci/run does")
+    c = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+def _launch(cluster, cwd, script, *args, timeout=300):
+    """Run a launcher as a user would from a shell without the venv: a minimal PATH, the venv's
+    python by absolute path, the cluster's SLURM_CONF."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(cwd)), "LANG": "C.UTF-8",
+           "NEMORUN_HOME": str(cwd / ".nemo_run"), **cluster.env}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args], capture_output=True,
+                         text=True, timeout=timeout, cwd=cwd, env=env)
+    print(f"{script} took {time.time() - t0:.1f}s")
+    return out
+
+
+def _submitted(stdout: str) -> dict[str, dict[str, str]]:
+    """run name -> {"id", "run dir", "config", "script", "task log", "status", "cancel", ...} from
+    the launchers' report."""
+    jobs, cur = {}, None
+    for line in stdout.splitlines():
+        m = re.match(r"\[(?:slurm|sweep)\] submitted (\S+): job (\d+) ", line)
+        if m:
+            cur = jobs[m.group(1)] = {"name": m.group(1), "id": m.group(2)}
+            continue
+        m = re.match(r"\[(?:slurm|sweep)\]   ([a-z ]+):\s+(.*)$", line)
+        if m and cur is not None:
+            cur[m.group(1)] = m.group(2)
+    return jobs
+
+
+def _steps(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _jobcomp(cluster, job_id: str) -> str:
+    """The final state jobcomp/filetxt recorded for the job."""
+    for line in open(cluster.jobcomp):
+        if f"JobId={job_id} " in line:
+            return re.search(r"JobState=(\S+)", line).group(1)
+    return "absent"
+
+
+def _check_completed(cluster, job, out):
+    assert f"job {job['id']} ({job['name']}) ended COMPLETED (exit code 0)" in out.stdout, out.stdout[-3000:]
+    assert cluster.job(job["id"])["JobState"] == "COMPLETED"
+    assert _jobcomp(cluster, job["id"]) == "COMPLETED"
+    # the printed follow-up commands work against the cluster
+    assert job["status"] == f"squeue -j {job['id']}"
+    for cmd in (job["status"], job["finished"].split("   ")[0]):
+        res = subprocess.run(cmd.split(), capture_output=True, text=True, env={**os.environ, **cluster.env})
+        assert res.returncode == 0, (cmd, res.stderr)
+    assert job["cancel"] == f"scancel {job['id']}"
+    assert os.path.exists(job["task log"]) and os.path.exists(job["config"]) and os.path.exists(job["script"])
+
+
+def test_slurm_launcher_runs_a_cpu_job_without_container_or_venv_on_path(cluster, tmp_path):
+    run_dir = tmp_path / "runs" / "tiny"
+    out = _launch(cluster, tmp_path, "slurm.py", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+                  "--partition", "batch", "--nodes", "1", "--gpus-per-node", "0", "--no-container", "--wait", *CODE,
+                  *TINY, f"run.dir={run_dir}")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    jobs = _submitted(out.stdout)
+    assert list(jobs) == ["tiny_cpu"], out.stdout
+    job = jobs["tiny_cpu"]
+    _check_completed(cluster, job, out)
+    assert [row["step"] for row in _steps(run_dir)] == [0, 1]
+    # a CPU job: no GPU request (gres), no container flags, the venv activated, 1 core for 1 rank
+    script = open(job["script"]).read()
+    assert "gpus" not in script and "gres" not in script and "--container" not in script, script
+    assert f"source {os.path.join(sys.prefix, 'bin', 'activate')}" in script
+    assert "#SBATCH --cpus-per-task=1" in script and "#SBATCH --job-name=mt-tiny_cpu" in script
+    assert "-m megatron_trace.cli train --config " + job["config"] in script
+    assert cluster.job(job["id"])["NumCPUs"] == "1"
+    # the resolved config travelled with the job, and its run.dir is where the results are
+    assert job["run dir"] == str(run_dir) and f"dir: {run_dir}" in open(job["config"]).read()
+    assert job["task log"].startswith(str(run_dir / "slurm")), job  # logs under the run's folder
+
+
+def test_sweep_launcher_runs_two_variants(cluster, tmp_path):
+    base = tmp_path / "sweep" / "tiny"
+    out = _launch(cluster, tmp_path, "sweep.py", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+                  "--variants", "grpo,trace_fkl", "--partition", "batch", "--gpus-per-node", "0", "--no-container",
+                  "--wait", *CODE, *TINY, f"run.dir={base}")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    jobs = _submitted(out.stdout)
+    assert sorted(jobs) == ["tiny_cpu_grpo", "tiny_cpu_trace_fkl"], out.stdout
+    for name, job in jobs.items():
+        variant = name[len("tiny_cpu_"):]
+        _check_completed(cluster, job, out)
+        run_dir = f"{base}_{variant}"
+        assert job["run dir"] == run_dir
+        rows = _steps(run_dir)
+        assert [row["step"] for row in rows] == [0, 1]
+        cfg = open(os.path.join(run_dir, "config.yaml")).read()
+        assert f"variant: {variant}" in cfg and f"lambda0: {0.0 if variant == 'grpo' else 0.5}" in cfg
+
+
+@pytest.mark.dist
+def test_slurm_launcher_runs_two_dp_ranks_in_one_job(cluster, tmp_path):
+    """parallel.dp=2 on CPU: one job asks for 2 cores and megatron-trace spawns 2 gloo ranks, one
+    rollout engine each. run.dir is relative: resolved against the submitting folder. The code is
+    the package installed in the venv (--code installed: nothing packaged)."""
+    out = _launch(cluster, tmp_path, "slurm.py", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+                  "--partition", "batch", "--gpus-per-node", "0", "--no-container", "--wait", "--code", "installed",
+                  *TINY, "parallel.dp=2", "run.dir=runs/dp2")
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "layout tp=1 pp=1 dp=2 (2 ranks = 2 cores on 1 node), engines=2" in out.stderr, out.stderr[-2000:]
+    job = _submitted(out.stdout)["tiny_cpu"]
+    _check_completed(cluster, job, out)
+    assert cluster.job(job["id"])["NumCPUs"] == "2"
+    assert "--cpus-per-task=2" in open(job["script"]).read()
+    rows = _steps(tmp_path / "runs" / "dp2")  # relative run.dir, made absolute on the submitting side
+    assert [row["step"] for row in rows] == [0, 1]
+    assert all(row["dispatch/engines_used"] == 2.0 for row in rows), rows
+    assert os.listdir(os.path.join(os.path.dirname(job["config"]), "code")) == []  # nothing packaged
+
+
+def test_wait_exits_with_a_failed_jobs_status(cluster, tmp_path):
+    out = _launch(cluster, tmp_path, "slurm.py", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
+                  "--partition", "batch", "--gpus-per-node", "0", "--no-container", "--wait", *CODE, *TINY,
+                  f"run.dir={tmp_path / 'bad'}", "model.ckpt=/nonexistent/checkpoint")
+    assert out.returncode not in (0, None), (out.stdout + out.stderr)[-4000:]
+    job = _submitted(out.stdout)["tiny_cpu"]
+    assert re.search(r"ended FAILED \(exit code [1-9]\d*\)", out.stdout), out.stdout[-3000:]
+    assert cluster.job(job["id"])["JobState"] == "FAILED" and _jobcomp(cluster, job["id"]) == "FAILED"
