@@ -4,10 +4,10 @@ steps on the same batch, in one run (the job behind `tools/bench_step.py`).
 Every variant starts each repetition from the same weights and optimizer state and samples the
 same prompts with the same seed, so all variants see the same rollouts. Variants are run
 round-robin so that slow drift of the machine hits them alike; the median over repetitions is
-reported; the order of the variants rotates every repetition. The TRACE lambda > 0 variant
-routes a random 25% of each rollout's tokens (the `random_mask` route variant with
-`annotate.coverage_cap`), which has TRACE-FKL's compute profile at a known coverage whatever the
-policy's accuracy. For that, the benchmark's verifier scores every rollout correct (FKL spans
+reported; the order of the variants rotates every repetition. The TRACE lambda > 0 variant is
+TRACE-FKL with an annotator that offers every (1-character) segment of a response in order, so
+the spans fill the 25% cap: TRACE-FKL's compute profile at a known coverage whatever the
+policy's text or accuracy. For that, the benchmark's verifier scores every rollout correct (FKL spans
 live on correct rollouts); no part of the compute depends on the reward values. Annotation is
 not timed here (the oracle is free, an API annotator is network-bound).
 
@@ -25,10 +25,21 @@ __all__ = ["VARIANTS", "bench_step_job"]
 # name -> (route variant, lambda)
 VARIANTS = {
     "grpo": ("grpo", 0.0),
-    "trace": ("random_mask", 0.5),
+    "trace": ("trace_fkl", 0.5),
     "trace_lambda0": ("trace_fkl", 0.0),
     "alltoken_fkl": ("all_token_fkl", 0.5),
 }
+
+
+class _FillTheCap:
+    """Marks every segment; the span builder keeps them in order up to the coverage cap."""
+
+    name = "fill_the_cap"
+
+    def annotate(self, requests):
+        from ..annotate import Annotation
+
+        return [Annotation(tuple(s.id for s in r.segments), "bench") for r in requests]
 
 
 def _job(config: str, overrides: list[str], repeats: int):
@@ -41,9 +52,10 @@ def _job(config: str, overrides: list[str], repeats: int):
     from .setup_run import setup_run
 
     # TRACE at 25% coverage whatever the config's cap; no in-loop eval in the timed steps.
-    cfg = load_config(config, ["annotate.coverage_cap=0.25", *overrides, "log.wandb=false", "log.tensorboard=false",
-                               "eval.every=0"])
+    cfg = load_config(config, ["annotate.coverage_cap=0.25", "annotate.max_segment_chars=1", *overrides,
+                               "log.wandb=false", "log.tensorboard=false", "eval.every=0"])
     run = setup_run(cfg, write_run_dir=False)
+    run.annotator = _FillTheCap()
     run.verify = lambda items: ["correct"] * len(items)
     params = list(run.ddp.parameters())
     weights0 = [p.detach().clone() for p in params]
