@@ -24,6 +24,7 @@ def out(tmp_path_factory):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_demo_pipeline_and_report(out):
     cmd = [sys.executable, "-m", "megatron_trace.cli", "demo", "--out", str(out), *TINY]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -45,6 +46,7 @@ def test_demo_pipeline_and_report(out):
 
 
 @pytest.mark.dist
+@pytest.mark.slow
 def test_demo_compare_reports_the_lift_of_every_variant(out):
     """--compare with a small budget: every variant (random_mask included) trains from the same
     base, logs the key-token lift at every step, and the table shows it per variant."""
