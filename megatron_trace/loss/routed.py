@@ -63,6 +63,12 @@ class RouteVariant:
     action: str | None  # fkl | rkl | both
     routed_grpo: str  # anneal | full | none: GRPO weight on routed tokens
 
+    @property
+    def uses_spans(self) -> bool:
+        """Whether the routes come from annotated spans (so lambda > 0 calls the annotator):
+        TRACE and the random/inverted ablations, which keep each rollout's annotated coverage."""
+        return self.mask in ("annotator", "inverted", "random")
+
 
 ROUTE_VARIANTS: dict[str, RouteVariant] = {
     "grpo": RouteVariant(None, None, "full"),

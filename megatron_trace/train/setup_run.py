@@ -334,7 +334,7 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
     gen, engine = _build_generation(cfg, groups, hf_model, dtype, tokenizer, closers)
     annotator = None
     if dist.get_rank() == 0 and cfg.train.mode != "train_only":
-        spans = s.lambda0 > 0 and ROUTE_VARIANTS[cfg.loss.variant].mask in ("annotator", "inverted", "random")
+        spans = s.lambda0 > 0 and ROUTE_VARIANTS[cfg.loss.variant].uses_spans
         lift = cfg.train.key_token_lift > 0 and cfg.train.lift_annotate  # the lift metric's spans
         if spans or lift:
             annotator = _build_annotator(cfg, engine, tokenizer)

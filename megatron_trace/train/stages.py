@@ -85,7 +85,7 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
     err_masks = [list(m) for m in key_masks]
     diagnostics: list[str | None] = [None] * len(flat)
     # Only variants whose masks come from annotated spans pay for the annotator.
-    loss_annotates = lam > 0 and ROUTE_VARIANTS[variant].mask in ("annotator", "inverted", "random")
+    loss_annotates = lam > 0 and ROUTE_VARIANTS[variant].uses_spans
     if loss_annotates:
         todo = list(range(len(flat)))
     elif lift_rollouts and lift_annotate:

@@ -112,25 +112,28 @@ def _reader_batch(samples: list[TrainSample], seqs: list[list[int]], prompt_lens
     return MicroBatch(samples, lay, rows, cols, lay.ids[rows, cols + 1])
 
 
+def _sequences(samples: list[TrainSample], teacher: bool) -> tuple[list[list[int]], list[int]]:
+    """The sequences a pass reads (the privileged teacher inputs, or prompt + response) and their
+    prompt lengths."""
+    if teacher:
+        return [s.teacher_ids for s in samples], [s.teacher_prompt_len for s in samples]
+    return [s.prompt_ids + s.response_ids for s in samples], [len(s.prompt_ids) for s in samples]
+
+
 def _student_batch(samples: list[TrainSample], b: Batching) -> MicroBatch:
     """Reads every response position: T = the rollouts' response tokens, in sample order."""
-    return _reader_batch(samples, [s.prompt_ids + s.response_ids for s in samples], [len(s.prompt_ids) for s in samples],
-                         [[range(len(s.response_ids)) for s in samples]], b)
+    return _reader_batch(samples, *_sequences(samples, False), [[range(len(s.response_ids)) for s in samples]], b)
 
 
 def _teacher_batch(samples: list[TrainSample], b: Batching, probe_tokens: int) -> MicroBatch:
     """Reads the routed positions of every rollout, then its leakage-probe positions."""
-    return _reader_batch(samples, [s.teacher_ids for s in samples], [s.teacher_prompt_len for s in samples],
+    return _reader_batch(samples, *_sequences(samples, True),
                          [[s.routed_positions for s in samples], [probe_positions(s, probe_tokens) for s in samples]], b)
 
 
 def _key_batch(samples: list[TrainSample], b: Batching, teacher: bool) -> MicroBatch:
     """Reads the key positions of every rollout, in the teacher's or the student's sequence."""
-    if teacher:
-        return _reader_batch(samples, [s.teacher_ids for s in samples], [s.teacher_prompt_len for s in samples],
-                             [[s.key_positions for s in samples]], b)
-    return _reader_batch(samples, [s.prompt_ids + s.response_ids for s in samples],
-                         [len(s.prompt_ids) for s in samples], [[s.key_positions for s in samples]], b)
+    return _reader_batch(samples, *_sequences(samples, teacher), [[s.key_positions for s in samples]], b)
 
 
 def make_micro_batches(samples: list[TrainSample], micro_batch_size: int, *,
@@ -524,12 +527,15 @@ def _lift_read(st: _Step, ddp, samples: list[TrainSample], into: dict) -> None:
 
 def _lift_before(st: _Step, ddp, teacher, samples: list[TrainSample]) -> None:
     """Key-token lift, before the updates: the teacher's most likely token at each key position
-    (its privileged view: the paper's teacher-supported token), then the actor's log-probs."""
+    (its privileged view: the paper's teacher-supported token) and how often it is the sampled
+    one, then the actor's log-probs."""
     mbs = [_key_batch([samples[i] for i in idx], st.b, teacher=True)
            for idx in st.b.plan([len(s.teacher_ids) for s in samples])]
 
     def top1(mb: MicroBatch, out: torch.Tensor) -> None:
         ids = token_argmax(out, st.groups.tp, vocab_size=st.vocab)
+        # the teacher batch's targets at key positions are the sampled tokens
+        st.pre.mean("lift/teacher_agrees_with_sample", (ids == mb.targets.to(ids.device)).double())
         k = 0
         for s in mb.samples:
             st.lift_top1[s.uid] = ids[k:k + len(s.key_positions)]
@@ -542,17 +548,13 @@ def _lift_before(st: _Step, ddp, teacher, samples: list[TrainSample]) -> None:
 def _lift_after(st: _Step, ddp, samples: list[TrainSample]) -> None:
     """Key-token lift, after the updates: the mean change of the actor's log-prob at key
     positions, of the teacher's top-1 token (`lift/key_teacher`) and of the sampled token
-    (`lift/key_sampled`), and how often the two coincide."""
+    (`lift/key_sampled`)."""
     after: dict = {}
     _lift_read(st, ddp, samples, after)
     for uid, (sampled, teacher) in after.items():
         s0, t0 = st.lift_before[uid]
         st.pre.mean("lift/key_sampled", sampled - s0.to(sampled.device))
         st.pre.mean("lift/key_teacher", teacher - t0.to(teacher.device))
-    for s in samples:
-        if s.uid in st.lift_top1:
-            agree = st.lift_top1[s.uid].cpu() == torch.tensor(s.response_ids)[s.key_positions]
-            st.pre.mean("lift/teacher_agrees_with_sample", agree.double())
 
 
 def _batching(ddp, groups: ParallelGroups, micro_batch_size: int, max_tokens: int, pack: bool) -> Batching:
@@ -590,7 +592,8 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     before the updates (the LR schedule lives in the loop). key_token_lift: how many rollouts with
     `key_positions` (the first ones in global order, so the number is layout-independent) to
     measure the key-token lift on, whatever lambda and the variant; 0 = off. Its teacher is the
-    step's teacher while lambda > 0, else the actor itself (with the privileged prompt). teacher_tokens: teacher positions (routed + probes) whose logits are
+    step's teacher while lambda > 0, else the actor itself (with the privileged prompt).
+    teacher_tokens: teacher positions (routed + probes) whose logits are
     held at once (0 = a whole mini-batch's). separate_old_pass: compute pi_old for the first
     mini-batch in its own pass too (as before the update provided it; for comparisons).
     """
