@@ -1,0 +1,159 @@
+"""Config sections of the sampling side of a step: rollout engines and placement, rewards,
+annotation and evaluation (see `schema.py` for the rules every section follows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .checks import check as _check
+from .checks import one_of as _one_of
+
+__all__ = ["AnnotateConfig", "ApiAnnotatorSection", "EvalConfig", "RemoteRolloutSection", "RewardConfig",
+           "RolloutConfig"]
+
+
+@dataclass
+class RemoteRolloutSection:
+    """rollout.placement=remote: SGLang servers that the trainer only sends requests to."""
+
+    urls: list[str] = field(default_factory=list)  # http://host:port of each `sglang.launch_server`
+    router_url: str | None = None  # or one sglang-router in front of them (then urls are optional)
+    weight_sync: str = "distributed"  # distributed (NCCL/gloo broadcast from rank 0) | none
+    master_address: str | None = None  # rank 0's address as the servers reach it (default: its hostname)
+    master_port: int = 0  # 0 = a free port
+    backend: str = "auto"  # nccl | gloo | auto (nccl on CUDA)
+    health_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for i, u in enumerate(self.urls):
+            _check(u.startswith(("http://", "https://")), f"rollout.remote.urls[{i}]", u, "an http(s):// URL")
+        _check(self.router_url is None or self.router_url.startswith(("http://", "https://")),
+               "rollout.remote.router_url", self.router_url, "null or an http(s):// URL")
+        _one_of("rollout.remote.weight_sync", self.weight_sync, {"distributed", "none"})
+        _one_of("rollout.remote.backend", self.backend, {"auto", "nccl", "gloo"})
+        _check(0 <= self.master_port < 65536, "rollout.remote.master_port", self.master_port, "0 or a TCP port")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf | sglang
+    # colocated: one engine per DP replica on that replica's GPUs (its first TP group);
+    # remote: SGLang servers (rollout.remote.*), the trainer ranks do not generate;
+    # rank0: one engine on global rank 0 (debugging)
+    placement: str = "colocated"
+    mem_fraction_static: float = 0.5  # colocated SGLang: share of each GPU for its weights + KV cache
+    max_retries: int = 2  # a failed request is retried on another engine this many times, then counted
+    request_timeout_s: float = 1800.0  # one generate request (remote); a slower one counts as failed
+    chunk_prompts: int = 0  # remote: prompts per request (0 = split evenly over the live servers)
+    # hf engine: prompts per forward batch. 1 = a prompt's samples are bit-identical on any number
+    # of engines; more is faster on CPU (tokens still identical, log-probs to ~1e-6)
+    hf_batch_prompts: int = 1
+    # After every weight sync (once the engine's KV cache is back), probe every engine against the
+    # actor and raise above verify_sync_tol: the max |logit| gap (hf engine) or |log-prob| gap of
+    # greedy samples (SGLang). The default is bf16-scale; a lost or mis-mapped tensor gives whole
+    # nats. fp32 runs can use 1e-3.
+    verify_sync: bool = False
+    verify_sync_tol: float = 0.5
+    remote: RemoteRolloutSection = field(default_factory=RemoteRolloutSection)
+    prompts_per_step: int = 8
+    n: int = 8  # samples per prompt (GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.engine", self.engine, {"hf", "sglang"})
+        _one_of("rollout.placement", self.placement, {"colocated", "remote", "rank0"})
+        _check(0 < self.mem_fraction_static < 1, "rollout.mem_fraction_static", self.mem_fraction_static,
+               "a float in (0, 1)")
+        _check(self.max_retries >= 0, "rollout.max_retries", self.max_retries, "an integer >= 0")
+        _check(self.request_timeout_s > 0, "rollout.request_timeout_s", self.request_timeout_s, "a float > 0")
+        _check(self.chunk_prompts >= 0, "rollout.chunk_prompts", self.chunk_prompts, "an integer >= 0")
+        _check(self.hf_batch_prompts >= 1, "rollout.hf_batch_prompts", self.hf_batch_prompts, "an integer >= 1")
+        _check(self.verify_sync_tol > 0, "rollout.verify_sync_tol", self.verify_sync_tol, "a float > 0")
+        _check(self.placement != "remote" or bool(self.remote.urls or self.remote.router_url),
+               "rollout.remote.urls", list(self.remote.urls),
+               "at least one server URL (or rollout.remote.router_url) when rollout.placement=remote")
+        _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
+        _check(self.n >= 2, "rollout.n", self.n, "an integer >= 2 (GRPO needs a group)")
+        _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")
+        _check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "a float in (0, 1]")
+        _check(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", self.top_k, "-1 (off) or an integer >= 1")
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+
+
+@dataclass
+class RewardConfig:
+    timeout_s: float = 5.0
+    workers: int = 2
+    advantage_std: bool = True  # False: Dr. GRPO (no std normalisation)
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "reward.timeout_s", self.timeout_s, "a float > 0")
+        _check(self.workers >= 1, "reward.workers", self.workers, "an integer >= 1")
+
+
+@dataclass
+class ApiAnnotatorSection:
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable; keys never go in configs
+    max_concurrency: int = 8
+    timeout_s: float = 60.0
+    max_retries: int = 3
+
+
+@dataclass
+class AnnotateConfig:
+    kind: str = "oracle"  # oracle | api | self
+    coverage_cap: float = 0.25
+    segment_mode: str = "line"
+    max_segment_chars: int = 300
+    cache_dir: str | None = None  # default: <run.dir>/annotator_cache
+    api: ApiAnnotatorSection = field(default_factory=ApiAnnotatorSection)
+
+    def __post_init__(self) -> None:
+        _one_of("annotate.kind", self.kind, {"oracle", "api", "self"})
+        _check(0 < self.coverage_cap <= 1, "annotate.coverage_cap", self.coverage_cap, "a float in (0, 1]")
+        _one_of("annotate.segment_mode", self.segment_mode, {"line", "paragraph"})
+        _check(self.max_segment_chars >= 1, "annotate.max_segment_chars", self.max_segment_chars, "an integer >= 1")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # in-loop evaluation every N steps; 0 = off
+    benchmarks: list[str] = field(default_factory=lambda: ["math500", "aime24", "aime25", "amc23", "gpqa_diamond"])
+    k: int = 8  # samples per problem (avg@k)
+    temperature: float = 0.6  # the paper's decoding
+    top_p: float = 0.95
+    top_k: int = 20
+    max_new_tokens: int = 32768
+    thinking: bool = True  # Qwen3 thinking mode
+    limit: int | None = None  # first N problems per benchmark (in-loop subsets); null = all
+    arith_n: int = 200  # size of the synthetic held-out set
+    bootstrap_samples: int = 2000
+    batch_prompts: int = 16
+    gpqa_csv: str | None = None  # the official GPQA-Diamond CSV (never bundled), or env MT_GPQA_CSV
+    # A .jsonl/.parquet of problem/answer rows (the validation split of tools/prepare_data.py) that
+    # the in-loop evaluation runs as the benchmark "val" instead of eval.benchmarks (first
+    # eval.limit problems); `megatron-trace eval` keeps eval.benchmarks, where "val" may then be
+    # listed to reproduce the in-loop numbers. null = the in-loop evaluation uses the benchmarks.
+    in_loop_source: str | None = None
+
+    def __post_init__(self) -> None:
+        from ..data.problems import BENCHMARKS
+
+        _check(self.every >= 0, "eval.every", self.every, "an integer >= 0 (0 = off)")
+        _check(self.k >= 1, "eval.k", self.k, "an integer >= 1")
+        _check(self.temperature >= 0, "eval.temperature", self.temperature, "a float >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "eval.top_p", self.top_p, "a float in (0, 1]")
+        _check(self.top_k == -1 or self.top_k >= 1, "eval.top_k", self.top_k, "-1 (off) or an integer >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        _check(self.limit is None or self.limit >= 1, "eval.limit", self.limit, "null or an integer >= 1")
+        _check(self.arith_n >= 1, "eval.arith_n", self.arith_n, "an integer >= 1")
+        _check(self.bootstrap_samples >= 100, "eval.bootstrap_samples", self.bootstrap_samples, "an integer >= 100")
+        _check(self.batch_prompts >= 1, "eval.batch_prompts", self.batch_prompts, "an integer >= 1")
+        _check(len(self.benchmarks) > 0, "eval.benchmarks", self.benchmarks, "a non-empty list")
+        for i, b in enumerate(self.benchmarks):  # "val": the in-loop split, for `megatron-trace eval` too
+            _one_of(f"eval.benchmarks[{i}]", b, set(BENCHMARKS) | ({"val"} if self.in_loop_source else set()))
