@@ -1,6 +1,7 @@
 """Process-group setup. The only module in the package that touches Megatron's `parallel_state`.
 
-`initialize()` starts torch.distributed (nccl with CUDA, gloo plus CPU mode without), builds
+`initialize()` sets the per-rank process settings (`parallel.env`), starts torch.distributed
+(nccl with CUDA, gloo plus CPU mode without), builds
 Megatron's TP/PP/CP/DP groups and seeds the RNG streams. It returns a `ParallelGroups` record
 that every other package receives explicitly; nothing else reads the globals.
 """
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from . import cpu_mode
+from .env import set_process_env
 from .spawn import free_port
 
 __all__ = ["ParallelGroups", "destroy", "initialize"]
@@ -101,6 +103,7 @@ def initialize(
         cpu_mode.enable()
 
     if not dist.is_initialized():
+        set_process_env(use_cuda)  # identical on every rank, before any communicator exists
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         _init_process_group("nccl" if use_cuda else "gloo", datetime.timedelta(minutes=timeout_minutes))
