@@ -10,10 +10,16 @@ tested without a GPU or SGLang itself:
                                    stop_token_ids, sampling_seed, ...), return_logprob
   GET  /health, /health_generate, /get_server_info (/server_info), /get_model_info (/model_info),
        /get_weight_version (/weight_version)
-  GET|POST /flush_cache            plain text, as SGLang answers
+  GET|POST /flush_cache            plain text, as SGLang answers; 400 while requests are in flight
+  POST /abort_request              {"abort_all": true}: requests in flight end with finish reason abort
   POST /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group,
        /update_weight_version, /update_weights_from_disk
   GET|POST /release_memory_occupation, /resume_memory_occupation   {"tags": [...]}
+
+A request may ask to be slow: `sampling_params.custom_params = {"fixture_delay_s": S}` keeps it in
+flight for S seconds before it samples (an abort ends it early, with finish reason abort and no
+tokens). As in SGLang, in-flight requests hold the model-update lock for reading: a weight update
+waits until they are done, and /flush_cache answers 400 meanwhile.
 
 Answers have SGLang's shapes: outputs {"output_ids", "meta_info": {...}} (a list for a batch);
 {"success", "message"} with HTTP 400 on failure for the weight calls; `null` on success and
@@ -83,6 +89,9 @@ class FixtureState:
         self.released: set[str] = set()
         self.weight_version = "default"
         self.n_requests = 0
+        self.in_flight = 0  # generate requests running (SGLang's model_update_lock readers)
+        self.idle = threading.Condition()
+        self.abort_epoch = 0  # bumped by /abort_request abort_all
 
     # ------------------------------------------------------------------ generate
 
@@ -103,7 +112,7 @@ class FixtureState:
             sps = [sps] * len(rows)
         if len(sps) != len(rows):
             raise BadRequest(f"{len(sps)} sampling_params for {len(rows)} inputs")
-        parsed = []
+        parsed, delay = [], 0.0
         for sp in sps:
             unknown = set(sp) - _SAMPLING_KEYS
             if unknown:
@@ -119,6 +128,50 @@ class FixtureState:
                 stop_token_ids=tuple(int(t) for t in (sp.get("stop_token_ids") or ())))
             seed = sp.get("sampling_seed")
             parsed.append((params, int(seed) if seed is not None else random.randrange(2**31 - 1)))
+            delay = max(delay, float((sp.get("custom_params") or {}).get("fixture_delay_s", 0.0)))
+        with self.idle:
+            self.in_flight += 1
+            epoch = self.abort_epoch
+        try:
+            if delay and not self._wait_unless_aborted(delay, epoch):
+                return self._aborted(rows, single)
+            return self._sample(rows, parsed, single, body)
+        finally:
+            with self.idle:
+                self.in_flight -= 1
+                self.idle.notify_all()
+
+    def _wait_unless_aborted(self, seconds: float, epoch: int) -> bool:
+        """Sleep up to `seconds`; False as soon as /abort_request aborts everything."""
+        deadline = time.monotonic() + seconds
+        with self.idle:
+            while self.abort_epoch == epoch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return True
+                self.idle.wait(min(left, 0.05))
+        return False
+
+    def _aborted(self, rows, single):
+        outs = [{"output_ids": [], "meta_info": {"id": f"fixture-{os.getpid()}-aborted-{i}", "prompt_tokens": len(r),
+                                                 "completion_tokens": 0, "output_token_logprobs": [],
+                                                 "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+                                                 "weight_version": self.weight_version}}
+                for i, r in enumerate(rows)]
+        return outs[0] if single else outs
+
+    def abort_all(self) -> None:
+        with self.idle:
+            self.abort_epoch += 1
+            self.idle.notify_all()
+
+    def wait_idle(self) -> None:
+        """SGLang's model-update writer lock: wait until no request is in flight."""
+        with self.idle:
+            while self.in_flight:
+                self.idle.wait(0.05)
+
+    def _sample(self, rows, parsed, single, body):
         with self.lock:
             if self.released:
                 raise BadRequest(f"memory released ({sorted(self.released)}): resume_memory_occupation first")
@@ -181,6 +234,7 @@ class FixtureState:
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
             return False, f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first."
+        self.wait_idle()  # before joining the broadcast, as SGLang's tokenizer manager does
         try:
             weights, handles = [], []
             for pname, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
@@ -235,7 +289,7 @@ class FixtureState:
         return {"model_path": self.model_path, "tokenizer_path": None, "host": self.host, "port": self.port,
                 "tp_size": 1, "dp_size": 1, "pp_size": 1, "skip_tokenizer_init": True, "enable_memory_saver": True,
                 "weight_version": self.weight_version, "disaggregation_mode": "null",
-                "internal_states": [{"fixture_generate_requests": self.n_requests}],
+                "internal_states": [{"fixture_generate_requests": self.n_requests, "fixture_in_flight": self.in_flight}],
                 "version": "0.5.6 (megatron-trace test fixture)"}
 
     def model_info(self) -> dict:
@@ -310,7 +364,13 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/generate" and method in ("POST", "PUT"):
                 self._send(200, s.generate(body))
             elif path == "/flush_cache":
-                self._send(200, text="Cache flushed.\n")
+                busy = s.in_flight > 0
+                self._send(400 if busy else 200, text="Cache flushed.\nPlease check backend logs for more details. "
+                           "(When there are running or waiting requests, the operation will not be performed.)\n")
+            elif path == "/abort_request" and method == "POST":
+                if body.get("abort_all"):
+                    s.abort_all()
+                self._send(200, text="")
             elif path in ("/release_memory_occupation", "/resume_memory_occupation"):
                 s.memory(body, release=path.startswith("/release"))
                 self._send(200, None)

@@ -99,6 +99,10 @@ class RolloutEngine(Protocol):
         """Called once after the last bucket of a sync: flush caches, record the version."""
         ...
 
+    # Optional: `begin_sync()`, called before the first bucket (remote servers abort what they still
+    # run), and `update_weights_per_rank(named_handles)` (colocated SGLang at TP > 1, see
+    # `sync/weights.py`).
+
     def sleep(self, tags: Sequence[str] | None = None) -> None:
         """Release memory for training. tags: a subset of MEMORY_TAGS; None = all of them.
         An asleep engine refuses `generate` with an error that says so."""

@@ -1,5 +1,5 @@
 """Megatron actor -> rollout engine weight sync."""
 
-from .weights import SyncReport, WeightSyncError, sync_weights, verify_engine
+from .weights import PerRankSync, SyncReport, WeightSyncError, sync_weights, verify_engine
 
-__all__ = ["SyncReport", "WeightSyncError", "sync_weights", "verify_engine"]
+__all__ = ["PerRankSync", "SyncReport", "WeightSyncError", "sync_weights", "verify_engine"]

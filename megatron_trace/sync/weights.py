@@ -4,20 +4,29 @@ The Megatron actor (any TP/PP) streams full HF-named tensors (`models.convert.ex
 a collective every rank of one replica walks: TP gathers stay in the TP group, PP broadcasts in
 the replica's pipeline). The rank that owns the replica's engine packs them into buckets of at
 most `bucket_bytes` and hands each bucket to `engine.update_weights`; the version is set with the
-last bucket. Other ranks pass `engine=None`, take part in the stream and drop each tensor as soon
-as it has passed, so no rank holds more than one bucket (the owner) or one tensor (the others)
-beyond its own shards. Every data-parallel replica runs this at once, each into its own engine.
+last bucket (`engine.finish_sync`). An engine with a `begin_sync` (remote servers: abort what
+they still run) hears it before the first bucket. Other ranks pass `engine=None`, take part in
+the stream and drop each tensor as soon as it has passed, so no rank holds more than one bucket
+(the owner) or one tensor (the others) beyond its own shards. Every data-parallel replica runs
+this at once, each into its own engine.
 
-`verify=True` then compares the engine with the actor on a probe batch: the engine's logits
-(`engine.probe_logits`) against the actor's gathered logits, or, for engines without a probe
-forward, checksums of a few tensors (`engine.checksum(name)`), and raises `WeightSyncError`.
+`per_rank` (colocated SGLang at TP > 1, on every TP rank of the replica's first stage): SGLang's
+SPMD path (`rollout/sglang/engine.py`). Each of those ranks keeps the bucket, serialises its own
+copies (handles to its own GPU), the owner passes the gathered handles to
+`engine.update_weights_per_rank`, and a barrier keeps every copy alive until the engine has read
+it. No tensor crosses GPUs.
+
+`verify=True` then compares the engine with the actor on a probe batch (`verify_engine`): the
+engine's logits (`engine.probe_logits`) against the actor's gathered logits, or, for engines
+without a probe forward, greedy samples' log-probs against the actor's recomputation, and
+raises `WeightSyncError`. The engine must be awake (KV cache included) for that.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +36,7 @@ from ..models.builder import unwrap_model
 from ..models.convert import export_hf_stream
 from ..parallel import ParallelGroups
 
-__all__ = ["SyncReport", "WeightSyncError", "sync_weights", "verify_engine"]
+__all__ = ["PerRankSync", "SyncReport", "WeightSyncError", "sync_weights", "verify_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,17 @@ class SyncReport:
         if self.max_abs_logit_diff is not None:
             out["sync/max_abs_logit_diff"] = self.max_abs_logit_diff
         return out
+
+
+@dataclass(frozen=True)
+class PerRankSync:
+    """SGLang's SPMD weight path for one replica (see the module docstring). gather(obj) -> every
+    TP rank's obj in TP order (a gloo all-gather over this TP group); barrier() over that group;
+    serialize(tensor) -> bytes, this rank's handle to its copy."""
+
+    gather: Callable[[object], list]
+    barrier: Callable[[], None]
+    serialize: Callable[[torch.Tensor], bytes]
 
 
 def _buckets(stream, bucket_bytes: int, keep: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -78,21 +98,30 @@ def _nbytes(x) -> int:
 
 def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_bytes: int = 512 * 2**20,
                  dtype: torch.dtype | None = None, verify: bool = False, probe_ids: torch.Tensor | None = None,
-                 tol: float = 1e-4, stream_filter=None) -> SyncReport:
-    """Collective over the model-parallel group. `engine` is None on ranks that do not own it.
+                 tol: float = 1e-4, stream_filter=None, per_rank: PerRankSync | None = None) -> SyncReport:
+    """Collective over the model-parallel group. `engine` is None on ranks that do not own it;
+    `per_rank` as in the module docstring (None: full tensors to the owner's engine).
 
     stream_filter: optional function over the (name, tensor) stream (tests use it to corrupt one).
     """
     t0 = time.perf_counter()
+    if engine is not None and hasattr(engine, "begin_sync"):
+        engine.begin_sync()
     stream = export_hf_stream(model, groups, dtype=dtype)
     if stream_filter is not None:
         stream = stream_filter(stream)
     n_t = n_b = n_buckets = 0
-    for bucket in _buckets(stream, bucket_bytes, keep=engine is not None):
+    for bucket in _buckets(stream, bucket_bytes, keep=engine is not None or per_rank is not None):
         n_buckets += 1
         n_t += len(bucket)
         n_b += sum(_nbytes(t) for _, t in bucket)
-        if engine is not None:
+        if per_rank is not None:
+            bucket = [(name, t.contiguous()) for name, t in bucket]  # the serialised copies: kept until read
+            handles = per_rank.gather([per_rank.serialize(t) for _, t in bucket])  # [tp rank][tensor]
+            if engine is not None:
+                engine.update_weights_per_rank([(name, [h[i] for h in handles]) for i, (name, _) in enumerate(bucket)])
+            per_rank.barrier()
+        elif engine is not None:
             engine.update_weights(bucket, None)
         del bucket
     if engine is not None:
@@ -114,7 +143,7 @@ def _members(engine) -> list:
 
 
 def _probe_by_sampling(model, groups: ParallelGroups, engine, probe_ids: torch.Tensor, vocab: int,
-                       src: int) -> float:
+                       src: int, obj_group) -> float:
     """Greedy samples from every member engine vs the actor's recomputed log-probs of the same tokens.
 
     For engines without a logit probe (SGLang servers): the owner asks each engine, broadcasts the
@@ -126,7 +155,7 @@ def _probe_by_sampling(model, groups: ParallelGroups, engine, probe_ids: torch.T
     n = len(_members(engine)) if engine is not None else 0
     box = [n]
     if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
-        dist.broadcast_object_list(box, src=src, group=groups.mp)
+        dist.broadcast_object_list(box, src=src, group=obj_group)
     worst = 0.0
     prompts = probe_ids[:, : probe_ids.shape[1] // 2].tolist()
     for k in range(box[0]):
@@ -139,7 +168,7 @@ def _probe_by_sampling(model, groups: ParallelGroups, engine, probe_ids: torch.T
                 log.error("weight-sync probe of engine %d failed: %s", k, exc)
                 payload = [None]
         if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
-            dist.broadcast_object_list(payload, src=src, group=groups.mp)
+            dist.broadcast_object_list(payload, src=src, group=obj_group)
         samples = payload[0]
         if samples is None:
             worst = float("inf")
@@ -162,13 +191,15 @@ def _probe_by_sampling(model, groups: ParallelGroups, engine, probe_ids: torch.T
 
 
 def verify_engine(model, groups: ParallelGroups, engine, *, probe_ids: torch.Tensor | None = None,
-                  tol: float = 1e-4) -> float:
+                  tol: float = 1e-4, obj_group=None) -> float:
     """Max difference between every engine behind `engine` and the actor; raises above `tol`.
 
     Engines with a logit probe (`hf`): max |logit| difference on a probe batch. Others (SGLang,
     local or remote, every server of a weight group): max |log-prob| difference of greedy samples
     against the actor's recomputation. Collective over the model-parallel group (each replica
     checks its own engine); the owner compares and every rank of the group raises together.
+    obj_group: where the probe's samples travel as objects (a gloo copy of the model-parallel
+    group; default the group itself).
     """
     from ..models.forward import forward_logits, gather_full_logits
 
@@ -176,12 +207,13 @@ def verify_engine(model, groups: ParallelGroups, engine, *, probe_ids: torch.Ten
     if probe_ids is None:
         probe_ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(1234))
     src = dist.get_global_rank(groups.mp, 0) if dist.is_initialized() else 0
+    obj_group = groups.mp if obj_group is None else obj_group
     kind = [None if engine is None else ("logits" if hasattr(engine, "probe_logits") else "sample")]
     if dist.is_initialized() and dist.get_world_size(groups.mp) > 1:
-        dist.broadcast_object_list(kind, src=src, group=groups.mp)
+        dist.broadcast_object_list(kind, src=src, group=obj_group)
     verdict = torch.tensor([0.0], dtype=torch.float64, device=groups.device)
     if kind[0] == "sample":
-        verdict[0] = _probe_by_sampling(model, groups, engine, probe_ids, vocab, src)
+        verdict[0] = _probe_by_sampling(model, groups, engine, probe_ids, vocab, src, obj_group)
     elif kind[0] == "logits":
         actor = gather_full_logits(forward_logits(model, groups, probe_ids), groups, vocab, tuple(probe_ids.shape))
         if engine is not None:

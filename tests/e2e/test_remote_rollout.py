@@ -297,3 +297,52 @@ def test_verify_probes_every_remote_server(servers, hf_dirs, loopback_gloo):
     assert good <= 1e-4
     assert err is not None and "log-probs differ from the actor" in err
     assert any(m.startswith("engine 1:") for m in logs) and not any(m.startswith("engine 0:") for m in logs)
+
+
+def _sync_while_a_request_runs(hf_dir, url, port):
+    """Trainer rank 0: a slow request (60 s, as one that timed out on our side and was retried
+    elsewhere) is in flight on the server when the weight sync starts."""
+    import os
+    import threading
+    import time
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from megatron_trace.models.checkpoint import load_hf
+    from megatron_trace.parallel import initialize
+    from megatron_trace.sync import sync_weights
+
+    groups = initialize(tp=1, device="cpu")
+    model = load_hf(hf_dir, groups)
+    eng = RemoteSGLangEngine(url, timeout_s=120)
+    group = RemoteWeightGroup.connect([eng], "127.0.0.1", port, backend="gloo", group_name="abort_in_flight")
+    slow = {}
+
+    def send():
+        slow["out"] = eng.request("POST", "/generate", {
+            "input_ids": [1, 2, 3], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 4, "custom_params": {"fixture_delay_s": 60}}})
+
+    worker = threading.Thread(target=send, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while eng.server_info()["internal_states"][0]["fixture_in_flight"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    sync_weights(model, groups, group, version=5)
+    took = time.monotonic() - t0
+    worker.join(timeout=30)
+    group.close()
+    return took, slow.get("out"), eng.request("GET", "/get_weight_version")
+
+
+def test_sync_aborts_requests_still_running(servers, hf_dirs, loopback_gloo):
+    """Before the broadcast every server aborts what it still runs: otherwise its model-update lock
+    holds the update (and rank 0 in the broadcast) until the request ends; flush_cache is retried
+    while the aborted request drains (400)."""
+    from megatron_trace.parallel import run_on_ranks
+
+    took, out, version = run_on_ranks(_sync_while_a_request_runs, 1, hf_dirs["tied"], servers[0].base_url,
+                                      _free_port(), timeout_s=200)[0]
+    assert took < 20, took  # not the 60 s the request would have run
+    assert out is not None and out["meta_info"]["finish_reason"]["type"] == "abort", out
+    assert version == {"weight_version": "5"}

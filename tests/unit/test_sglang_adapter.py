@@ -1,10 +1,9 @@
 """SGLang adapter: pure translation functions; the remote client against an in-process HTTP
 server that answers in SGLang 0.5.6's shapes (no model); the colocated engine against a stub of
-`sglang.Engine`; and (only when sglang is importable) a contract test against the real
-`sglang.Engine` signatures. The end-to-end path with real processes is tests/e2e/test_remote_rollout.py."""
+`sglang.Engine`; and a contract test against the pinned wheel's own declarations (read from its
+source, `tests/sglang_wheel.py`). The end-to-end path with real processes is tests/e2e/test_remote_rollout.py."""
 
 import importlib.util
-import inspect
 import json
 import socket
 import threading
@@ -167,8 +166,10 @@ def test_errors_name_the_server_and_endpoint(stub):
     with pytest.raises(EngineRequestError, match="/generate.*input too long"):
         eng.generate([[1]], SamplingParams(max_new_tokens=1))
     stub.overrides["/flush_cache"] = (400, "Cache not flushed")
-    with pytest.raises(EngineRequestError, match="/flush_cache"):
+    eng.flush_retry_s = 0.5  # retried while it answers 400 (requests draining), then raised
+    with pytest.raises(EngineRequestError, match=r"/flush_cache \(HTTP 400\): still refused after \d+ tries"):
         eng.finish_sync(2)
+    assert sum(p == "/flush_cache" for p, _ in stub.calls) >= 2
     dead = _closed_port_url()
     t0 = time.monotonic()
     assert RemoteSGLangEngine(dead, health_timeout_s=1).health() is False
@@ -276,32 +277,64 @@ def test_missing_sglang_names_the_extra():
         SGLangEngine.launch("/nonexistent")
 
 
-@pytest.mark.skipif(not HAVE_SGLANG, reason="sglang not installed (GPU extra)")
-def test_contract_against_real_sglang_engine_signatures():
-    from sglang.srt.entrypoints.engine import Engine
+def _wheel_api():
+    """What the pinned wheel declares (read from its source: sglang cannot be imported here)."""
+    import ast
+    import os
+    import sys
 
-    def accepts(fn, *names):
-        params = inspect.signature(fn).parameters
-        return all(n in params for n in names) or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import sglang_wheel
 
-    assert accepts(Engine.generate, "input_ids", "sampling_params", "return_logprob")
-    assert accepts(Engine.update_weights_from_tensor, "named_tensors", "flush_cache")
-    assert accepts(Engine.release_memory_occupation, "tags") and accepts(Engine.resume_memory_occupation, "tags")
-    assert accepts(Engine.init_weights_update_group, "master_address", "master_port", "rank_offset", "world_size",
+    path = sglang_wheel.wheel_path()
+
+    def tree(member):
+        return ast.parse(sglang_wheel.read(path, "sglang/srt/" + member))
+
+    def classes(t):
+        return {n.name: n for n in t.body if isinstance(n, ast.ClassDef)}
+
+    def fields(cls):
+        return {s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)}
+
+    engine = classes(tree("entrypoints/engine.py"))["Engine"]
+    methods = {f.name: [a.arg for a in f.args.args + f.args.kwonlyargs] + (["**"] if f.args.kwarg else [])
+               for f in engine.body if isinstance(f, ast.FunctionDef)}
+    io = classes(tree("managers/io_struct.py"))
+    routes = set()
+    for node in ast.walk(tree("entrypoints/http_server.py")):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("post", "api_route", "get") and node.args \
+                and isinstance(node.args[0], ast.Constant):
+            routes.add(node.args[0].value)
+    server_args = fields(classes(tree("server_args.py"))["ServerArgs"])
+    return methods, {k: fields(v) for k, v in io.items()}, routes, server_args
+
+
+def test_contract_against_the_pinned_sglang_wheel():
+    """Our calls against SGLang 0.5.6 itself: Engine method parameters, ServerArgs fields, request
+    fields and HTTP routes, read from the wheel that `make test` downloads."""
+    methods, io, routes, server_args = _wheel_api()
+
+    def accepts(name, *params):
+        return all(p in methods[name] for p in params) or "**" in methods[name]
+
+    assert accepts("generate", "input_ids", "sampling_params", "return_logprob")
+    assert accepts("update_weights_from_tensor", "named_tensors", "load_format", "flush_cache")
+    assert accepts("release_memory_occupation", "tags") and accepts("resume_memory_occupation", "tags")
+    assert accepts("init_weights_update_group", "master_address", "master_port", "rank_offset", "world_size",
                    "group_name", "backend")
-    assert accepts(Engine.update_weights_from_distributed, "names", "dtypes", "shapes", "group_name")
-    assert callable(Engine.flush_cache) and callable(Engine.shutdown)
-    from sglang.srt.server_args import ServerArgs
-
-    fields = {f for f in ServerArgs.__dataclass_fields__}
+    assert accepts("update_weights_from_distributed", "names", "dtypes", "shapes", "group_name")
+    assert "flush_cache" in methods and "shutdown" in methods
     assert {"model_path", "tp_size", "base_gpu_id", "mem_fraction_static", "enable_memory_saver",
-            "skip_tokenizer_init"} <= fields
-    from sglang.srt.managers.io_struct import (
-        InitWeightsUpdateGroupReqInput,
-        UpdateWeightsFromDistributedReqInput,
-    )
-
+            "skip_tokenizer_init", "random_seed", "dtype"} <= server_args
     assert {"master_address", "master_port", "rank_offset", "world_size", "group_name", "backend"} <= \
-        set(InitWeightsUpdateGroupReqInput.__dataclass_fields__)
-    assert {"names", "dtypes", "shapes", "group_name", "flush_cache"} <= \
-        set(UpdateWeightsFromDistributedReqInput.__dataclass_fields__)
+        io["InitWeightsUpdateGroupReqInput"]
+    assert {"names", "dtypes", "shapes", "group_name", "flush_cache", "weight_version"} <= \
+        io["UpdateWeightsFromDistributedReqInput"]
+    assert {"serialized_named_tensors", "load_format", "flush_cache"} <= io["UpdateWeightsFromTensorReqInput"]
+    assert "abort_all" in io["AbortReq"] and {"new_version", "abort_all_requests"} <= io["UpdateWeightVersionReqInput"]
+    assert {"tags"} <= io["ReleaseMemoryOccupationReqInput"] and {"tags"} <= io["ResumeMemoryOccupationReqInput"]
+    assert {"/generate", "/flush_cache", "/abort_request", "/init_weights_update_group",
+            "/update_weights_from_distributed", "/destroy_weights_update_group", "/update_weights_from_disk",
+            "/update_weight_version", "/release_memory_occupation", "/resume_memory_occupation",
+            "/get_server_info", "/health"} <= routes, sorted(routes)
