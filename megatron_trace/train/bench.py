@@ -79,7 +79,7 @@ def _job(config: str, overrides: list[str], repeats: int):
             dist.barrier()
             t0 = time.perf_counter()
             samples, metrics = make_batch(run, 0, lam)
-            m = _gather_to_rank0(train_one_step(run, 0, lam, samples, loss_cfg, sync=True))
+            m = _gather_to_rank0(run, train_one_step(run, 0, lam, samples, loss_cfg, sync=True))
             dist.barrier()
             full = time.perf_counter() - t0
             if rep == 0:

@@ -6,45 +6,57 @@ and the weights back and forth (DESIGN section 11).
   it uses the GPUs of the owner's TP group; on CPU it is one `hf` engine per replica.
 - remote: SGLang servers (or one sglang-router) that global rank 0 sends requests to; trainer
   ranks do not generate. Weights go from rank 0 by broadcast over a group made as SGLang's
-  `init_custom_process_group` makes it.
+  `init_custom_process_group` makes it (or nowhere: `rollout.remote.weight_sync=none`, which
+  every rank reads from the config).
 - rank0: one engine on global rank 0 (debugging; today's behaviour before scale-out).
 
-Every rank calls `sample`, `score`, `sleep`, `wake` and `sync` in the same order; each does
-its part and the results are the same on every rank. Scoring is split over the replicas too:
-each engine owner verifies its share of the groups.
+Every rank calls `sample`, `score`, `sleep`, `wake`, `sync`, `verify` and `drive` in the same
+order; each does its part and the results are the same on every rank. Scoring is split over the
+replicas too: each engine owner verifies its share of the groups. Objects and waits go over
+gloo groups with a long time-out (`parallel.host`), never over NCCL.
+
+**The memory hand-off** (colocated). The engine's TP workers run on every GPU of the replica's
+first stage, not only on the owner's, so every rank takes part:
+    sleep:  owner releases the engine's memory -> barrier over the replica's model-parallel group
+            (only then may any rank reload off-loaded state)
+    wake:   every rank empties PyTorch's cache -> barrier -> owner resumes the engine's memory
+The barrier in `wake` keeps the owner from resuming while another GPU of the replica still caches
+the trainer's activations.
+
+**In-loop evaluation** (`drive`): global rank 0 runs the evaluation harness; with colocated
+engines its `generate` is a collective that spreads each batch over every replica's engine
+(`colocated_generate`), while the other ranks serve those requests until rank 0 is done.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..parallel import ParallelGroups
+from ..parallel.host import HostGroups
 from ..rollout.base import RolloutGroup, SamplingParams, rollout_stats
 from ..rollout.dispatch import DispatchStats, EngineFleet, balance, colocated_generate
 
-__all__ = ["Generation", "device_free_bytes"]
+__all__ = ["Generation"]
 
 log = logging.getLogger(__name__)
 
 
-def device_free_bytes(device: torch.device) -> int | None:
-    """Free memory on this rank's accelerator (every process's use counted), or None on CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    return torch.cuda.mem_get_info(device)[0]
-
-
 class Generation:
-    """The rollout side of the loop for one rank (see the module docstring)."""
+    """The rollout side of the loop for one rank (see the module docstring).
+
+    remote_weight_sync: remote placement only; False for `rollout.remote.weight_sync=none`.
+    per_rank_weights: colocated SGLang at TP > 1 (SGLang's SPMD weight path, `sync/weights.py`).
+    cuda: the `torch.cuda` module on CUDA ranks (a test double may stand in), None on CPU.
+    """
 
     def __init__(self, placement: str, groups: ParallelGroups, *, engine=None, fleet: EngineFleet | None = None,
-                 sync_target=None, reconnect=None, max_retries: int = 2):
+                 sync_target=None, reconnect=None, max_retries: int = 2, remote_weight_sync: bool = True,
+                 per_rank_weights: bool = False, wait_timeout_minutes: float = 360.0, cuda="auto"):
         self.placement = placement
         self.groups = groups
         self.engine = engine  # this rank's engine (colocated owner, or rank 0 for rank0)
@@ -52,12 +64,12 @@ class Generation:
         self.sync_target = sync_target  # remote: rank 0's weight-broadcast group
         self._reconnect = reconnect  # remote: live servers -> a new weight group
         self.max_retries = max_retries
+        self.remote_weight_sync = remote_weight_sync
+        self.per_rank_weights = per_rank_weights and placement == "colocated" and groups.pp_rank == 0
+        self.cuda = (torch.cuda if groups.device.type == "cuda" else None) if cuda == "auto" else cuda
         self.expected_response_len: float | None = None
         self.last_stats = DispatchStats()
-        # all_gather_object over NCCL would move pickles through the GPU: use gloo for objects.
-        self._obj_group = None
-        if dist.is_initialized() and dist.get_backend() != "gloo":
-            self._obj_group = dist.new_group(backend="gloo")
+        self.host = HostGroups.build(groups.mp, groups.tp, wait_timeout_minutes)
 
     # ------------------------------------------------------------------ who does what
 
@@ -67,7 +79,7 @@ class Generation:
         if placement == "colocated":
             return groups.tp_rank == 0 and groups.pp_rank == 0 and groups.cp_rank == 0
         if placement == "rank0":
-            return dist.get_rank() == 0
+            return _rank() == 0
         return False
 
     @property
@@ -79,21 +91,20 @@ class Generation:
     def is_scorer(self) -> bool:
         return self.owns_engine("colocated", self.groups)  # the replica's first rank
 
-    def _all_gather(self, obj) -> list:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return [obj]
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj, group=self._obj_group)
-        return out
+    def broadcast(self, obj, src: int = 0):
+        """obj of global rank `src` on every rank (gloo)."""
+        return self.host.broadcast(obj, src)
 
-    def _broadcast(self, obj, src: int = 0):
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src, group=self._obj_group)
-        return box[0]
+    def all_gather(self, obj) -> list:
+        """Every rank's obj, in rank order (gloo)."""
+        return self.host.all_gather(obj)
 
     # ------------------------------------------------------------------ rollouts
+
+    def _colocated(self, prompts, params, seeds):
+        return colocated_generate(self.engine, self.groups.dp_rank, self.groups.dp_size, prompts, params, seeds,
+                                  self.all_gather, max_retries=self.max_retries,
+                                  expected_response_len=self.expected_response_len)
 
     def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
                metas: Sequence[dict]) -> tuple[list[RolloutGroup], dict[str, float]]:
@@ -101,16 +112,14 @@ class Generation:
         engine are left out and counted in `rollout/failed_prompts`)."""
         t0 = time.perf_counter()
         if self.placement == "colocated":
-            results, stats = colocated_generate(
-                self.engine, self.groups.dp_rank, self.groups.dp_size, prompts, params, seeds, self._all_gather,
-                max_retries=self.max_retries, expected_response_len=self.expected_response_len)
+            results, stats = self._colocated(prompts, params, seeds)
         else:
             payload = None
-            if dist.get_rank() == 0:
+            if _rank() == 0:
                 fleet = self.fleet if self.fleet is not None else EngineFleet([self.engine], ["rank0"],
                                                                               max_retries=self.max_retries)
                 payload = fleet.generate(prompts, params, seeds, self.expected_response_len)
-            results, stats = self._broadcast(payload)
+            results, stats = self.broadcast(payload)
         self.last_stats = stats
         groups = [RolloutGroup(i, list(p), r, dict(metas[i]))
                   for i, (p, r) in enumerate(zip(prompts, results)) if r is not None]
@@ -128,62 +137,134 @@ class Generation:
         """Every rank: score_fn(groups) -> scored groups, computed by the replicas' first ranks on
         a share each (balanced by response tokens) and gathered back in order."""
         if self.scorers == 1:  # one replica: its first rank (global rank 0) scores everything
-            rank0 = not dist.is_initialized() or dist.get_rank() == 0
-            return self._broadcast(score_fn(groups) if rank0 else None)
+            return self.broadcast(score_fn(groups) if _rank() == 0 else None)
         costs = [sum(len(s.token_ids) + 1 for s in g.samples) for g in groups]
         share = balance(costs, self.scorers)[self.groups.dp_rank]
         mine = (share, score_fn([groups[i] for i in share])) if self.is_scorer else None
         out: list = [None] * len(groups)
-        for part in self._all_gather(mine):
+        for part in self.all_gather(mine):
             if part is not None:
                 for i, sg in zip(*part):
                     out[i] = sg
         return out
 
+    # ------------------------------------------------------------------ evaluation
+
+    def drive(self, fn: Callable[[object], object]):
+        """Every rank: global rank 0 returns fn(engine); the others serve its engine requests and
+        return None. `engine` spreads each `generate` over every replica's engine (colocated), or
+        is rank 0's fleet or engine. An exception on rank 0 is raised on every rank."""
+        if _rank() != 0:
+            return self._serve()
+        engine = _CollectiveEngine(self) if self.placement == "colocated" else self._rank0_engine()
+        error = None
+        try:
+            return fn(engine)
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.broadcast(("done", error))
+
+    def _rank0_engine(self):
+        if self.fleet is not None:
+            from ..rollout.dispatch import FleetEngine
+
+            return FleetEngine(self.fleet)
+        return self.engine
+
+    def _serve(self) -> None:
+        while True:
+            kind, *args = self.broadcast(None)
+            if kind == "generate":
+                self._colocated(*args)
+            elif kind == "done":
+                if args[0] is not None:
+                    raise RuntimeError(f"rank 0 failed while the other ranks served it: {args[0]}")
+                return None
+
     # ------------------------------------------------------------------ memory hand-off
+
+    def _free_bytes(self) -> int | None:
+        """Free memory on this rank's accelerator (every process's use counted), or None on CPU."""
+        if self.cuda is None:
+            return None
+        self.cuda.synchronize(self.groups.device)
+        return self.cuda.mem_get_info(self.groups.device)[0]
 
     def _measure(self, fn) -> float:
         """Run fn on this rank's engine; return the device memory it freed (negative: took)."""
-        before = device_free_bytes(self.groups.device)
+        before = self._free_bytes()
         fn()
-        after = device_free_bytes(self.groups.device)
+        after = self._free_bytes()
         return 0.0 if before is None else (after - before) / 2**30
 
     def sleep(self) -> dict[str, float]:
-        """Before the train step: the engine releases its weights, KV cache and CUDA graphs."""
-        if self.engine is None or self.placement == "remote":
+        """Before the train step: the engine releases its weights, KV cache and CUDA graphs. Every
+        rank of the replica returns only after that (they may reload off-loaded state next)."""
+        if self.placement == "remote":
             return {}
-        return {"memory/engine_released_gb": self._measure(lambda: self.engine.sleep(None))}
+        out = {}
+        if self.engine is not None:
+            out["memory/engine_released_gb"] = self._measure(lambda: self.engine.sleep(None))
+        self.host.barrier_mp()
+        return out
 
     def wake(self, tags: Sequence[str]) -> dict[str, float]:
         """`wake(["weights"])` before a sync, `wake(["kv_cache", "cuda_graph"])` after it."""
-        if self.engine is None or self.placement == "remote":
+        if self.placement == "remote":
             return {}
-        if self.groups.device.type == "cuda":
+        if self.cuda is not None:
             # Activations, off-loaded state and freed grad buffers return to PyTorch's cache, not to
-            # the GPU; SGLang allocates outside that cache, so hand the memory back first.
-            torch.cuda.empty_cache()
+            # the GPU; SGLang allocates outside that cache, on every GPU of the replica.
+            self.cuda.empty_cache()
+        self.host.barrier_mp()
+        if self.engine is None:
+            return {}
         freed = self._measure(lambda: self.engine.wake(list(tags)))
         return {f"memory/engine_restored_{'_'.join(t for t in tags if t != 'cuda_graph')}_gb": -freed}
 
     # ------------------------------------------------------------------ weights
 
-    def sync(self, ddp, version: int, verify: bool = False) -> dict[str, float]:
+    def _target(self):
+        """(does this rank's replica sync, this rank's engine or weight group or None)."""
+        if self.placement == "colocated":
+            return True, self.engine
+        if self.groups.dp_rank != 0:  # the other replicas have no engine to feed
+            return False, None
+        if self.placement == "remote":
+            if not self.remote_weight_sync:  # every rank knows it from the config
+                return False, None
+            if _rank() == 0:
+                self._drop_dead_servers()
+            return True, self.sync_target if _rank() == 0 else None
+        return True, self.engine if _rank() == 0 else None
+
+    def sync(self, ddp, version: int) -> dict[str, float]:
         """Each replica pushes its weights into its own engine (colocated); replica 0 into the
         servers (remote) or into rank 0's engine (rank0)."""
-        from ..sync import sync_weights
+        from ..sync import PerRankSync, sync_weights
 
-        if self.placement == "colocated":
-            return sync_weights(ddp, self.groups, self.engine, version=version, verify=verify).as_metrics()
-        if self.groups.dp_rank != 0:  # the other replicas have no engine to feed
+        syncs, target = self._target()
+        if not syncs:
             return {}
-        if self.placement == "remote" and dist.get_rank() == 0:
-            self._drop_dead_servers()
-        target = self.sync_target if self.placement == "remote" else self.engine
-        if self.placement == "remote" and target is None and dist.get_rank() == 0:
-            return {}  # rollout.remote.weight_sync=none
-        return sync_weights(ddp, self.groups, target if dist.get_rank() == 0 else None, version=version,
-                            verify=verify).as_metrics()
+        per_rank = None
+        if self.per_rank_weights:
+            from ..rollout.sglang import serialize_local
+
+            per_rank = PerRankSync(self.host.gather_tp, self.host.barrier_tp, serialize_local)
+        return sync_weights(ddp, self.groups, target, version=version, per_rank=per_rank).as_metrics()
+
+    def verify(self, ddp, tol: float) -> dict[str, float]:
+        """After a sync and `wake(["kv_cache", ...])`: every engine against the actor (raises
+        `WeightSyncError` above tol). Collective over each syncing replica."""
+        from ..sync import verify_engine
+
+        syncs, target = self._target()
+        if not syncs:
+            return {}
+        diff = verify_engine(ddp, self.groups, target, tol=tol, obj_group=self.host.mp)
+        return {"sync/verify_max_abs_diff": diff}
 
     def _drop_dead_servers(self) -> None:
         """A server that died leaves the weight group too: the group is rebuilt from the live
@@ -221,3 +302,42 @@ class Generation:
             for e in self.fleet.engines:
                 e.shutdown()
 
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+class _CollectiveEngine:
+    """Rank 0's engine in `Generation.drive` with colocated engines: each `generate` is sent to
+    every rank and spread over every replica's engine. `stats` adds up the dispatch of all calls."""
+
+    def __init__(self, gen: Generation):
+        self.gen = gen
+        self.weight_version = gen.engine.weight_version if gen.engine is not None else 0
+        self.stats = DispatchStats()
+
+    def generate(self, prompts, params: SamplingParams, seeds=None) -> list:
+        from ..rollout.base import prompt_seed
+
+        if seeds is None:
+            seeds = [prompt_seed(params.seed or 0, 0, i) for i in range(len(prompts))]
+        prompts, seeds = [list(p) for p in prompts], list(seeds)
+        self.gen.broadcast(("generate", prompts, params, seeds))
+        results, stats = self.gen._colocated(prompts, params, seeds)
+        s = self.stats
+        s.requests += stats.requests
+        s.retries += stats.retries
+        s.errors += stats.errors
+        for k, v in stats.prompts_per_engine.items():
+            s.prompts_per_engine[k] = s.prompts_per_engine.get(k, 0) + v
+        for k, v in stats.tokens_per_engine.items():
+            s.tokens_per_engine[k] = s.tokens_per_engine.get(k, 0) + v
+        if stats.failed:
+            raise RuntimeError(f"{len(stats.failed)} of {len(prompts)} prompts failed on every engine: "
+                               + "; ".join(stats.errors[-3:]))
+        return [x for r in results for x in r]
+
+    def dispatch_metrics(self) -> dict[str, float]:
+        return self.stats.as_metrics()

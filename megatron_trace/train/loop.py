@@ -3,12 +3,14 @@
 Per step k: prompts -> rollouts (n per prompt) -> rewards -> group advantages ->
 [lambda_k > 0: annotate -> token routes -> privileged teacher inputs] -> [engines sleep] -> train
 step (old log-probs, span-sparse teacher pass, routed loss, `optim.mini_batches` optimizer
-updates) -> wake(weights) -> weight sync -> wake(kv cache) -> metrics, with checkpoint and eval
-cadences.
+updates) -> wake(weights) -> weight sync -> wake(kv cache) -> [verify the engines] -> metrics,
+with checkpoint and eval cadences.
 The rollouts come from every data-parallel replica's engine (or remote servers, see
 `train/generation.py`); each replica's first rank scores a share; rank 0 annotates and builds
-the step's records (`make_batch`); every rank then trains on its DP share of them. Setup
-(models, engines, data, annotator) lives in `train/setup_run.py`.
+the step's records (`make_batch`); every rank then trains on its DP share of them. Records,
+metrics and waits on rank 0 travel over gloo (`run.gen.broadcast`), never NCCL. In-loop
+evaluation is driven by rank 0 on every replica's engine (`Generation.drive`). Setup (models,
+engines, data, annotator) lives in `train/setup_run.py`.
 
 Debug modes (`train.mode`): `rollout_only` stops after the records (saved under
 `<run.dir>/records/`), `train_only` reads them back instead of sampling (`train.records_dir`);
@@ -35,12 +37,6 @@ from .stages import build_train_samples, score_groups
 from .step import train_step
 
 __all__ = ["evaluate_in_loop", "load_record", "make_batch", "run_training", "save_record", "train", "train_one_step"]
-
-
-def _broadcast(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def _fault(env: str, next_step: int) -> None:
@@ -94,7 +90,7 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
             lift_rollouts=cfg.train.key_token_lift if lift_step(cfg, step, lam) else 0,
             lift_annotate=cfg.train.lift_annotate, answer_only_teacher=cfg.data.answer_only_teacher)
         metrics.update(m)
-    samples, metrics = _broadcast((samples, metrics))
+    samples, metrics = run.gen.broadcast((samples, metrics))
     metrics.update({"time/rollout": t1 - t0 - t_reward, "time/reward": t_reward,
                     "time/annotate_and_route": time.perf_counter() - t1})
     return samples, metrics
@@ -143,27 +139,34 @@ def train_one_step(run: Run, step: int, lam: float, samples: list[TrainSample], 
         metrics.update(run.offload.offload())  # optimizer state and grads leave the GPU during rollout
     if sync:
         metrics.update(run.gen.wake(["weights"]))
-        metrics.update(run.gen.sync(run.ddp, version=step + 1, verify=cfg.rollout.verify_sync))
+        metrics.update(run.gen.sync(run.ddp, version=step + 1))
         metrics.update(run.gen.wake(["kv_cache", "cuda_graph"]))
+        if cfg.rollout.verify_sync:  # the probe generates: only once the KV cache is back
+            metrics.update(run.gen.verify(run.ddp, tol=cfg.rollout.verify_sync_tol))
     return metrics
 
 
 def evaluate_in_loop(run: Run, weights_step: int) -> dict:
-    """Rank 0: avg@k of the engine's current weights on `eval.benchmarks`, or on the validation
-    split `eval.in_loop_source` when set (first `eval.limit` problems each); samples and reports
-    under `<run.dir>/eval/step_N/`."""
+    """Every rank: avg@k of the engines' current weights on `eval.benchmarks`, or on the validation
+    split `eval.in_loop_source` when set (first `eval.limit` problems each). Rank 0 runs the
+    harness (samples and reports under `<run.dir>/eval/step_N/`) on every replica's engine; the
+    other ranks serve it and return {}."""
     from ..eval import eval_metrics, evaluate, settings_from_config
 
-    t0 = time.perf_counter()
-    out = os.path.join(run.cfg.run.dir, "eval", f"step_{weights_step:06d}") if run.metrics_path else None
-    report = evaluate(run.engine, run.tokenizer, settings_from_config(run.cfg, in_loop=True), out_dir=out,
-                      model=f"{run.cfg.run.name}@step{weights_step}", progress=False)
-    return {**eval_metrics(report), "time/eval": time.perf_counter() - t0}
+    def on_rank0(engine) -> dict:
+        t0 = time.perf_counter()
+        out = os.path.join(run.cfg.run.dir, "eval", f"step_{weights_step:06d}") if run.metrics_path else None
+        report = evaluate(engine, run.tokenizer, settings_from_config(run.cfg, in_loop=True), out_dir=out,
+                          model=f"{run.cfg.run.name}@step{weights_step}", progress=False)
+        spread = engine.dispatch_metrics() if hasattr(engine, "dispatch_metrics") else {}
+        return {**eval_metrics(report), **{k.replace("rollout/", "eval/dispatch/"): v for k, v in spread.items()},
+                "time/eval": time.perf_counter() - t0}
+
+    return run.gen.drive(on_rank0) or {}
 
 
-def _gather_to_rank0(metrics: dict) -> dict:
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, metrics)
+def _gather_to_rank0(run: Run, metrics: dict) -> dict:
+    parts = run.gen.all_gather(metrics)
     out = {}
     for p in parts:  # the loss metrics live on the last PP stage
         out.update(p)
@@ -221,7 +224,7 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
             if dist.get_rank() == 0:
                 rec = load_record(os.path.join(cfg.train.records_dir, f"step_{step:06d}.pt"))
                 samples, metrics, lam = rec["samples"], dict(rec["metrics"]), rec["lambda"]
-            samples, lam = _broadcast((samples, lam))
+            samples, lam = run.gen.broadcast((samples, lam))
         else:
             samples, metrics = make_batch(run, step, lam)
             if dist.get_rank() == 0 and (cfg.train.save_records or mode == "rollout_only"):
@@ -232,15 +235,15 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
             record = cfg.train.save_records and mode == "full"
             outputs = {} if record else None
             rollout_metrics = dict(metrics)
-            metrics.update(_gather_to_rank0(train_one_step(run, step, lam, samples, loss_cfg, sync=mode == "full",
-                                                           teacher_outputs=outputs)))
+            metrics.update(_gather_to_rank0(run, train_one_step(run, step, lam, samples, loss_cfg,
+                                                                sync=mode == "full", teacher_outputs=outputs)))
             if record:
-                merged = _gather_to_rank0(outputs)
+                merged = _gather_to_rank0(run, outputs)
                 if dist.get_rank() == 0:
                     save_record(cfg.run.dir, step, lam, samples, rollout_metrics, merged)
+        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and mode == "full":
+            metrics.update(evaluate_in_loop(run, step + 1))  # every rank: each replica's engine generates
         if dist.get_rank() == 0:
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and mode == "full":
-                metrics.update(evaluate_in_loop(run, step + 1))
             metrics.update({"kl/lambda": lam, "time/step": time.perf_counter() - t0})
             metrics.update(exposure.update(lam, metrics.get("route/span_coverage", 0.0)))
             run.log(step, metrics)

@@ -54,8 +54,8 @@ def _job(config: str, record: str, ckpt: str | None, tp: int, pp: int, overrides
         model_dir = os.path.join(ckpt, "model") if os.path.isdir(os.path.join(ckpt, "model")) else ckpt
         load_checkpoint(model_dir, run.groups, model=run.ddp)
     rec = load_record(record)
-    metrics = _gather_to_rank0(train_one_step(run, rec["step"], rec["lambda"], rec["samples"],
-                                              LossConfig(**run.loss_kwargs), sync=False))
+    metrics = _gather_to_rank0(run, train_one_step(run, rec["step"], rec["lambda"], rec["samples"],
+                                                   LossConfig(**run.loss_kwargs), sync=False))
     run.close()
     return {"step": rec["step"], "lambda": rec["lambda"], "tp": tp, "pp": pp, "metrics": metrics} \
         if dist.get_rank() == 0 else None

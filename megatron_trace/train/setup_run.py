@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -240,7 +241,10 @@ def _build_generation(cfg: Config, groups: ParallelGroups, hf_model, dtype, toke
         elif placement == "remote" and dist.get_rank() == 0:
             fleet, target, reconnect = _build_remote(cfg, groups)
     gen = Generation(placement, groups, engine=engine, fleet=fleet, sync_target=target, reconnect=reconnect,
-                     max_retries=cfg.rollout.max_retries)
+                     max_retries=cfg.rollout.max_retries,
+                     remote_weight_sync=cfg.rollout.remote.weight_sync != "none",
+                     per_rank_weights=cfg.rollout.engine == "sglang" and cfg.parallel.tp > 1,
+                     wait_timeout_minutes=cfg.parallel.wait_timeout_minutes)
     closers.append(gen.shutdown)
     if fleet is not None:
         from ..rollout.dispatch import FleetEngine
@@ -366,10 +370,9 @@ def _open_run_dir(run: Run) -> None:
         f.write(dump_config(cfg))
     run.metrics_path = metrics
     if cfg.log.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run._tb = SummaryWriter(os.path.join(cfg.run.dir, "tb"))
-        run._closers.append(run._tb.close)
+        run._tb = open_tensorboard(os.path.join(cfg.run.dir, "tb"))
+        if run._tb is not None:
+            run._closers.append(run._tb.close)
     if cfg.log.wandb:
         try:
             import wandb
@@ -379,6 +382,28 @@ def _open_run_dir(run: Run) -> None:
                                 dir=cfg.run.dir, config=config_to_dict(cfg), resume="allow",
                                 id=_wandb_id(cfg.run.dir))
         run._closers.append(run._wandb.finish)
+
+
+_TB_WARNED = False
+
+
+def open_tensorboard(log_dir: str):
+    """A SummaryWriter on `log_dir`, or None (with one warning per process) when the tensorboard
+    package is missing: log.tensorboard is on by default and is not worth failing a run for."""
+    global _TB_WARNED
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        if not _TB_WARNED:
+            from ..extras import install_hint
+
+            _TB_WARNED = True
+            warnings.warn(f"log.tensorboard: the tensorboard package is not installed ({exc}); training goes on "
+                          f"without TensorBoard logs (metrics.jsonl has every metric). Install it with "
+                          f"{install_hint('tensorboard')}, or set log.tensorboard=false to silence this.",
+                          stacklevel=2)
+        return None
+    return SummaryWriter(log_dir)
 
 
 def _wandb_id(run_dir: str) -> str:

@@ -347,3 +347,35 @@ def test_server_killed_mid_step(runs, fixture_servers, server_hf_dir, one_thread
     for k, v in colo["weights"].items():  # the retried prompts sampled the same
         assert torch.equal(r["weights"][k], v), k
     _assert_probes(r, r["weights"], server_hf_dir, version=STEPS)
+
+
+def _tp2_rank(rundir, urls):
+    import torch.distributed as dist
+
+    from megatron_trace.config import load_config
+    from megatron_trace.train.loop import train
+    from megatron_trace.train.setup_run import setup_run
+
+    cfg = load_config("configs/tiny_cpu.yaml", [f"run.dir={rundir}", *OVERRIDES, "parallel.tp=2", *_remote(urls),
+                                                "rollout.remote.weight_sync=none"])
+    run = setup_run(cfg)
+    run.verify = _pseudo_verify
+    history = train(run, steps=1)
+    run.close()
+    return dist.get_rank(), history
+
+
+def test_remote_tp2_without_weight_sync_finishes(fixture_servers, tmp_path, monkeypatch):
+    """rollout.remote.weight_sync=none at tp=2: every rank of replica 0 knows from the config that
+    there is no sync (rank 0 used to skip it while rank 1 waited in the export's all-gather)."""
+    import time
+
+    if os.path.exists("/sys/class/net/lo"):
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    urls = [u for _, u in fixture_servers]
+    t0 = time.monotonic()
+    res = dict(run_on_ranks(_tp2_rank, 2, str(tmp_path / "run"), urls, timeout_s=240))
+    m = res[0][0]
+    assert m["rollout/failed_prompts"] == 0 and m["dispatch/engines_used"] >= 1
+    assert not any(k.startswith("sync/") for k in m)  # nothing was pushed
+    assert time.monotonic() - t0 < 200
