@@ -1,6 +1,8 @@
-"""The memory planner (`megatron_trace/plan.py`, `megatron-trace plan`): its parameter, gradient
+"""The memory planner (`megatron_trace/plan/`, `megatron-trace plan`): its parameter, gradient
 and optimizer bytes equal what Megatron allocates, every Qwen3 recipe fits on 80 GB, an
-over-budget config is refused with the keys to change, and the CLI prints the table."""
+over-budget config is refused with the keys to change, the SGLang engine's memory outside its
+pool, CUDA contexts and NCCL buffers are their own lines (on every GPU of a replica, with or
+without SGLANG_MEMORY_SAVER_CUDA_GRAPH), and the CLI prints the table."""
 
 import dataclasses
 import glob
@@ -21,11 +23,13 @@ from megatron_trace.models.qwen3 import QWEN3_SIZES
 from megatron_trace.parallel import run_on_ranks
 from megatron_trace.plan import GB, check_fits, param_numels, plan_memory, static_bytes
 
+MEMORY_SAVER = "SGLANG_MEMORY_SAVER_CUDA_GRAPH"
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "qwen3_*.yaml")))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
-def test_every_recipe_fits_on_80gb(path):
+def test_every_recipe_fits_on_80gb(path, monkeypatch):
+    monkeypatch.delenv(MEMORY_SAVER, raising=False)  # the larger case: graphs stay while the engine sleeps
     cfg = load_config(path)
     plan = plan_memory(cfg, source=path)
     assert cfg.cluster.gpu_memory_gb == 80
@@ -117,17 +121,133 @@ def test_activation_formula_by_hand_and_recompute_ordering():
 
 def test_cli_prints_the_table_and_json_and_exits_1_when_over():
     cmd = [sys.executable, "-m", "megatron_trace.cli", "plan", "--config", "configs/qwen3_8b_trace_fkl.yaml", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != MEMORY_SAVER}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     for needle in ("megatron-trace plan: configs/qwen3_8b_trace_fkl.yaml", "tp=2 pp=1 dp=8", "actor weights",
                    "optimizer (adam, distributed /8)", "teacher logits", "rollout engine KV cache", "peak",
-                   "GPU 80 GB", "fits"):
+                   "engine CUDA graphs (est.)", "engine graph input buffers", "engine activations (est.)",
+                   "engine custom all-reduce", "CUDA contexts (est.)", "NCCL buffers (est.)",
+                   f"{MEMORY_SAVER}: not set to 1 in this environment", "stage 0, TP rank 0, engine owner",
+                   "stage 0, TP rank 1", "are estimates", "GPU 80 GB", "fits"):
         assert needle in out.stdout, needle
+    assert "runtime overhead" not in out.stdout
     data = json.loads(out.stdout.strip().splitlines()[-1])
     assert data["fits"] and data["train"]["peak_gb"] <= 80 and data["layout"]["tp"] == 2
+    assert set(data["gpus_peak_gb"]["rollout"]) == {"stage 0, TP rank 0, engine owner", "stage 0, TP rank 1"}
+    released = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env={**env, MEMORY_SAVER: "1"})
+    assert f"{MEMORY_SAVER}: =1 in this environment" in released.stdout
+    assert json.loads(released.stdout.strip().splitlines()[-1])["train"]["peak_gb"] < data["train"]["peak_gb"]
     over = subprocess.run(cmd[:-1] + ["parallel.tp=1", "optim.recompute=none"], capture_output=True, text=True,
                           cwd=REPO, timeout=120)
     assert over.returncode == 1 and "DOES NOT FIT" in over.stdout and "optim.recompute" in over.stdout
+
+
+# SGLang 0.5.6 / NCCL figures, written out here (not read from megatron_trace.plan) so that a change
+# there shows up as a failure: see megatron_trace/plan/engine.py and runtime.py for the sources
+MIB = 2**20
+CTX = 0.5 * GB  # one process's CUDA context (estimate)
+NCCL_COMM = 16 * 2 * (4 * MIB + 120 * 640 * 8 * 8 + 8 * 512 * 8 * 16)  # channels x ring peers x (Simple+LL128+LL)
+CUSTOM_AR = 3 * 8 * MIB  # custom_all_reduce.py: meta + IPC buffer + rank_data, max_size 8 MiB each
+GRAPHS, BUFFERS, ENGINE_ACT = "engine CUDA graphs (est.)", "engine graph input buffers", "engine activations (est.)"
+CONTEXTS, NCCL, AR = "CUDA contexts (est.)", "NCCL buffers (est.)", "engine custom all-reduce"
+
+
+def _plan_8b(*overrides):
+    return plan_memory(load_config(os.path.join(REPO, "configs", "qwen3_8b_trace_fkl.yaml"), list(overrides)))
+
+
+def test_engine_lines_follow_sglang_source_figures(monkeypatch):
+    """Qwen3-8B (h 4096, 32 x 128 query heads, 8 KV heads, ffn 12288, V 151936, 40960 positions),
+    engine TP 2 on an 80 GB GPU: SGLang's defaults there are chunked_prefill_size 8192 and
+    cuda_graph_max_bs 256 (server_args.py, GPUs of 60-160 GiB at tp < 4)."""
+    monkeypatch.delenv(MEMORY_SAVER, raising=False)
+    plan = _plan_8b()
+    ro, tr = plan.rollout.components, plan.train.components
+    h, q, kv, f, V, ctx, t, B = 4096, 32 * 128, 8 * 128, 12288, 151936, 40960, 2, 2
+    max_bs, chunk, requests = 256, 8192, 64 * 8 // 8  # prompts_per_step x n / one engine per DP replica
+    graphs = 2 * MIB * max_bs  # server_args.py: SGLang reserves 2 MiB per unit of cuda_graph_max_bs
+    buffers = max_bs * (V * 4 + h * B) + max_bs * ctx * 4 + ctx * 8  # fp32 logits + embeds; FA3 page table
+    activations = chunk * B * (2 * h + max(3 * f, 2 * q + 2 * kv) / t) + 3 * requests * V * 4  # prefill chunk + sampler
+    assert ro[GRAPHS] == tr[GRAPHS] == graphs
+    assert ro[BUFFERS] == tr[BUFFERS] == buffers
+    assert ro[ENGINE_ACT] == pytest.approx(activations) and ENGINE_ACT not in tr  # emptied when it sleeps
+    assert ro[AR] == tr[AR] == CUSTOM_AR
+    # the owner's GPU: the trainer and its scheduler (no IPC context: SGLang's SPMD weight path);
+    # NCCL: the trainer's default, TP and DP groups and SGLang's two TP communicators
+    assert plan.rollout.gpu == plan.train.gpu == "TP rank 0, engine owner"
+    assert ro[CONTEXTS] == tr[CONTEXTS] == 2 * CTX
+    assert ro[NCCL] == tr[NCCL] == 5 * NCCL_COMM
+    assert "runtime overhead" not in ro and "runtime overhead" not in tr
+    # the pool: mem_fraction_static of what is free when the engine starts (the trainer without
+    # Adam's moments, two contexts, SGLang's pynccl communicator and custom all-reduce)
+    trainer = sum(v for k, v in ro.items() if k.startswith(("actor", "gradients", "snapshot")))
+    opt = next(v for k, v in ro.items() if k.startswith("optimizer"))
+    at_start = trainer + opt * 4 / 12 + 2 * CTX + NCCL_COMM + CUSTOM_AR
+    weights = QWEN3_SIZES["8b"].num_params * B / t
+    assert ro["rollout engine weights"] == weights
+    assert ro["rollout engine KV cache"] == pytest.approx(0.5 * (80 * GB - at_start) - weights)
+    assert plan.kv_cache_tokens == int(ro["rollout engine KV cache"] // (2 * 36 * kv // t * B))
+    table = plan.table()
+    for name in (GRAPHS, BUFFERS, ENGINE_ACT, AR, CONTEXTS, NCCL):
+        assert name in table, name
+
+
+@pytest.mark.parametrize("gb,tp,chunk,max_bs", [(80, 2, 8192, 256), (80, 4, 8192, 512), (141, 8, 8192, 512),
+                                                 (40, 2, 4096, 32), (24, 4, 2048, 80), (192, 2, 16384, 512)])
+def test_sglang_defaults_follow_gpu_memory_and_tp(gb, tp, chunk, max_bs):
+    cfg = load_config(os.path.join(REPO, "configs", "qwen3_14b_grpo.yaml"),
+                      [f"cluster.gpu_memory_gb={gb}", f"parallel.tp={tp}"])
+    a = plan_memory(cfg).assumptions
+    assert (a["sglang_chunked_prefill_size"], a["sglang_cuda_graph_max_bs"]) == (chunk, max_bs)
+
+
+def test_every_gpu_of_a_replica_holds_the_engine_and_the_owner_most():
+    """Engine TP ranks 1..tp-1 run on the GPUs of trainer TP ranks 1..tp-1: each holds the engine's
+    shard next to the trainer, as much as the owner's GPU (the SPMD weight path opens no context on
+    another GPU)."""
+    plan = plan_memory(load_config(os.path.join(REPO, "configs", "qwen3_14b_trace_fkl.yaml")))  # tp 4
+    owner, others = "stage 0, TP rank 0, engine owner", "stage 0, TP ranks 1..3"
+    for phase in ("rollout", "train"):
+        assert set(plan.gpus[phase]) == {owner, others}
+        assert plan.gpus[phase][owner] == pytest.approx(plan.gpus[phase][others])
+    assert plan.rollout.peak == plan.gpus["rollout"][owner] and plan.train.peak == plan.gpus["train"][owner]
+    ro = plan.rollout.components
+    trainer = sum(v for k, v in ro.items() if k.startswith(("actor", "gradients", "optim", "snapshot")))
+    engine = sum(v for k, v in ro.items() if "engine" in k)
+    assert engine > ro["rollout engine weights"] + ro["rollout engine KV cache"] > 10 * GB
+    # the other TP ranks: the same engine lines, two contexts (trainer and their own scheduler)
+    assert plan.gpus["rollout"][others] == pytest.approx(trainer + engine + 2 * CTX + ro[NCCL])
+    notes = plan.table()
+    assert "GPUs of a replica" in notes and others in notes
+    # pp = 2: stage 1 holds no engine; the plan names where each phase peaks
+    plan = plan_memory(load_config(os.path.join(REPO, "configs", "qwen3_32b_trace_fkl.yaml")))  # tp 8, pp 2
+    assert set(plan.gpus["rollout"]) == {"stage 0, TP rank 0, engine owner", "stage 0, TP ranks 1..7", "stage 1"}
+    assert plan.gpus["rollout"]["stage 1"] < plan.gpus["rollout"]["stage 0, TP ranks 1..7"]
+    assert plan.rollout.components[CONTEXTS] == 2 * CTX  # trainer and scheduler, on every stage-0 GPU
+    # rank0 placement: one engine (TP 1) on global rank 0, no custom all-reduce; the others none
+    plan = _plan_8b("rollout.placement=rank0")
+    assert plan.rollout.gpu == "global rank 0, engine owner" and AR not in plan.rollout.components
+    assert plan.rollout.components[CONTEXTS] == 2 * CTX
+    assert plan.gpus["rollout"]["stage 0, other GPUs"] < plan.rollout.peak - plan.rollout.components[GRAPHS]
+
+
+def test_cuda_graph_line_follows_sglang_memory_saver_env(monkeypatch):
+    """Only with SGLANG_MEMORY_SAVER_CUDA_GRAPH=1 does the sleeping engine release its graphs."""
+    monkeypatch.delenv(MEMORY_SAVER, raising=False)
+    kept = _plan_8b()
+    assert kept.train.components[GRAPHS] == 2 * MIB * 256
+    assert f"{MEMORY_SAVER}: not set to 1" in kept.table()
+    for value in ("1", "true"):
+        monkeypatch.setenv(MEMORY_SAVER, value)
+        released = _plan_8b()
+        assert GRAPHS not in released.train.components and released.rollout.components[GRAPHS] == 2 * MIB * 256
+        assert released.train.peak == pytest.approx(kept.train.peak - 2 * MIB * 256)
+        assert released.rollout.peak == kept.rollout.peak
+        assert f"{MEMORY_SAVER}: =1 in this environment" in released.table()
+        assert released.assumptions["sglang_memory_saver_cuda_graph"] is True
+    monkeypatch.setenv(MEMORY_SAVER, "0")
+    assert _plan_8b().train.components[GRAPHS] == 2 * MIB * 256
 
 
 def _megatron_bytes(tp, pp, cases):

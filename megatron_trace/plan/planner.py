@@ -1,0 +1,283 @@
+"""`plan_memory`: both phases of a colocated step on every kind of GPU of a replica (package
+docstring), and `check_fits`, the refusal `train` runs on CUDA."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..models.qwen3 import Qwen3Arch, arch_from_hf_config, get_arch
+from .activations import _fused_attention, _Shape, _stage_activations
+from .engine import (
+    MEMORY_SAVER_CUDA_GRAPH_ENV,
+    SGLANG_VERSION,
+    EngineMemory,
+    engine_memory,
+    requests_per_engine,
+)
+from .params import GB, MIB, _kv_per_rank, _optimizer_bytes, _padded_vocab, param_numels, static_bytes
+from .report import EST, MemoryPlan, Phase, suggestions
+from .runtime import (
+    CUDA_CONTEXT_GB,
+    NCCL_CHANNELS,
+    NCCL_COMM_BYTES,
+    NCCL_RING_PEERS,
+    context_bytes,
+    nccl_bytes,
+    trainer_nccl_groups,
+)
+
+PROMPT_TOKENS = 1024  # a math problem with Qwen3's chat template and instruction, rounded up
+TEACHER_SEQ_FACTOR = 2  # privileged sequence (problem + reference solution + response) / student's
+
+GRAPHS = f"engine CUDA graphs {EST}"
+BUFFERS = "engine graph input buffers"
+ENGINE_ACT = f"engine activations {EST}"
+CUSTOM_AR = "engine custom all-reduce"
+CONTEXTS = f"CUDA contexts {EST}"
+NCCL = f"NCCL buffers {EST}"
+
+
+@dataclass(frozen=True)
+class _Gpu:
+    """One kind of GPU of a pipeline stage, by what runs on it besides the trainer."""
+
+    label: str
+    scheduler: bool = False  # an SGLang scheduler process (one engine TP rank)
+    hf_engine: bool = False  # the hf engine's model (in the trainer's process)
+    extra_comms: tuple[str, ...] = ()
+
+    def contexts(self) -> int:
+        return 1 + self.scheduler
+
+
+def _gpus_of_stage(cfg, stage: int) -> list[_Gpu]:
+    r, tp = cfg.rollout, cfg.parallel.tp
+    others = "TP rank 1" if tp == 2 else f"TP ranks 1..{tp - 1}"
+    if stage > 0:
+        return [_Gpu("")]
+    sglang = r.engine == "sglang"
+    if r.placement == "colocated":
+        owner = _Gpu("TP rank 0, engine owner", scheduler=sglang, hf_engine=not sglang)
+        return [owner] + ([_Gpu(others, scheduler=sglang)] if tp > 1 else [])
+    if r.placement == "rank0":
+        return [_Gpu("global rank 0, engine owner", scheduler=sglang, hf_engine=not sglang), _Gpu("other GPUs")]
+    rem = r.remote
+    if rem.weight_sync == "distributed" and rem.backend != "gloo":
+        return [_Gpu("global rank 0, weight broadcaster", extra_comms=("remote weight broadcast",)), _Gpu("other GPUs")]
+    return [_Gpu("")]
+
+
+def _arch_of(cfg) -> Qwen3Arch:
+    m = cfg.model
+    if m.hf_dir and os.path.exists(os.path.join(m.hf_dir, "config.json")):
+        return arch_from_hf_config(m.hf_dir)
+    if m.ckpt and os.path.exists(m.ckpt):
+        from ..models.checkpoint import read_meta
+
+        return arch_from_hf_config(read_meta(m.ckpt)["hf_config"])
+    return get_arch(m.size)
+
+
+def _routed_share(cfg) -> float:
+    """The share of response tokens routed to the teacher (0: no teacher pass at all)."""
+    from ..loss.routed import ROUTE_VARIANTS
+
+    if cfg.schedule.lambda0 <= 0:
+        return 0.0
+    mask = ROUTE_VARIANTS[cfg.loss.variant].mask
+    return {None: 0.0, "annotator": cfg.annotate.coverage_cap, "random": cfg.annotate.coverage_cap}.get(mask, 1.0)
+
+
+def _runtime_note(g: _Gpu, trainer_groups: list[str], em: EngineMemory | None) -> str:
+    who = ["trainer"] + (["SGLang scheduler"] if g.scheduler else [])
+    comms = trainer_groups + (["SGLang TP pynccl", "SGLang TP torch"] if g.scheduler and em and em.nccl_comms else []) \
+        + list(g.extra_comms)
+    return (f"{g.contexts()} x {CUDA_CONTEXT_GB:g} GB ({', '.join(who)}); NCCL {len(comms)} communicators "
+            f"({', '.join(comms) or 'none'}) x {NCCL_CHANNELS} channels x {NCCL_RING_PEERS} peers x "
+            f"{NCCL_COMM_BYTES / NCCL_CHANNELS / NCCL_RING_PEERS / MIB:.2f} MiB")
+
+
+def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKENS,
+                fused_attention: bool | None = None, arch: Qwen3Arch | None = None,
+                source: str = "config") -> MemoryPlan:
+    """The memory plan of `cfg` (see the package docstring). `dp`, `fused_attention` and `arch`
+    override what the config implies (`train` passes the values of the run it builds).
+    SGLANG_MEMORY_SAVER_CUDA_GRAPH is read from this process's environment."""
+    arch = arch or _arch_of(cfg)
+    p, o, r = cfg.parallel, cfg.optim, cfg.rollout
+    tp, pp = p.tp, p.pp
+    if dp is None:  # as the launchers derive it; CPU runs spawn tp * pp * (parallel.dp or 1) ranks
+        gpus = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+        dp = p.dp or (1 if p.device == "cpu" else max(gpus // (tp * pp), 1))
+    fused = _fused_attention(cfg) if fused_attention is None else fused_attention
+    sp = p.sequence_parallel and tp > 1
+    B = 2 if cfg.model.dtype == "bfloat16" else 4
+    stages = param_numels(arch, tp, pp)
+    sh = _Shape(arch.hidden_size, arch.num_attention_heads * arch.head_dim // tp, _kv_per_rank(arch, tp),
+                arch.intermediate_size // tp, arch.num_attention_heads // tp, B, tp if sp else 1)
+    vocab_rank = _padded_vocab(arch.vocab_size, tp) // tp
+
+    # micro-batches (worst case: every sequence at its longest)
+    s = prompt_tokens + r.max_new_tokens
+    s_t = TEACHER_SEQ_FACTOR * s
+    rollouts_rank = -(-r.prompts_per_step * r.n // dp)
+    rollouts_mini = -(-rollouts_rank // o.mini_batches)
+    if o.max_tokens_per_micro_batch > 0:
+        T, T_t = max(o.max_tokens_per_micro_batch, s), max(o.max_tokens_per_micro_batch, s_t)
+        num_mb = -(-rollouts_mini * s // T)
+    else:
+        rows = min(o.micro_batch_size, rollouts_mini)
+        T, T_t = rows * s, rows * s_t
+        num_mb = -(-rollouts_mini // o.micro_batch_size)
+    packed_unfused = o.pack_sequences and not fused  # the local spec attends over the whole packed row
+    row, row_t = (T, T_t) if packed_unfused else (s, s_t)
+    T_resp = T * r.max_new_tokens // s
+    per_mb, recompute_label = _stage_activations(cfg, sh, arch.num_hidden_layers // pp, T, row, fused)
+
+    # what stays resident
+    share = _routed_share(cfg)
+    teacher_used = share > 0
+    snapshot = teacher_used and cfg.teacher.mode == "snapshot"
+    per_rollout = r.max_new_tokens * share + cfg.teacher.probe_tokens  # teacher positions
+    mb_rollouts = max(T // s, 1)
+    teacher_positions = min(rollouts_mini * per_rollout,
+                            max(cfg.teacher.max_resident_tokens or rollouts_mini * per_rollout, mb_rollouts * per_rollout))
+    teacher_logits = teacher_positions * vocab_rank * B
+    # forward-only passes reduce each micro-batch's logits as it comes (train/step.py)
+    old_logits = T_resp * vocab_rank * B
+    master, moments = _optimizer_bytes(cfg)
+    opt_key = f"optimizer ({o.optimizer}{', distributed /' + str(dp) if o.distributed_optimizer else ''})"
+
+    # the engine (package docstring "Rollout engine"; engine.py, runtime.py)
+    sglang = r.placement in ("colocated", "rank0") and r.engine == "sglang"
+    engine_tp = tp if r.placement == "colocated" else 1
+    engines = dp if r.placement == "colocated" else 1
+    em = (engine_memory(arch, engine_tp, B, cfg.cluster.gpu_memory_gb,
+                        requests_per_engine(r.prompts_per_step * r.n, engines)) if sglang else None)
+    engine_weights = arch.num_params * B / engine_tp
+    trainer_groups = trainer_nccl_groups(tp, pp, dp)
+    engine_pool = kv_bytes = 0.0
+
+    rollout_phases, train_phases, runtime_notes = [], [], {}
+    for i, (n, st) in enumerate(zip([sum(x.values()) for x in stages], static_bytes(cfg, arch, dp, fused))):
+        last = i == pp - 1
+        base = {f"actor weights ({cfg.model.dtype})": st["weights"], "gradients (fp32 main_grad)": st["grads"],
+                opt_key: st["optimizer"]}
+        opt_moments = st["optimizer"] * moments / (master + moments)
+        teacher_w = n * B if snapshot else 0.0
+        if snapshot:
+            base["snapshot teacher weights"] = 0.0 if cfg.teacher.offload else teacher_w
+
+        # rollout: SGLang sizes its pool when it starts (setup), from the memory free then: the
+        # trainer's and its own scheduler's contexts, its pynccl communicator and custom
+        # all-reduce exist; the trainer's other communicators come later
+        ro_base = dict(base)
+        if cfg.train.offload_during_rollout:
+            ro_base["gradients (fp32 main_grad)"] = ro_base[opt_key] = 0.0
+        if em is not None and i == 0:
+            at_start = (sum(base.values()) - opt_moments + context_bytes(2) + nccl_bytes(min(em.nccl_comms, 1))
+                        + em.custom_all_reduce)
+            engine_pool = r.mem_fraction_static * (cfg.cluster.gpu_memory_gb * GB - at_start)
+            kv_bytes = engine_pool - engine_weights
+
+        # train: the largest of its passes
+        resident = {**base, "teacher logits (one update chunk)": teacher_logits if last and teacher_used else 0.0}
+        passes = {}
+        if teacher_used:
+            passes["teacher"] = {**resident, "snapshot teacher weights": teacher_w,
+                                 "activations (teacher pass, one layer)": sh.layer_bytes(T_t, row_t, not fused)}
+        if o.mini_batches > 1:
+            passes["old log-prob"] = {**base, "old log-prob logits (one micro-batch)": old_logits if last else 0}
+        passes["update"] = {**resident,
+                            "activations (update)": min(pp - i, num_mb) * per_mb + (T * 2 * sh.h * B if last else 0),
+                            "LM head logits (update)": T_resp * vocab_rank * 2 * B if last else 0.0}
+        pass_name, tr_trainer = max(passes.items(), key=lambda kv: sum(kv[1].values()))
+
+        for g in _gpus_of_stage(cfg, i):
+            ro, tr = dict(ro_base), dict(tr_trainer)
+            if g.scheduler and em is not None:
+                ro["rollout engine weights"] = engine_weights
+                ro["rollout engine KV cache"] = max(kv_bytes, 0.0)
+                ro[GRAPHS] = em.cuda_graphs
+                ro[BUFFERS] = em.graph_buffers
+                ro[ENGINE_ACT] = em.activations
+                ro[CUSTOM_AR] = em.custom_all_reduce
+                tr[GRAPHS] = 0.0 if em.graphs_released else em.cuda_graphs  # asleep: the rest stays
+                tr[BUFFERS] = em.graph_buffers
+                tr[CUSTOM_AR] = em.custom_all_reduce
+            if g.hf_engine:  # one HF model in the owner's process
+                ro["rollout engine weights (hf; KV cache not estimated)"] = arch.num_params * B
+            comms = len(trainer_groups) + (em.nccl_comms if g.scheduler and em else 0) + len(g.extra_comms)
+            for ph in (ro, tr):
+                ph[CONTEXTS] = context_bytes(g.contexts())
+                ph[NCCL] = nccl_bytes(comms)
+            rollout_phases.append(Phase(i, ro, gpu=g.label))
+            train_phases.append(Phase(i, tr, {"train peak": f"the {pass_name} pass"}, gpu=g.label))
+            runtime_notes[rollout_phases[-1].where] = _runtime_note(g, trainer_groups, em)
+
+    ro_worst = max(rollout_phases, key=lambda ph: ph.peak)
+    tr_worst = max(train_phases, key=lambda ph: ph.peak)
+    per_gpu = {"rollout": {ph.where: ph.peak for ph in rollout_phases},
+               "train": {ph.where: ph.peak for ph in train_phases}}
+    for ph in (ro_worst, tr_worst):
+        ph.components = {k: v for k, v in ph.components.items() if v or k.startswith(("actor", "gradients", "optim"))}
+    kv_tokens = 0
+    notes = {}
+    if em is not None:
+        kv_tokens = int(max(kv_bytes, 0) // (2 * arch.num_hidden_layers * _kv_per_rank(arch, engine_tp) * B))
+        ro_worst.notes["engine"] = (
+            f"SGLang {SGLANG_VERSION} tp_size={engine_tp} on stage 0 ({'each replica' if engines > 1 else 'one'}): "
+            f"rollout.mem_fraction_static={r.mem_fraction_static} of the memory free at its start = "
+            f"{engine_pool / GB:.1f} GB, KV cache for {kv_tokens} tokens; outside it SGLang's defaults for a "
+            f"{cfg.cluster.gpu_memory_gb:g} GB GPU: chunked_prefill_size {em.chunked_prefill_size}, "
+            f"cuda_graph_max_bs {em.cuda_graph_max_bs}; {em.requests} requests per engine")
+        notes[MEMORY_SAVER_CUDA_GRAPH_ENV] = (
+            "=1 in this environment: the sleeping engine releases its CUDA graphs, the train phase does not count them"
+            if em.graphs_released else
+            "not set to 1 in this environment: SGLang 0.5.6 keeps the engine's CUDA graphs on the GPU while it "
+            f"sleeps ({em.cuda_graphs / GB:.2f} GB in the train phase); export it where the trainer runs to "
+            "release them")
+    if teacher_used:
+        tr_worst.notes["teacher logits"] = (f"{int(teacher_positions)} positions (teacher.max_resident_tokens="
+                                            f"{cfg.teacher.max_resident_tokens}; {per_rollout:g} per rollout) x "
+                                            f"V/tp={vocab_rank}")
+    if len(per_gpu["rollout"]) > 1:
+        notes["GPUs of a replica (rollout / train peak GB)"] = "; ".join(
+            f"{w} {per_gpu['rollout'][w] / GB:.1f} / {per_gpu['train'][w] / GB:.1f}" for w in per_gpu["rollout"])
+    for where in dict.fromkeys([ro_worst.where, tr_worst.where]):
+        notes[f"CUDA contexts and NCCL on {where}"] = runtime_notes[where]
+    notes["estimates"] = (f"lines marked {EST} are estimates, not byte counts: SGLang's own heuristics, a "
+                          "commonly measured CUDA context size, NCCL's default buffers at an assumed channel count "
+                          "(megatron_trace/plan/engine.py, runtime.py); activations and logits follow the "
+                          "formulas of megatron_trace/plan/__init__.py")
+    layout = {"model": cfg.model.size if not cfg.model.ckpt else cfg.model.ckpt, "params_b": arch.num_params / 1e9,
+              "dtype": cfg.model.dtype, "tp": tp, "pp": pp, "dp": dp, "gpus": tp * pp * dp,
+              "sequence_parallel": "on" if sp else "off", "recompute": recompute_label,
+              "attention": "fused (TE)" if fused else "unfused (local spec)", "placement": r.placement}
+    assumptions = {"prompt_tokens": prompt_tokens, "response_tokens": r.max_new_tokens, "sequence_tokens": s,
+                   "micro_batch_tokens": T, "micro_batches": num_mb,
+                   "teacher_micro_batch_tokens": T_t if teacher_used else 0, "rollouts_per_rank": rollouts_rank,
+                   "cuda_context_gb": CUDA_CONTEXT_GB, "nccl_communicator_gb": round(NCCL_COMM_BYTES / GB, 3)}
+    if em is not None:
+        assumptions.update(sglang_chunked_prefill_size=em.chunked_prefill_size,
+                           sglang_cuda_graph_max_bs=em.cuda_graph_max_bs, requests_per_engine=em.requests,
+                           sglang_memory_saver_cuda_graph=em.graphs_released)
+    return MemoryPlan(source, layout, assumptions, ro_worst, tr_worst, cfg.cluster.gpu_memory_gb,
+                      max(sum(st.values()) for st in stages), kv_tokens,
+                      em is None or kv_bytes > 0, per_gpu, notes)
+
+
+def check_fits(cfg, **kwargs) -> MemoryPlan:
+    """`plan_memory`, raising a ValueError that names what to change when it does not fit."""
+    plan = plan_memory(cfg, **kwargs)
+    if plan.fits:
+        return plan
+    phase_name, phase = plan.worst
+    top = sorted(phase.components.items(), key=lambda kv: -kv[1])[:3]
+    parts = ", ".join(f"{k} {v / GB:.1f} GB" for k, v in top)
+    raise ValueError(
+        f"memory plan: the {phase_name} phase needs {phase.peak / GB:.1f} GB per GPU (pipeline {phase.where}), over "
+        f"cluster.gpu_memory_gb={plan.gpu_memory_gb:g}; largest parts: {parts}. To fit: "
+        + "; ".join(suggestions(plan))
+        + ". `megatron-trace plan --config C` prints the whole table; train.memory_check=false runs anyway")
