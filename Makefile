@@ -17,8 +17,11 @@ CONSTRAINTS ?= constraints/cpu-py311.txt
 LOCK_PY := import sys, platform; sys.exit(not (sys.implementation.name == 'cpython' and sys.version_info[:2] == (3, 11) and sys.platform == 'linux' and platform.machine() == 'x86_64'))
 DESCRIBE_PY := import sys, platform; print('CPython' if sys.implementation.name == 'cpython' else sys.implementation.name, sys.version.split()[0], sys.platform, platform.machine())
 PYTEST_ARGS ?=
+# `make wheelhouse`: the target CPython X.Y (default: $(PYTHON)'s own) and the output folder.
+PY ?=
+WHEELHOUSE ?= wheelhouse
 
-.PHONY: install demo test lint lock clean
+.PHONY: install demo test lint lock wheelhouse clean
 
 install: $(STAMP)
 
@@ -57,7 +60,14 @@ $(STAMP): pyproject.toml Makefile $(wildcard $(CONSTRAINTS))
 demo: $(STAMP)
 	$(BIN)/megatron-trace demo
 
-test: $(STAMP)
+# The pinned SGLang wheel (pure Python, 3.6 MB): the contract tests read and run its own code on CPU
+# (tests/sglang_wheel.py), since SGLang itself cannot be installed without CUDA.
+SGLANG_WHEEL := .cache/wheels/sglang-0.5.6-py3-none-any.whl
+
+$(SGLANG_WHEEL): | $(STAMP)
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --dest .cache/wheels "sglang==0.5.6"
+
+test: $(STAMP) $(SGLANG_WHEEL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -91,5 +101,15 @@ lock:
 	mv "$(CONSTRAINTS).tmp" "$(CONSTRAINTS)"; \
 	echo "[make] lock: wrote $(CONSTRAINTS) ($$(grep -vc '^#' "$(CONSTRAINTS)") pins)"
 
+# Offline wheels for a CUDA machine that already has torch (a GPU box without a package index):
+# this project's wheel + its core dependencies (megatron-core, omegaconf, math-verify, transformers,
+# ...) for CPython $(PY) on manylinux x86_64, without torch and what torch depends on, at the versions
+# of $(CONSTRAINTS) (`make wheelhouse CONSTRAINTS=` resolves unconstrained). Fails (and writes
+# nothing) past 60 MiB. Needs no venv: $(PYTHON)'s pip resolves and downloads for the target. Install
+# there with `pip install --no-index --find-links wheelhouse megatron-trace` (tools/gpu_smoke.sh does).
+wheelhouse:
+	$(PYTHON) tools/build_wheelhouse.py --out $(WHEELHOUSE) $(if $(PY),--python-version $(PY)) \
+	  $(if $(and $(CONSTRAINTS),$(wildcard $(CONSTRAINTS))),--constraints $(CONSTRAINTS))
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info $(WHEELHOUSE) .cache

@@ -45,6 +45,19 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+
+def _require_nemo_run() -> None:
+    """The launchers are NeMo-Run front ends; NeMo-Run is the `launch` extra, not a core dependency."""
+    try:
+        import nemo_run  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"error: the launchers in launch/ need NeMo-Run, which is not installed ({exc}); "
+                         "install the 'launch' extra: pip install 'megatron-trace[launch]' "
+                         "(or pip install -e '.[launch]' in a checkout)") from None
+
+
+_require_nemo_run()
+
 INSPECTION_NOTE = ("# megatron-trace --dry-run: for inspection only (not submittable): no code was packaged and the "
                    "job folder it names was deleted; submit without --dry-run")
 HEAD_NODE_LINE = 'head_node_ip=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)'

@@ -210,10 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .extras import MissingExtra
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, MissingExtra) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -71,11 +71,13 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
 
     from .config import load_config
     from .eval.metrics import paired_bootstrap_ci
+    from .extras import require
     from .observability.plots import plot_runs
     from .parallel import launch
     from .train.checkpoint import find_latest
     from .train.sft import run_sft
 
+    require("matplotlib", "plots", "megatron-trace demo (its plots)")  # before minutes of training, not after
     t0 = time.time()
     out = os.path.abspath(out)
     sft_cfg = load_config(sft_config, [f"run.dir={os.path.join(out, 'sft')}", *overrides])

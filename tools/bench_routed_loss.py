@@ -2,6 +2,7 @@
 """Time and peak memory of the routed loss path vs Megatron's CE and a naive full-vocab reference.
 
     python tools/bench_routed_loss.py --vocab 151936 --tokens 2048 --routed-frac 0.25 --tp 1 [--dtype bf16] --json
+                                      [--device cpu|cuda]
 
 Measured in the same run, each in a fresh set of processes (forward + backward):
   (a) megatron_ce: Megatron's `vocab_parallel_cross_entropy` on the logits;
@@ -12,6 +13,10 @@ above the resident size after the inputs exist, measured on the first run in its
 with glibc's mmap threshold pinned so that freed tensors leave RSS. Time is the median of
 --repeats runs after one warm-up, in separate processes with the default allocator. With --tp N every
 variant runs on N gloo ranks; rank 0's numbers are reported.
+
+--device cuda (one GPU per rank, NCCL; tools/gpu_smoke.sh runs it): the tensors live on the GPU,
+peak memory is the rise of torch.cuda.max_memory_allocated above the allocation once the inputs
+exist, and each timed run is bracketed by torch.cuda.synchronize().
 """
 
 import argparse
@@ -35,7 +40,7 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, chunk_size, measure):
+def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, chunk_size, measure, device="cpu"):
     import gc
 
     import torch
@@ -45,17 +50,19 @@ def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, ch
     from megatron_trace.models.builder import padded_vocab
     from megatron_trace.parallel import initialize
 
-    groups = initialize(tp=tp)
+    groups = initialize(tp=tp, device=device)
+    cuda = device == "cuda"
+    dev = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     v_pad = padded_vocab(vocab, tp)
     width = v_pad // tp
     rank = groups.tp_rank
     gen = torch.Generator().manual_seed(1234 + rank)
-    logits = (torch.randn(tokens, width, generator=gen) * 2).to(dtype).requires_grad_()
-    targets = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(7))
+    logits = (torch.randn(tokens, width, generator=gen) * 2).to(dev, dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=torch.Generator().manual_seed(7)).to(dev)
     n_routed = int(round(routed_frac * tokens))
-    routed = torch.randperm(tokens, generator=torch.Generator().manual_seed(8))[:n_routed].sort().values
-    teacher = (torch.randn(n_routed, width, generator=gen) * 2).to(dtype)
+    routed = torch.randperm(tokens, generator=torch.Generator().manual_seed(8))[:n_routed].sort().values.to(dev)
+    teacher = (torch.randn(n_routed, width, generator=gen) * 2).to(dev, dtype)
 
     def run():
         logits.grad = None
@@ -88,6 +95,14 @@ def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, ch
         loss.backward()
         return loss
 
+    if measure == "memory" and cuda:
+        gc.collect()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        return {"peak_mem_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
     if measure == "memory":
         gc.collect()
         base = _kib("VmRSS")
@@ -99,8 +114,12 @@ def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, ch
         gc.collect()
         if tp > 1:
             dist.barrier(group=groups.tp)
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         run()
+        if cuda:
+            torch.cuda.synchronize()
         if i:  # the first timed run is a warm-up
             times.append(time.perf_counter() - t0)
     return {"time_s": statistics.median(times)}
@@ -117,6 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: automatic)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: gloo ranks, peak RSS (default); cuda: one GPU per rank, peak CUDA allocation")
     args = p.parse_args(argv)
     if not 0 <= args.routed_frac <= 1:
         print(f"error: --routed-frac must be in [0, 1], got {args.routed_frac}", file=sys.stderr)
@@ -129,7 +150,7 @@ def main(argv=None) -> int:
     from megatron_trace.parallel import run_on_ranks
 
     res = {"vocab": args.vocab, "tokens": args.tokens, "routed_frac": args.routed_frac, "tp": args.tp,
-           "dtype": args.dtype, "repeats": args.repeats}
+           "dtype": args.dtype, "repeats": args.repeats, "device": args.device}
     for v in variants:
         if not args.json:
             print(f"[bench] {v} ...", file=sys.stderr)
@@ -142,7 +163,7 @@ def main(argv=None) -> int:
             else:
                 os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
             out.update(run_on_ranks(_bench_rank, args.tp, v, args.vocab, args.tokens, args.routed_frac, args.tp,
-                                    args.dtype, args.repeats, args.chunk_size, measure)[0])
+                                    args.dtype, args.repeats, args.chunk_size, measure, args.device)[0])
         res[v] = {k: round(x, 4) for k, x in out.items()}
     if "megatron_ce" in res and "routed" in res:
         res["time_ratio_routed_vs_megatron_ce"] = round(res["routed"]["time_s"] / res["megatron_ce"]["time_s"], 3)

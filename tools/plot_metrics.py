@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--smooth", type=float, default=0.0, help="EMA factor in [0, 1); 0 = raw")
     args = p.parse_args(argv)
 
+    from megatron_trace.extras import MissingExtra
     from megatron_trace.observability.plots import plot_runs
 
     labels = args.labels.split(",") if args.labels else None
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(args.runs[0], "plots")
     try:
         manifest = plot_runs(args.runs, out, labels=labels, smooth=args.smooth)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, MissingExtra) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for f in manifest:

@@ -37,12 +37,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_trace.data.prepare import prepare_openthoughts
+    from megatron_trace.extras import MissingExtra
 
     try:
         report = prepare_openthoughts(args.source, args.out, max_train=args.max_train, num_val=args.val,
                                       seed=args.seed, workers=args.workers, timeout_s=args.timeout,
                                       progress=not args.no_progress)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, MissingExtra) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(report.to_dict()))

@@ -84,7 +84,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, object]]:
 
 
 def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
-    import pyarrow.parquet as pq
+    pq = _pyarrow_parquet(path)
 
     try:
         pf = pq.ParquetFile(path)
@@ -95,6 +95,12 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, object]]:
         for row in batch.to_pylist():
             yield f"{path} row {i}", row
             i += 1
+
+
+def _pyarrow_parquet(path: str):
+    from ..extras import require
+
+    return require("pyarrow.parquet", "data", f"--source {path} (parquet)")
 
 
 def _local_files(source: str) -> list[str]:
@@ -123,7 +129,7 @@ def iter_source_rows(source: str) -> tuple[Iterator[tuple[str, object]], int | N
         files = _local_files(source)
         total = None
         if all(f.endswith(".parquet") for f in files):
-            import pyarrow.parquet as pq
+            pq = _pyarrow_parquet(files[0])
 
             try:
                 total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -137,8 +143,9 @@ def iter_source_rows(source: str) -> tuple[Iterator[tuple[str, object]], int | N
         return gen(), total
     if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".parquet", ".json")):
         raise FileNotFoundError(f"--source {source} does not exist")
-    import datasets
+    from ..extras import require
 
+    datasets = require("datasets", "data", f"--source {source} (a hub dataset)")
     try:
         ds = datasets.load_dataset(source, HUB_CONFIG, split="train")
     except Exception as exc:  # noqa: BLE001 - offline, unknown name, no such configuration, ...

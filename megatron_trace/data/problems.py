@@ -1,9 +1,10 @@
 """Problem sets: loading, the benchmark registry, GPQA-Diamond, and prompt templates.
 
 A problem row is `{"problem": str, "answer": str, "solution": str | None}` plus whatever else
-the source carries. Training and eval sets load through `datasets` from local JSONL/parquet
-files, or from a hub name when the machine is online. Rows with a missing or empty answer are
-skipped, counted and reported with the file and row number.
+the source carries. Training and eval sets load from local JSONL/JSON files (plain `json`, as
+`datasets` would read them: one table whose columns are every key seen), or through `datasets`
+(the `data` extra) from parquet files and hub names when the machine is online. Rows with a
+missing or empty answer are skipped, counted and reported with the file and row number.
 """
 
 from __future__ import annotations
@@ -45,25 +46,98 @@ def _bundled(name: str) -> str:
     return str(resources.files("megatron_trace.data").joinpath("benchmarks", f"{name}.jsonl"))
 
 
+def _datasets(what: str):
+    from ..extras import require
+
+    datasets = require("datasets", "data", what)
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def _json_objects(path: str) -> list[dict]:
+    """The rows of a JSON Lines file (several objects on one line are several rows), or of a file
+    holding one JSON array of objects: what `datasets`' json loader accepts, with errors that name
+    the line."""
+    import json
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        dup = next((k for k in keys if keys.count(k) > 1), None)
+        if dup is not None:
+            raise ValueError(f"key {dup!r} appears twice")
+        return dict(pairs)
+
+    decoder = json.JSONDecoder(object_pairs_hook=no_duplicates)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        try:
+            data = decoder.decode(text)
+        except ValueError as exc:
+            raise ValueError(f"data source {path}: not valid JSON ({exc})") from None
+        where = [f"{path} item {i}" for i in range(len(data))] if isinstance(data, list) else []
+        objs = data if isinstance(data, list) else [data]
+    else:
+        objs, where = [], []
+        for n, line in enumerate(text.splitlines(), start=1):
+            pos, line = 0, line.strip()
+            while pos < len(line):
+                try:
+                    obj, end = decoder.raw_decode(line, pos)
+                except ValueError as exc:
+                    raise ValueError(f"data source {path} line {n}: not valid JSON ({exc})") from None
+                objs.append(obj)
+                where.append(f"{path} line {n}")
+                pos = end
+                while pos < len(line) and line[pos].isspace():
+                    pos += 1
+    for obj, w in zip(objs, where):
+        if not isinstance(obj, dict):
+            raise ValueError(f"data source {w}: a row must be a JSON object, not {type(obj).__name__}")
+    return objs
+
+
+def _json_table(path: str) -> tuple[list[str], list[dict]]:
+    """(columns, rows) of a .jsonl/.json file as one table: the columns are every key in the order
+    first seen, a row without a key holds None there, and a column whose values are all numbers
+    with at least one float holds floats (Arrow's typing, as `datasets` loaded these files)."""
+    objs = _json_objects(path)
+    columns: dict[str, None] = {}
+    for obj in objs:
+        columns.update(dict.fromkeys(obj))
+    rows = [{c: obj.get(c) for c in columns} for obj in objs]
+    for c in columns:
+        values = [r[c] for r in rows if r[c] is not None]
+        if values and all(type(v) in (int, float) for v in values) and any(type(v) is float for v in values):
+            for r in rows:
+                if type(r[c]) is int:
+                    r[c] = float(r[c])
+    return list(columns), rows
+
+
 def load_problems(source: str, *, split: str = "train", limit: int | None = None,
                   problem_key: str = "problem", answer_key: str = "answer") -> tuple[list[dict], LoadReport]:
-    """Rows with non-empty answers from a local .jsonl/.json/.parquet file or a hub dataset name."""
-    import datasets
-
-    datasets.disable_progress_bars()
+    """Rows with non-empty answers from a local .jsonl/.json/.parquet file or a hub dataset name
+    (parquet and hub names need the `data` extra)."""
     if os.path.exists(source):
         ext = os.path.splitext(source)[1].lower()
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(ext)
         if kind is None:
             raise ValueError(f"data source {source}: unsupported file type {ext!r} (use .jsonl, .json or .parquet)")
-        ds = datasets.load_dataset(kind, data_files=source, split="train")
+        if kind == "json":
+            column_names, ds = _json_table(source)
+        else:
+            ds = _datasets(f"data source {source} (parquet)").load_dataset("parquet", data_files=source,
+                                                                            split="train")
+            column_names = ds.column_names
     elif source.startswith((".", "/")) or source.endswith((".jsonl", ".json", ".parquet")):
         raise FileNotFoundError(f"data source {source} does not exist")
     else:
-        ds = datasets.load_dataset(source, split=split)  # hub name; needs network
+        ds = _datasets(f"data source {source} (a hub dataset)").load_dataset(source, split=split)  # needs network
+        column_names = ds.column_names
     for key in (problem_key, answer_key):
-        if key not in ds.column_names:
-            raise ValueError(f"data source {source}: no column {key!r} (columns: {ds.column_names})")
+        if key not in column_names:
+            raise ValueError(f"data source {source}: no column {key!r} (columns: {column_names})")
     report = LoadReport(source)
     rows = []
     for i, row in enumerate(ds):
@@ -89,7 +163,9 @@ def _peek_rows(path: str, num_rows: int) -> list:
     import json
 
     if path.lower().endswith(".parquet"):
-        import pyarrow.parquet as pq
+        from ..extras import require
+
+        pq = require("pyarrow.parquet", "data", f"data source {path} (parquet)")
 
         pf = pq.ParquetFile(path)
         if "solution" not in pf.schema_arrow.names:

@@ -58,8 +58,9 @@ def _series(rows: list[dict], key: str, smooth: float) -> tuple[list[int], list[
 
 
 def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = None, smooth: float = 0.0) -> dict:
-    import matplotlib
+    from ..extras import require
 
+    matplotlib = require("matplotlib", "plots", "plotting metrics")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
