@@ -1,7 +1,7 @@
 """NeMo-Run packagers that also put files into the job's folder: NeMo-Run calls a packager with
 the job folder once that folder exists and before the sbatch script is submitted, so the
 launchers ship each job's resolved config this way (`/nemo_run/<name>.yaml` inside the job;
-the job folder itself without a container). Imported lazily by launch/common.py (it imports
+the job folder itself without a container). Imported lazily by launch/jobs.py (it imports
 nemo_run)."""
 
 from __future__ import annotations

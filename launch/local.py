@@ -18,7 +18,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import plan_layout, repo_relative, resolve, train_task  # noqa: E402
+from common import resolve  # noqa: E402
+from jobs import repo_relative, train_task  # noqa: E402
+from layout import plan_layout  # noqa: E402
 
 
 def _visible_gpus(device: str) -> int:

@@ -32,18 +32,20 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    Job,
     absolute_env,
     add_cluster_flags,
     cluster_overrides,
+    prepare,
+    resolve,
+    split_mounts,
+)
+from jobs import (  # noqa: E402
+    Job,
     code_packager,
     describe,
-    prepare,
     render,
     report,
-    resolve,
     slurm_executor,
-    split_mounts,
     submit,
     wait,
 )

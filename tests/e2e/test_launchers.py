@@ -214,7 +214,7 @@ def test_relative_paths_and_mt_variables_resolve_on_the_submitting_side(tmp_path
 
 def test_plan_layout_counts_engines_by_placement_and_refuses_bad_sizes():
     sys.path.insert(0, os.path.join(REPO, "launch"))
-    from common import plan_layout
+    from layout import plan_layout
 
     recipe = os.path.join(REPO, "configs", "qwen3_8b_trace_fkl.yaml")
     remote = load_config(recipe, ["rollout.placement=remote", "rollout.remote.urls=[http://h1:30000,http://h2:30000]"])
