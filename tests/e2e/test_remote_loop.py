@@ -31,7 +31,7 @@ from megatron_trace.rollout import HFEngine, SamplingParams
 from megatron_trace.rollout.sglang import RemoteSGLangEngine
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sglang_fixture_server import start_fixture_servers, start_router, stop_processes  # noqa: E402
+from fixture_processes import start_fixture_servers, start_router, stop_processes  # noqa: E402
 
 pytestmark = pytest.mark.dist
 

@@ -23,7 +23,7 @@ from megatron_trace.rollout.base import sample_seed
 from megatron_trace.rollout.sglang import EngineRequestError, RemoteSGLangEngine, RemoteWeightGroup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sglang_fixture_server import start_fixture_servers, start_router, stop_processes  # noqa: E402
+from fixture_processes import start_fixture_servers, start_router, stop_processes  # noqa: E402
 
 pytestmark = pytest.mark.dist
 

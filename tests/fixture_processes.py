@@ -1,0 +1,136 @@
+"""TEST HELPERS: start and stop the processes the remote-rollout tests talk to, by PID.
+
+  start_fixture_servers(n, hf_dir) -> [(proc, url)]   n `tests/sglang_fixture_server.py` servers
+  start_router(worker_urls) -> (proc, url)            PyPI `sglang-router` in front of them
+  stop_processes(procs)                               SIGTERM, then SIGKILL what is left
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from sglang_fixture_server import READY  # the line the server prints once it serves
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+SERVER = os.path.join(HERE, "sglang_fixture_server.py")
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1"})
+    if "GLOO_SOCKET_IFNAME" not in env and os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # keep gloo's sockets on the loopback interface
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [x for x in env.get("PYTHONPATH", "").split(os.pathsep) if x])
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(k, None)
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+def _get_ok(url: str, timeout: float = 2.0) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as r:
+            return 200 <= r.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: str, n: int = 4000) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-n:]
+    except OSError:
+        return ""
+
+
+def start_fixture_servers(n: int, hf_dir: str, *, timeout_s: float = 120.0, log_dir: str | None = None):
+    """Start n fixture servers on 127.0.0.1 (free ports) and wait until each answers /health.
+    Returns [(proc, url)]; each proc has `.log_path`. Stops what it started if one fails."""
+    log_dir = log_dir or tempfile.mkdtemp(prefix="sglang_fixture_")
+    procs = []
+    try:
+        for i in range(n):
+            log_path = os.path.join(log_dir, f"server{i}.log")
+            with open(log_path, "wb") as log:
+                proc = subprocess.Popen([sys.executable, SERVER, "--model-path", hf_dir,
+                                         "--host", "127.0.0.1", "--port", "0"],
+                                        stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
+            proc.log_path = log_path
+            procs.append(proc)
+        out, deadline = [], time.monotonic() + timeout_s
+        for proc in procs:
+            url = None
+            while url is None:
+                for line in _tail(proc.log_path, 1 << 20).splitlines():
+                    if line.startswith(READY):
+                        url = line.split()[1]
+                if url is None:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"fixture server exited with {proc.returncode}:\n{_tail(proc.log_path)}")
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"fixture server not ready in {timeout_s} s:\n{_tail(proc.log_path)}")
+                    time.sleep(0.1)
+            while not _get_ok(url + "/health"):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{url}/health not OK in {timeout_s} s:\n{_tail(proc.log_path)}")
+                time.sleep(0.1)
+            out.append((proc, url))
+        return out
+    except BaseException:
+        stop_processes(procs)
+        raise
+
+
+def start_router(worker_urls, *, policy: str = "round_robin", timeout_s: float = 60.0, log_dir: str | None = None):
+    """PyPI `sglang-router` in front of worker_urls on 127.0.0.1 (a free port). Returns (proc, url)
+    once a worker is reachable through it; proc has `.log_path`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_dir = log_dir or tempfile.mkdtemp(prefix="sglang_router_")
+    log_path = os.path.join(log_dir, "router.log")
+    cmd = [sys.executable, "-c", "import sys; from sglang_router.cli import main; sys.argv[0] = 'sglang-router'; "
+           "sys.exit(main())", "launch", "--worker-urls", *worker_urls, "--host", "127.0.0.1", "--port", str(port),
+           "--policy", policy, "--log-level", "warn"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
+    proc.log_path = log_path
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not _get_ok(url + "/health"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"sglang-router exited with {proc.returncode}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"sglang-router not healthy in {timeout_s} s:\n{_tail(log_path)}")
+            time.sleep(0.2)
+    except BaseException:
+        stop_processes([proc])
+        raise
+    return proc, url
+
+
+def stop_processes(procs, timeout_s: float = 10.0) -> None:
+    """SIGTERM each process we started (by its PID), then SIGKILL the ones still alive."""
+    procs = [p[0] if isinstance(p, tuple) else p for p in procs]
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=5)
