@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from .base import Sample, SamplingParams
 
-__all__ = ["DispatchStats", "EngineFleet", "FleetEngine", "balance", "colocated_generate", "prompt_costs"]
+__all__ = ["DispatchStats", "DispatchingEngine", "EngineFleet", "FleetEngine", "balance", "colocated_generate",
+           "prompt_costs"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,18 @@ class DispatchStats:
     errors: list[str] = field(default_factory=list)  # one line per failed request
     prompts_per_engine: dict[str, int] = field(default_factory=dict)
     tokens_per_engine: dict[str, int] = field(default_factory=dict)  # response tokens generated
+
+    def add(self, other: DispatchStats) -> None:
+        """Add another call's figures to these (a running total over several calls)."""
+        self.requests += other.requests
+        self.retries += other.retries
+        self.failed += other.failed
+        self.dead_engines += other.dead_engines
+        self.errors += other.errors
+        for mine, theirs in ((self.prompts_per_engine, other.prompts_per_engine),
+                             (self.tokens_per_engine, other.tokens_per_engine)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
 
     def as_metrics(self) -> dict[str, float]:
         toks = list(self.tokens_per_engine.values())
@@ -288,13 +301,18 @@ def colocated_generate(engine, replica: int, num_replicas: int, prompts: Sequenc
     return results, stats
 
 
-class FleetEngine:
-    """An `EngineFleet` behind the single-engine `generate` (for eval and the self-annotator on
-    remote servers). Without per-prompt seeds they derive from `params.seed` and the prompt index."""
+class DispatchingEngine:
+    """The single-engine `generate` over a dispatcher (eval, the self-annotator): `_dispatch`
+    returns (samples per prompt or None, stats) for one call; a prompt that failed everywhere
+    fails the call. Without per-prompt seeds they derive from `params.seed` and the prompt index.
+    `stats` adds up every call's dispatch (`dispatch_metrics`)."""
 
-    def __init__(self, fleet: EngineFleet):
-        self.fleet = fleet
+    def __init__(self):
         self.weight_version = 0
+        self.stats = DispatchStats()
+
+    def _dispatch(self, prompts, params: SamplingParams, seeds: list[int]):
+        raise NotImplementedError
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Sample]:
@@ -302,11 +320,27 @@ class FleetEngine:
 
         if seeds is None:
             seeds = [prompt_seed(params.seed or 0, 0, i) for i in range(len(prompts))]
-        results, stats = self.fleet.generate(prompts, params, seeds)
+        results, stats = self._dispatch(prompts, params, list(seeds))
+        self.stats.add(stats)
         if stats.failed:
             raise RuntimeError(f"{len(stats.failed)} of {len(prompts)} prompts failed on every engine: "
                                + "; ".join(stats.errors[-3:]))
         return [s for r in results for s in r]
+
+    def dispatch_metrics(self) -> dict[str, float]:
+        return self.stats.as_metrics()
+
+
+class FleetEngine(DispatchingEngine):
+    """An `EngineFleet` behind the single-engine `generate` (for eval and the self-annotator on
+    remote servers)."""
+
+    def __init__(self, fleet: EngineFleet):
+        super().__init__()
+        self.fleet = fleet
+
+    def _dispatch(self, prompts, params, seeds):
+        return self.fleet.generate(prompts, params, seeds)
 
     def shutdown(self) -> None:
         for e in self.fleet.engines:

@@ -39,7 +39,14 @@ import torch
 from ..parallel import ParallelGroups
 from ..parallel.host import HostGroups
 from ..rollout.base import RolloutGroup, SamplingParams, rollout_stats
-from ..rollout.dispatch import DispatchStats, EngineFleet, balance, colocated_generate
+from ..rollout.dispatch import (
+    DispatchingEngine,
+    DispatchStats,
+    EngineFleet,
+    FleetEngine,
+    balance,
+    colocated_generate,
+)
 
 __all__ = ["Generation"]
 
@@ -168,8 +175,6 @@ class Generation:
 
     def _rank0_engine(self):
         if self.fleet is not None:
-            from ..rollout.dispatch import FleetEngine
-
             return FleetEngine(self.fleet)
         return self.engine
 
@@ -309,35 +314,16 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-class _CollectiveEngine:
+class _CollectiveEngine(DispatchingEngine):
     """Rank 0's engine in `Generation.drive` with colocated engines: each `generate` is sent to
-    every rank and spread over every replica's engine. `stats` adds up the dispatch of all calls."""
+    every rank and spread over every replica's engine."""
 
     def __init__(self, gen: Generation):
+        super().__init__()
         self.gen = gen
         self.weight_version = gen.engine.weight_version if gen.engine is not None else 0
-        self.stats = DispatchStats()
 
-    def generate(self, prompts, params: SamplingParams, seeds=None) -> list:
-        from ..rollout.base import prompt_seed
-
-        if seeds is None:
-            seeds = [prompt_seed(params.seed or 0, 0, i) for i in range(len(prompts))]
-        prompts, seeds = [list(p) for p in prompts], list(seeds)
+    def _dispatch(self, prompts, params, seeds):
+        prompts = [list(p) for p in prompts]
         self.gen.broadcast(("generate", prompts, params, seeds))
-        results, stats = self.gen._colocated(prompts, params, seeds)
-        s = self.stats
-        s.requests += stats.requests
-        s.retries += stats.retries
-        s.errors += stats.errors
-        for k, v in stats.prompts_per_engine.items():
-            s.prompts_per_engine[k] = s.prompts_per_engine.get(k, 0) + v
-        for k, v in stats.tokens_per_engine.items():
-            s.tokens_per_engine[k] = s.tokens_per_engine.get(k, 0) + v
-        if stats.failed:
-            raise RuntimeError(f"{len(stats.failed)} of {len(prompts)} prompts failed on every engine: "
-                               + "; ".join(stats.errors[-3:]))
-        return [x for r in results for x in r]
-
-    def dispatch_metrics(self) -> dict[str, float]:
-        return self.stats.as_metrics()
+        return self.gen._colocated(prompts, params, seeds)

@@ -140,9 +140,7 @@ class RemoteWeightGroup:
     def begin_sync(self) -> None:
         """Before the first bucket: every server aborts the requests it still runs, so that none
         holds its model-update lock while rank 0 waits in the broadcast."""
-        with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="wgroup-abort") as pool:
-            futs = [pool.submit(e.begin_sync) for e in self.engines]
-            _wait_all(futs, self.engines, "/abort_request")
+        self._on_every_server("begin_sync", "/abort_request")
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         n = self.push(named_tensors)
@@ -152,10 +150,14 @@ class RemoteWeightGroup:
 
     def finish_sync(self, version: int) -> None:
         """After the last bucket: flush every server's cache and set its weight version."""
-        with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix="wgroup-finish") as pool:
-            futs = [pool.submit(e.finish_sync, version) for e in self.engines]
-            _wait_all(futs, self.engines, "/flush_cache + /update_weight_version")
+        self._on_every_server("finish_sync", "/flush_cache + /update_weight_version", version)
         self._set_version(version)
+
+    def _on_every_server(self, method: str, endpoint: str, *args) -> None:
+        """engine.method(*args) on every server at once; raises naming every server that failed."""
+        with ThreadPoolExecutor(max_workers=len(self.engines), thread_name_prefix=f"wgroup-{method}") as pool:
+            futs = [pool.submit(getattr(e, method), *args) for e in self.engines]
+            _wait_all(futs, self.engines, endpoint)
 
     def _set_version(self, version: int) -> None:
         self.weight_version = version
