@@ -232,7 +232,8 @@ class Generation:
     # ------------------------------------------------------------------ weights
 
     def _target(self):
-        """(does this rank's replica sync, this rank's engine or weight group or None)."""
+        """(does this rank's replica sync, this rank's engine or weight group or None). Remote:
+        the weight group as it stands (`sync` rebuilds it first when a server died)."""
         if self.placement == "colocated":
             return True, self.engine
         if self.groups.dp_rank != 0:  # the other replicas have no engine to feed
@@ -240,8 +241,6 @@ class Generation:
         if self.placement == "remote":
             if not self.remote_weight_sync:  # every rank knows it from the config
                 return False, None
-            if _rank() == 0:
-                self._drop_dead_servers()
             return True, self.sync_target if _rank() == 0 else None
         return True, self.engine if _rank() == 0 else None
 
@@ -250,6 +249,8 @@ class Generation:
         servers (remote) or into rank 0's engine (rank0)."""
         from ..sync import PerRankSync, sync_weights
 
+        if self.placement == "remote" and self.remote_weight_sync and _rank() == 0:
+            self._drop_dead_servers()
         syncs, target = self._target()
         if not syncs:
             return {}
