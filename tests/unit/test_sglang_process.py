@@ -132,26 +132,34 @@ def test_engine_shutdown_and_sigquit_stop_only_the_engines_processes(tmp_path, m
             _kill(p)
 
 
-def test_rank_env_is_set_before_the_process_group(monkeypatch):
-    """initialize() sets the same NCCL/CUDA settings on every rank before init_process_group (the
-    engine owner must not be the only rank with SGLang's values)."""
-    import torch.distributed as dist
-
+def _initialize_until_the_group(names):
+    """In a fresh process (CPU mode stays on for a process's life): the settings initialize()
+    has made when it reaches init_process_group."""
     from megatron_trace.parallel import state
 
-    for k in RANK_ENV:
-        monkeypatch.delenv(k, raising=False)
+    for k in names:
+        os.environ.pop(k, None)
     seen = {}
 
     def fake_init(*args, **kwargs):
-        seen.update({k: os.environ.get(k) for k in RANK_ENV})
+        seen.update({k: os.environ.get(k) for k in names})
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(state, "_init_process_group", fake_init)
-    if dist.is_initialized():
-        pytest.skip("a process group already exists in this process")
-    with pytest.raises(RuntimeError, match="stop here"):
+    state._init_process_group = fake_init
+    try:
         state.initialize(device="cpu")
+    except RuntimeError as exc:
+        assert "stop here" in str(exc)
+    os.environ["NCCL_NVLS_ENABLE"] = "1"  # a value the launcher exported is kept
+    return seen, set_process_env(use_cuda=False)
+
+
+def test_rank_env_is_set_before_the_process_group():
+    """initialize() sets the same NCCL/CUDA settings on every rank before init_process_group (the
+    engine owner must not be the only rank with SGLang's values)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        seen, kept = pool.apply(_initialize_until_the_group, (list(RANK_ENV),))
     assert seen["NCCL_CUMEM_ENABLE"] == "0" and seen["NCCL_NVLS_ENABLE"] == "0"
-    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # a value the launcher exported is kept
-    assert set_process_env(use_cuda=False) == {"NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "1"}
+    assert kept == {"NCCL_CUMEM_ENABLE": "0", "NCCL_NVLS_ENABLE": "1"}
