@@ -45,9 +45,13 @@ class RolloutConfig:
     max_retries: int = 2  # a failed request is retried on another engine this many times, then counted
     request_timeout_s: float = 1800.0  # one generate request (remote); a slower one counts as failed
     chunk_prompts: int = 0  # remote: prompts per request (0 = split evenly over the live servers)
-    # hf engine: prompts per forward batch. 1 = a prompt's samples are bit-identical on any number
-    # of engines; more is faster on CPU (tokens still identical, log-probs to ~1e-6)
-    hf_batch_prompts: int = 1
+    # hf engine: prompts per forward batch, or auto (as few batches as hf_max_batch_tokens allows,
+    # shortest prompts first). Samples do not depend on it (per-row counter-based sampling): the
+    # same tokens, log-probs to float rounding (~1e-7).
+    hf_batch_prompts: int | str = "auto"
+    # hf engine, auto batches: the most rows x (longest prompt + max_new_tokens) per batch, which
+    # is what its KV cache holds (2 x layers x kv_heads x head_dim x dtype bytes per position).
+    hf_max_batch_tokens: int = 32768
     # After every weight sync (once the engine's KV cache is back), probe every engine against the
     # actor and raise above verify_sync_tol: the max |logit| gap (hf engine) or |log-prob| gap of
     # greedy samples (SGLang). The default is bf16-scale; a lost or mis-mapped tensor gives whole
@@ -70,7 +74,12 @@ class RolloutConfig:
         _check(self.max_retries >= 0, "rollout.max_retries", self.max_retries, "an integer >= 0")
         _check(self.request_timeout_s > 0, "rollout.request_timeout_s", self.request_timeout_s, "a float > 0")
         _check(self.chunk_prompts >= 0, "rollout.chunk_prompts", self.chunk_prompts, "an integer >= 0")
-        _check(self.hf_batch_prompts >= 1, "rollout.hf_batch_prompts", self.hf_batch_prompts, "an integer >= 1")
+        if isinstance(self.hf_batch_prompts, str) and self.hf_batch_prompts.strip().isdigit():
+            self.hf_batch_prompts = int(self.hf_batch_prompts)  # a command-line override arrives as text
+        _check(self.hf_batch_prompts == "auto" or (isinstance(self.hf_batch_prompts, int) and self.hf_batch_prompts >= 1),
+               "rollout.hf_batch_prompts", self.hf_batch_prompts, "auto or an integer >= 1")
+        _check(self.hf_max_batch_tokens >= 1, "rollout.hf_max_batch_tokens", self.hf_max_batch_tokens,
+               "an integer >= 1")
         _check(self.verify_sync_tol > 0, "rollout.verify_sync_tol", self.verify_sync_tol, "a float > 0")
         _check(self.placement != "remote" or bool(self.remote.urls or self.remote.router_url),
                "rollout.remote.urls", list(self.remote.urls),

@@ -60,7 +60,8 @@ def _engines(cfg, hf_dir: str, tokenizer):
             dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
             engines.append(HFEngine(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype), tokenizer,
                                     eos_token_ids=[tokenizer.eos_token_id], device=f"cuda:{i}" if on_gpu else "cpu",
-                                    batch_prompts=cfg.rollout.hf_batch_prompts))
+                                    batch_prompts=cfg.rollout.hf_batch_prompts,
+                    max_batch_tokens=cfg.rollout.hf_max_batch_tokens))
     if not on_gpu and dp > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp))
     return FleetEngine(EngineFleet(engines, [f"engine{i}" for i in range(dp)], max_retries=cfg.rollout.max_retries))

@@ -193,7 +193,8 @@ def _build_engine(cfg: Config, hf_model, dtype, tokenizer, groups: ParallelGroup
 
             hf_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**read_meta(cfg.model.ckpt)["hf_config"]))
     return HFEngine(hf_model, tokenizer, eos_token_ids=[tokenizer.eos_token_id], device=groups.device,
-                    batch_prompts=cfg.rollout.hf_batch_prompts)
+                    batch_prompts=cfg.rollout.hf_batch_prompts,
+                    max_batch_tokens=cfg.rollout.hf_max_batch_tokens)
 
 
 def _build_remote(cfg: Config, groups: ParallelGroups):

@@ -57,7 +57,8 @@ def loopback_gloo(monkeypatch):
 
 
 def _local(hf_dir: str) -> HFEngine:
-    return HFEngine.from_pretrained(hf_dir, device="cpu", dtype=torch.float32)
+    # one prompt per batch, as the fixture server batches: then bit-identical, not only to rounding
+    return HFEngine.from_pretrained(hf_dir, device="cpu", dtype=torch.float32, batch_prompts=1)
 
 
 def _same(got, ref) -> None:
@@ -99,7 +100,7 @@ def test_weight_broadcast_reaches_both_servers(servers, hf_dirs, one_thread, loo
 
     new_model = make_random_hf_model(QWEN3_SIZES["tiny"], seed=4242)
     new_params = [(n, p.detach().clone()) for n, p in new_model.named_parameters()]
-    new_local = HFEngine(new_model, device="cpu")
+    new_local = HFEngine(new_model, device="cpu", batch_prompts=1)
     old_local = _local(hf_dirs["tied"])
     old_params = [(n, p.detach().clone()) for n, p in old_local.model.named_parameters()]
     ref_new = new_local.generate(PROMPTS, PARAMS, seeds=SEEDS)

@@ -51,6 +51,9 @@ def test_defaults_follow_the_paper():
     ("optim.lr_decay=step", ["'optim.lr_decay'", "'step'", "cosine"]),
     ("sft.privileged_frac=2", ["'sft.privileged_frac'", "2.0", "[0, 1]"]),
     ("teacher.probe_tokens=-2", ["'teacher.probe_tokens'", "-2", ">= 0"]),
+    ("rollout.hf_batch_prompts=0", ["'rollout.hf_batch_prompts'", "value 0", "auto or an integer >= 1"]),
+    ("rollout.hf_batch_prompts=most", ["'rollout.hf_batch_prompts'", "'most'", "auto"]),
+    ("rollout.hf_max_batch_tokens=0", ["'rollout.hf_max_batch_tokens'", "value 0", "integer >= 1"]),
 ])
 def test_bad_values_name_key_value_and_allowed(override, needles):
     with pytest.raises(ConfigError) as err:

@@ -37,8 +37,17 @@ def _engines(model, k):
     return [HFEngine(copy.deepcopy(model), eos_token_ids=[]) for _ in range(k)]
 
 
-def _tokens(results):
-    return [[(s.token_ids, s.logprobs) for s in r] for r in results]
+def _ids(results):
+    return [[s.token_ids for s in r] for r in results]
+
+
+def _lp_gap(a, b):
+    return max(abs(x - y) for ra, rb in zip(a, b) for sa, sb in zip(ra, rb) for x, y in zip(sa.logprobs, sb.logprobs))
+
+
+def _same(a, b):
+    """The same samples: tokens equal, log-probs to float rounding (batches differ between engines)."""
+    return _ids(a) == _ids(b) and _lp_gap(a, b) <= 1e-6
 
 
 @given(st.lists(st.floats(0.0, 100.0), max_size=40), st.integers(1, 6))
@@ -62,20 +71,17 @@ def test_samples_do_not_depend_on_engine_count_or_chunking(model):
     one, s1 = EngineFleet(_engines(model, 1)).generate(prompts, PARAMS, seeds)
     two, s2 = EngineFleet(_engines(model, 2)).generate(prompts, PARAMS, seeds)
     three, _ = EngineFleet(_engines(model, 3), chunk_prompts=2).generate(prompts, PARAMS, seeds)
-    assert _tokens(one) == _tokens(two) == _tokens(three)  # bit-identical tokens and log-probs
+    # the same tokens; log-probs to float rounding (each engine batches what it was given)
+    assert _ids(one) == _ids(two) == _ids(three)
+    assert _lp_gap(one, two) <= 1e-6 and _lp_gap(one, three) <= 1e-6
     assert s1.failed == s2.failed == [] and s2.requests == 2
     assert all(v > 0 for v in s2.prompts_per_engine.values())  # both engines worked
     # prompt order: a prompt's samples equal a direct call on that prompt alone
     direct = HFEngine(model, eos_token_ids=[]).generate([prompts[4]], PARAMS, [seeds[4]])
     assert [s.token_ids for s in two[4]] == [s.token_ids for s in direct]
-    # batching several prompts per forward (rollout.hf_batch_prompts): the same tokens, log-probs to ~1e-6
-    fast = HFEngine(model, eos_token_ids=[], batch_prompts=4).generate(prompts, PARAMS, seeds)
-    flat = [s for r in one for s in r]
-    assert [s.token_ids for s in fast] == [s.token_ids for s in flat]
-    assert max(abs(a - b) for x, y in zip(fast, flat) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
     # and the per-prompt seed matters
     other, _ = EngineFleet(_engines(model, 1)).generate(prompts, PARAMS, _seeds(len(prompts), step=4))
-    assert _tokens(other) != _tokens(one)
+    assert _ids(other) != _ids(one)
 
 
 def test_colocated_rounds_match_the_fleet(model):
@@ -110,7 +116,7 @@ def test_colocated_rounds_match_the_fleet(model):
         for t in ts:
             t.join()
         (res0, st0), (res1, st1) = outs
-        assert _tokens(res0) == _tokens(res1) == _tokens(ref)
+        assert _same(res0, ref) and _same(res1, ref)
         assert st0.failed == []
         if isinstance(engines[0], Broken):
             assert st0.retries > 0 and "out of memory" in st0.errors[0] and st0.prompts_per_engine["replica0"] == 0
@@ -138,7 +144,7 @@ def test_failed_request_is_retried_elsewhere_and_dead_engines_leave(model, caplo
     dead = Flaky(_engines(model, 1)[0], fail=10**9, healthy=False)
     fleet = EngineFleet([dead, _engines(model, 1)[0]], ["dead", "ok"])
     res, stats = fleet.generate(prompts, PARAMS, seeds)
-    assert _tokens(res) == _tokens(ref) and stats.failed == []
+    assert _same(res, ref) and stats.failed == []
     assert stats.dead_engines == ["dead"] and fleet.live == [1] and stats.retries >= 1
     assert "taken out of rotation" in caplog.text
     # the dead engine gets nothing on the next call

@@ -1,13 +1,20 @@
-"""The transformers rollout engine: seeds, n, stop handling, finish reasons, log-probs, weights."""
+"""The transformers rollout engine: seeds, n, stop handling, finish reasons, log-probs, weights, and
+its batching: batch-size and engine-count invariance, auto batches, compaction, shared prefill."""
 
+import copy
 import dataclasses
+import random
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_trace.models.hf_io import make_random_hf_model
 from megatron_trace.models.qwen3 import QWEN3_SIZES
-from megatron_trace.rollout import HFEngine, RolloutEngine, SamplingParams, sample_groups
+from megatron_trace.rollout import HFEngine, RolloutEngine, SamplingParams, prompt_seed, sample_groups
+from megatron_trace.rollout.dispatch import EngineFleet
+from megatron_trace.rollout.hf import plan_batches
 from megatron_trace.tasks.tokenizer import build_char_tokenizer
 
 ARCH = QWEN3_SIZES["tiny"]
@@ -110,3 +117,117 @@ def test_sleep_wake(engine):
         engine.generate(PROMPTS, SamplingParams(max_new_tokens=1))
     engine.wake()
     assert len(engine.generate(PROMPTS, SamplingParams(max_new_tokens=1))) == 2
+
+
+# ---------------------------------------------------------------------------- batching (issue 22)
+
+def _rand_prompts(k, seed=0, lo=2, hi=12):
+    rng = random.Random(seed)
+    return [[rng.randrange(1, ARCH.vocab_size) for _ in range(rng.randint(lo, hi))] for _ in range(k)]
+
+
+def _max_lp_gap(a, b):
+    return max(abs(x - y) for s, t in zip(a, b) for x, y in zip(s.logprobs, t.logprobs))
+
+
+def test_samples_do_not_depend_on_batch_size_or_engine_count(model):
+    """Per-row counter-based sampling: the same seeds give the same tokens, and log-probs within
+    1e-6, in batches of 1, 7 or 64 prompts, auto batches, and spread over 1 or 2 engines."""
+    prompts = _rand_prompts(64)
+    seeds = [prompt_seed(99, 1, uid) for uid in range(64)]
+    p = SamplingParams(n=2, temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=6)
+    ref = HFEngine(model, eos_token_ids=[], batch_prompts=1).generate(prompts, p, seeds)
+    runs = {k: HFEngine(model, eos_token_ids=[], batch_prompts=k).generate(prompts, p, seeds) for k in (7, 64, "auto")}
+    for k, n_eng in (("auto", 1), (7, 2), ("auto", 2)):
+        fleet = EngineFleet([HFEngine(copy.deepcopy(model), eos_token_ids=[], batch_prompts=k) for _ in range(n_eng)])
+        groups, stats = fleet.generate(prompts, p, seeds)
+        assert stats.failed == [] and (n_eng == 1 or len(stats.prompts_per_engine) == 2)
+        runs[f"fleet{n_eng}x{k}"] = [s for g in groups for s in g]
+    for name, got in runs.items():
+        assert [s.token_ids for s in got] == [s.token_ids for s in ref], name
+        assert _max_lp_gap(got, ref) <= 1e-6, name
+    # and the seeds matter
+    other = HFEngine(model, eos_token_ids=[]).generate(prompts, p, [s + 1 for s in seeds])
+    assert [s.token_ids for s in other] != [s.token_ids for s in ref]
+
+
+def _forward_batch_sizes(engine):
+    """Record the batch size of every forward the engine runs (its model must be its own)."""
+    sizes = []
+    forward = engine.model.forward
+
+    def spy(*args, **kwargs):
+        if "input_ids" in kwargs:  # the engine's calls (a test's own recomputation passes it positionally)
+            sizes.append(kwargs["input_ids"].shape[0])
+        return forward(*args, **kwargs)
+
+    engine.model.forward = spy
+    return sizes
+
+
+def test_finished_rows_leave_the_batch_with_identical_outputs():
+    m = make_random_hf_model(ARCH, seed=8)
+    prompts = _rand_prompts(12, seed=3, lo=2, hi=20)  # uneven left padding, so compaction also trims columns
+    seeds = [prompt_seed(5, 0, uid) for uid in range(12)]
+    stops = tuple(range(1, 1000, 9))  # ~11% of the vocabulary ends a row: rows stop at many lengths
+    p = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, stop_token_ids=stops)
+    compact = HFEngine(m, eos_token_ids=[])
+    sizes = _forward_batch_sizes(compact)
+    got = compact.generate(prompts, p, seeds)
+    m2 = make_random_hf_model(ARCH, seed=8)
+    keep = HFEngine(m2, eos_token_ids=[], compact=False)
+    sizes_keep = _forward_batch_sizes(keep)
+    want = keep.generate(prompts, p, seeds)
+    assert [s.token_ids for s in got] == [s.token_ids for s in want]
+    assert [s.finish_reason for s in got] == [s.finish_reason for s in want]
+    assert _max_lp_gap(got, want) <= 1e-6
+    reasons = {s.finish_reason for s in got}
+    assert reasons == {"stop", "length"} and len({len(s.token_ids) for s in got}) > 5
+    # prefill once per distinct prompt, then 48 rows; compaction shrinks the batch step by step
+    assert sizes[0] == sizes_keep[0] == 12 and sizes[1] == sizes_keep[1] == 48
+    assert set(sizes_keep[1:]) == {48} and sizes[-1] < 24 and sizes == sorted(sizes[:1]) + sorted(sizes[1:], reverse=True)
+    for s in got:  # every row's log-probs still match a recomputation from scratch
+        prompt = prompts[got.index(s) // 4]
+        assert max(abs(x - y) for x, y in zip(_recomputed_logprobs(m, prompt, s.token_ids), s.logprobs)) <= 1e-4
+
+
+def test_auto_batches_follow_the_token_budget(model):
+    prompts = _rand_prompts(10, seed=4, lo=3, hi=15)
+    p = SamplingParams(n=3, temperature=1.0, max_new_tokens=5, seed=2)
+    eng = HFEngine(copy.deepcopy(model), eos_token_ids=[], max_batch_tokens=60)
+    sizes = _forward_batch_sizes(eng)
+    small = eng.generate(prompts, p)
+    one = HFEngine(model, eos_token_ids=[]).generate(prompts, p)  # the default budget: one batch
+    assert [s.token_ids for s in small] == [s.token_ids for s in one] and _max_lp_gap(small, one) <= 1e-6
+    decode_rows = [b for i, b in enumerate(sizes) if i % 5 != 0]  # 5 forwards per batch, the first a prefill
+    shortest = min(len(q) for q in prompts)
+    assert len(sizes) > 5 and max(decode_rows) * (shortest + 5) <= 60  # rows x (prompt + response) within it
+
+
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=40), st.integers(1, 30), st.integers(1, 400))
+@settings(max_examples=200, deadline=None)
+def test_plan_batches_is_a_partition_within_budget(lengths, max_new, budget):
+    batches = plan_batches(lengths, max_new, budget)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        longest = max(lengths[i] for i in b)
+        assert len(b) == 1 or len(b) * (longest + max_new) <= budget
+    fixed = plan_batches(lengths, max_new, budget, rows_per_batch=3)
+    assert [i for b in fixed for i in b] == list(range(len(lengths))) and all(len(b) <= 3 for b in fixed)
+
+
+def test_legacy_loop_is_kept_for_the_benchmark_only(model):
+    p = SamplingParams(n=2, temperature=0.0, max_new_tokens=5)
+    old = HFEngine(model, eos_token_ids=[], batch_prompts=2, _legacy_sampler=True).generate(PROMPTS, p)
+    new = HFEngine(model, eos_token_ids=[]).generate(PROMPTS, p)
+    assert [s.token_ids for s in old] == [s.token_ids for s in new]  # greedy: the same model, the same tokens
+    with pytest.raises(ValueError, match="integer batch_prompts"):
+        HFEngine(model, _legacy_sampler=True)
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"batch_prompts": 0}, "rollout.hf_batch_prompts"),
+                                            ({"batch_prompts": "many"}, "'many'"),
+                                            ({"max_batch_tokens": 0}, "rollout.hf_max_batch_tokens")])
+def test_bad_batch_settings_name_the_key(model, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        HFEngine(model, **kwargs)
