@@ -163,11 +163,19 @@ def _comparable(m):
     return {k: v for k, v in m.items() if not any(s in k for s in LAYOUT_KEYS)}
 
 
+# The engine-vs-trainer log-prob gaps (about 1e-7) depend on the engines' last bits: the
+# colocated engine's model (built from a config, then synced) and a server's (loaded from disk)
+# hold equal weights, yet the prefill's last-position head (`logits_to_keep=1`) rounds a few
+# logits differently between them (measured: without logits_to_keep they agree bit for bit).
+ENGINE_BITS = ("mismatch/",)
+
+
 def _same_metrics(a, b, step, exact=True):
     a, b = _comparable(a), _comparable(b)
     assert set(a) == set(b), (step, set(a) ^ set(b))
-    tol = dict(rel_tol=0.0, abs_tol=0.0) if exact else dict(rel_tol=1e-6, abs_tol=1e-7)
     for k in b:
+        loose = not exact or k.startswith(ENGINE_BITS)
+        tol = dict(rel_tol=1e-6, abs_tol=1e-7) if loose else dict(rel_tol=0.0, abs_tol=0.0)
         same = (math.isnan(a[k]) and math.isnan(b[k])) or math.isclose(a[k], b[k], **tol)
         assert same, (step, k, a[k], b[k])
 
@@ -225,7 +233,8 @@ def runs(fixture_servers, tmp_path_factory):
         router, router_url = start_router(urls)
     except ImportError:
         pass
-    plan = [("colocated", [], None, []), ("remote", _remote(urls), None, urls)]
+    # The colocated engine batches one prompt's n rows at a time, as the fixture server does.
+    plan = [("colocated", ["rollout.hf_batch_prompts=1"], None, []), ("remote", _remote(urls), None, urls)]
     if router_url:
         plan.append(("router", _remote(urls, router_url), None, urls))
     plan.append(("kill", _remote(urls), (url0, proc0.pid), urls[1:]))
