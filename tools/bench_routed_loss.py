@@ -21,23 +21,11 @@ exist, and each timed run is bracketed by torch.cuda.synchronize().
 
 import argparse
 import json
-import os
-import re
 import statistics
 import sys
 import time
 
 VARIANTS = ("megatron_ce", "routed", "naive")
-
-
-def _kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, chunk_size, measure, device="cpu"):
@@ -104,11 +92,9 @@ def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, ch
         torch.cuda.synchronize()
         return {"peak_mem_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
     if measure == "memory":
-        gc.collect()
-        base = _kib("VmRSS")
-        _reset_peak()
-        run()
-        return {"peak_mem_mib": (_kib("VmHWM") - base) / 1024}
+        from megatron_trace.observability.membench import peak_rss_rise
+
+        return {"peak_mem_mib": peak_rss_rise(run)}
     times = []
     for i in range(repeats + 1):
         gc.collect()
@@ -147,24 +133,13 @@ def main(argv=None) -> int:
         print(f"error: unknown --variants {bad}; choose from {VARIANTS}", file=sys.stderr)
         return 2
 
-    from megatron_trace.parallel import run_on_ranks
+    from megatron_trace.observability.membench import measure_variants
 
     res = {"vocab": args.vocab, "tokens": args.tokens, "routed_frac": args.routed_frac, "tp": args.tp,
            "dtype": args.dtype, "repeats": args.repeats, "device": args.device}
-    for v in variants:
-        if not args.json:
-            print(f"[bench] {v} ...", file=sys.stderr)
-        out = {}
-        for measure in ("memory", "time"):
-            # Memory runs pin glibc's mmap threshold so that freed tensors leave RSS (otherwise
-            # peak-RSS deltas undercount); timing runs use the default allocator, as training does.
-            if measure == "memory":
-                os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-            else:
-                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-            out.update(run_on_ranks(_bench_rank, args.tp, v, args.vocab, args.tokens, args.routed_frac, args.tp,
-                                    args.dtype, args.repeats, args.chunk_size, measure, args.device)[0])
-        res[v] = {k: round(x, 4) for k, x in out.items()}
+    res.update(measure_variants(_bench_rank, args.tp, variants, lambda measure: (
+        args.vocab, args.tokens, args.routed_frac, args.tp, args.dtype, args.repeats, args.chunk_size, measure,
+        args.device), quiet=args.json))
     if "megatron_ce" in res and "routed" in res:
         res["time_ratio_routed_vs_megatron_ce"] = round(res["routed"]["time_s"] / res["megatron_ce"]["time_s"], 3)
         res["mem_ratio_routed_vs_megatron_ce"] = round(

@@ -135,20 +135,30 @@ class _LogProbEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for a, b in _chunks(logits.shape[0], shard.width, chunk_size):
             logq = shard.scaled(logits[a:b], temperature, cdt).sub_(m_all[a:b, None]).sub_(lse_all[a:b, None])
-            q = torch.exp(logq)
-            if entropy_grad:
-                # dH/dz = -q (log q + H); 0 * -inf at masked entries is NaN and means 0.
-                t = logq.add_(entropy[a:b, None]).mul_(q).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-                gz = q.mul_(-g_lp[a:b, None].to(cdt)).sub_(t.mul_(g_h[a:b, None].to(cdt)))
-            else:
-                gz = q.mul_(-g_lp[a:b, None].to(cdt))  # -g * q, reusing q's buffer
-            local = targets[a:b] - shard.start
-            rows = torch.nonzero((local >= 0) & (local < shard.width))[:, 0]
-            gz[rows, local[rows]] += g_lp[a:b][rows].to(cdt)
+            gz = logprob_entropy_grad(logq, targets[a:b], shard.start, g_lp[a:b],
+                                      g_h[a:b] if entropy_grad else None, entropy[a:b])
             if temperature != 1.0:
                 gz.div_(temperature)
             grad[a:b] = gz
         return grad, None, None, None, None, None, None
+
+
+def logprob_entropy_grad(logq: torch.Tensor, targets: torch.Tensor, start: int, g_lp: torch.Tensor,
+                         g_h: torch.Tensor | None, entropy: torch.Tensor) -> torch.Tensor:
+    """d(g_lp * log q_y + g_h * H)/dz of one `[c, V]` chunk (logq: log-softmax of the scaled
+    logits, consumed as the buffer), before the 1/temperature factor. start: the shard's first id."""
+    cdt = logq.dtype
+    q = torch.exp(logq)
+    if g_h is not None:
+        # dH/dz = -q (log q + H); 0 * -inf at masked entries is NaN and means 0.
+        t = logq.add_(entropy[:, None]).mul_(q).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        gz = q.mul_(-g_lp[:, None].to(cdt)).sub_(t.mul_(g_h[:, None].to(cdt)))
+    else:
+        gz = q.mul_(-g_lp[:, None].to(cdt))  # -g * q, reusing q's buffer
+    local = targets - start
+    rows = torch.nonzero((local >= 0) & (local < logq.shape[-1]))[:, 0]
+    gz[rows, local[rows]] += g_lp[rows].to(cdt)
+    return gz
 
 
 def token_logprob_and_entropy(
@@ -214,6 +224,33 @@ def _over(d: torch.Tensor, clip: float, mode: str) -> torch.Tensor:
     return d > clip if mode == "upper" else d.abs() > clip
 
 
+def divergence_from_logsoftmax(logq: torch.Tensor, logp: torch.Tensor, kind: str, entry_clip: float | None,
+                               mode: str, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token (D, aux, clipped-entry count) of one chunk from vocab-sharded log-softmaxes
+    `[c, V]`, with the per-entry clip: one SUM all-reduce (two in grad mode, for the count)."""
+    cdt = logq.dtype
+    d, w = _divergence_terms(logq, logp, kind)
+    if entry_clip is None or mode == "grad":
+        over = torch.zeros_like(d, dtype=torch.bool)
+    else:
+        over = _over(d, entry_clip, mode)
+    d_kept = torch.where(over, 0.0, d)
+    if kind == "forward":
+        aux = torch.where(over, 0.0, w).sum(-1)  # P_U
+    else:
+        aux = torch.nansum(d_kept, -1) + torch.where(over, 0.0, w).sum(-1)  # B
+    n_over = over.sum(-1).to(cdt)
+    # clipped entries count +clip (from above) or -clip (from below, abs mode)
+    clip_total = (torch.where(over & (d > 0), 1.0, 0.0) - torch.where(over & (d < 0), 1.0, 0.0)).sum(-1)
+    clip_total = clip_total.to(cdt) * (entry_clip or 0.0)
+    partial = torch.stack([torch.nansum(d_kept, -1) + clip_total, aux, n_over], -1)
+    value, aux, n_over = _all_reduce(partial, dist.ReduceOp.SUM, group).unbind(-1)
+    if entry_clip is not None and mode == "grad":  # entries of dD/dz beyond the clip
+        g = _unclipped_grad(logq, logp, kind, aux[:, None])
+        n_over = _all_reduce((g.abs() > entry_clip).sum(-1).to(cdt), dist.ReduceOp.SUM, group)
+    return value, aux, n_over
+
+
 class _Divergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, kind, group, temperature, entry_clip, vocab_size, chunk_size, mode):
@@ -232,25 +269,7 @@ class _Divergence(torch.autograd.Function):
             s = torch.stack([torch.exp(z).sum(-1), torch.exp(t).sum(-1)], -1)
             lse = _all_reduce(s, dist.ReduceOp.SUM, group).log()
             logq, logp = z.sub_(lse[:, :1]), t.sub_(lse[:, 1:])
-            d, w = _divergence_terms(logq, logp, kind)
-            if entry_clip is None or mode == "grad":
-                over = torch.zeros_like(d, dtype=torch.bool)
-            else:
-                over = _over(d, entry_clip, mode)
-            d_kept = torch.where(over, 0.0, d)
-            if kind == "forward":
-                aux = torch.where(over, 0.0, w).sum(-1)  # P_U
-            else:
-                aux = torch.nansum(d_kept, -1) + torch.where(over, 0.0, w).sum(-1)  # B
-            n_over = over.sum(-1).to(cdt)
-            # clipped entries count +clip (from above) or -clip (from below, abs mode)
-            clip_total = (torch.where(over & (d > 0), 1.0, 0.0) - torch.where(over & (d < 0), 1.0, 0.0)).sum(-1)
-            clip_total = clip_total.to(cdt) * (entry_clip or 0.0)
-            partial = torch.stack([torch.nansum(d_kept, -1) + clip_total, aux, n_over], -1)
-            value, aux, n_over = _all_reduce(partial, dist.ReduceOp.SUM, group).unbind(-1)
-            if entry_clip is not None and mode == "grad":  # entries of dD/dz beyond the clip
-                g = _unclipped_grad(logq, logp, kind, aux[:, None])
-                n_over = _all_reduce((g.abs() > entry_clip).sum(-1).to(cdt), dist.ReduceOp.SUM, group)
+            value, aux, n_over = divergence_from_logsoftmax(logq, logp, kind, entry_clip, mode, group)
             out[a:b], clipped[a:b] = value, n_over
             stats[a:b] = torch.stack([m[:, 0], lse[:, 0], m[:, 1], lse[:, 1], aux], -1)
         ctx.save_for_backward(student, teacher, stats)
@@ -268,28 +287,34 @@ class _Divergence(torch.autograd.Function):
             # Same operation order as the forward, so the clip decisions match it exactly.
             logq = shard.scaled(student[a:b], temperature, cdt).sub_(st[:, 0:1]).sub_(st[:, 1:2])
             logp = shard.scaled(teacher[a:b], temperature, cdt).sub_(st[:, 2:3]).sub_(st[:, 3:4])
-            aux = st[:, 4:5]
-            if entry_clip is None or mode == "grad":
-                gz = _unclipped_grad(logq, logp, kind, aux)
-                if entry_clip is not None:
-                    gz.clamp_(-entry_clip, entry_clip)
-            elif kind == "forward":
-                p = torch.exp(logp)
-                q = torch.exp(logq)
-                keep = ~_over(p * (logp - logq), entry_clip, mode)
-                gz = q.mul_(aux).sub_(p.mul_(keep))  # q * P_U - p * 1_U
-            else:
-                q = torch.exp(logq)
-                r = logq.sub_(logp)  # log q - log p, in logq's buffer
-                over = _over(q * r, entry_clip, mode)
-                coef = r.add_(1.0).masked_fill_(over, 0.0)
-                # q * (1_U (r + 1) - B); entries with q = 0 carry no gradient (0 * inf is NaN there).
-                gz = coef.sub_(aux).mul_(q).masked_fill_(q == 0, 0.0)
+            gz = divergence_grad(logq, logp, kind, st[:, 4:5], entry_clip, mode)
             gz.mul_(g_out[a:b, None].to(cdt))
             if temperature != 1.0:
                 gz.div_(temperature)
             grad[a:b] = gz
         return grad, None, None, None, None, None, None, None, None
+
+
+def divergence_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, aux: torch.Tensor, entry_clip: float | None,
+                    mode: str) -> torch.Tensor:
+    """dD/dz of one `[c, V]` chunk (log-softmaxes of the scaled logits; logq is consumed), before
+    the upstream weight and the 1/temperature factor. aux `[c, 1]`: P_U (FKL) or B (RKL)."""
+    if entry_clip is None or mode == "grad":
+        gz = _unclipped_grad(logq, logp, kind, aux)
+        if entry_clip is not None:
+            gz.clamp_(-entry_clip, entry_clip)
+        return gz
+    if kind == "forward":
+        p = torch.exp(logp)
+        q = torch.exp(logq)
+        keep = ~_over(p * (logp - logq), entry_clip, mode)
+        return q.mul_(aux).sub_(p.mul_(keep))  # q * P_U - p * 1_U
+    q = torch.exp(logq)
+    r = logq.sub_(logp)  # log q - log p, in logq's buffer
+    over = _over(q * r, entry_clip, mode)
+    coef = r.add_(1.0).masked_fill_(over, 0.0)
+    # q * (1_U (r + 1) - B); entries with q = 0 carry no gradient (0 * inf is NaN there).
+    return coef.sub_(aux).mul_(q).masked_fill_(q == 0, 0.0)
 
 
 def _unclipped_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, aux: torch.Tensor) -> torch.Tensor:
