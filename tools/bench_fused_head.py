@@ -24,15 +24,12 @@ max_abs_grad_diff, and per variant seconds and peak MiB. A benchmark, not a test
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 VARIANTS = ("megatron_ce", "unfused", "fused")
 
 
 def _rank(variant, a):
-    import gc
 
     import torch
     import torch.distributed as dist
@@ -92,38 +89,24 @@ def _rank(variant, a):
         from megatron_trace.observability.membench import peak_rss_rise
 
         return {"peak_mem_mib": peak_rss_rise(lambda: run(variant))}
-    times = []
-    for i in range(a["repeats"] + 1):
-        gc.collect()
-        if tp > 1:
-            dist.barrier(group=groups.tp)
-        t0 = time.perf_counter()
-        run(variant)
-        if i:  # the first run is a warm-up
-            times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times)}
+    from megatron_trace.observability.membench import median_seconds
+
+    barrier = (lambda: dist.barrier(group=groups.tp)) if tp > 1 else None
+    return {"time_s": median_seconds(lambda: run(variant), a["repeats"], before=barrier)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=151936)
+    from megatron_trace.observability.membench import add_common_args, check_common_args
+
+    add_common_args(p, VARIANTS)
     p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--routed-frac", type=float, default=0.25)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--entry-clip", type=float, default=None, help="per-entry KL clip (default none, as the recipes)")
     p.add_argument("--chunk-tokens", type=int, default=None, help="fused chunk (default: automatic)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
-    if not 0 <= args.routed_frac <= 1:
-        print(f"error: --routed-frac must be in [0, 1], got {args.routed_frac}", file=sys.stderr)
-        return 2
-    variants = args.variants.split(",")
-    if bad := [v for v in variants if v not in VARIANTS]:
-        print(f"error: unknown --variants {bad}; choose from {VARIANTS}", file=sys.stderr)
+    variants, err = check_common_args(args, VARIANTS)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     for name in ("vocab", "hidden", "tokens", "tp", "repeats"):
         if getattr(args, name) < 1:

@@ -21,9 +21,7 @@ exist, and each timed run is bracketed by torch.cuda.synchronize().
 
 import argparse
 import json
-import statistics
 import sys
-import time
 
 VARIANTS = ("megatron_ce", "routed", "naive")
 
@@ -95,42 +93,29 @@ def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, ch
         from megatron_trace.observability.membench import peak_rss_rise
 
         return {"peak_mem_mib": peak_rss_rise(run)}
-    times = []
-    for i in range(repeats + 1):
-        gc.collect()
+    from megatron_trace.observability.membench import median_seconds
+
+    def before():
         if tp > 1:
             dist.barrier(group=groups.tp)
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        if i:  # the first timed run is a warm-up
-            times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times)}
+
+    return {"time_s": median_seconds(run, repeats, before=before, after=torch.cuda.synchronize if cuda else None)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=151936)
-    p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--routed-frac", type=float, default=0.25)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--repeats", type=int, default=3)
+    from megatron_trace.observability.membench import add_common_args, check_common_args
+
+    add_common_args(p, VARIANTS)
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: automatic)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ",".join(VARIANTS))
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu: gloo ranks, peak RSS (default); cuda: one GPU per rank, peak CUDA allocation")
     args = p.parse_args(argv)
-    if not 0 <= args.routed_frac <= 1:
-        print(f"error: --routed-frac must be in [0, 1], got {args.routed_frac}", file=sys.stderr)
-        return 2
-    variants = args.variants.split(",")
-    if bad := [v for v in variants if v not in VARIANTS]:
-        print(f"error: unknown --variants {bad}; choose from {VARIANTS}", file=sys.stderr)
+    variants, err = check_common_args(args, VARIANTS)
+    if err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
     from megatron_trace.observability.membench import measure_variants

@@ -39,8 +39,8 @@ from .vocab_parallel import (
     CLIP_MODES,
     _all_reduce,
     _compute_dtype,
+    _Shard,
     _unclipped_grad,
-    _world,
     divergence_from_logsoftmax,
     divergence_grad,
     logprob_entropy_grad,
@@ -79,15 +79,9 @@ class _Opts(NamedTuple):
     reduce_hidden_grad: bool
 
 
-def _scaled_logits(h: torch.Tensor, w: torch.Tensor, opts: _Opts, start: int, cdt: torch.dtype) -> torch.Tensor:
+def _scaled_logits(h: torch.Tensor, w: torch.Tensor, opts: _Opts, shard: _Shard, cdt: torch.dtype) -> torch.Tensor:
     """This rank's `[c, V]` logits / temperature in `cdt`, padding columns at -inf."""
-    z = (h @ w.t()).to(cdt)
-    if opts.temperature != 1.0:
-        z.div_(opts.temperature)
-    valid = w.shape[0] if opts.vocab_size is None else min(w.shape[0], max(0, opts.vocab_size - start))
-    if valid < w.shape[0]:
-        z[:, valid:] = float("-inf")
-    return z
+    return shard.scaled(h @ w.t(), opts.temperature, cdt, copy=False)
 
 
 def _chunk_bounds(T: int, chunk: int, kl_index: torch.Tensor) -> list[tuple[int, int, int, int]]:
@@ -103,8 +97,8 @@ def _chunk_bounds(T: int, chunk: int, kl_index: torch.Tensor) -> list[tuple[int,
 class _FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, targets, kl_index, opts: _Opts):
-        rank, _ = _world(opts.group)
-        start = rank * weight.shape[0]
+        shard = _Shard(weight.t(), opts.group, opts.vocab_size)  # the weight's rows are the shard's columns
+        start = shard.start
         cdt = _compute_dtype(hidden)
         T, K, dev = hidden.shape[0], kl_index.numel(), hidden.device
         logprob, entropy = torch.empty(T, dtype=cdt, device=dev), torch.empty(T, dtype=cdt, device=dev)
@@ -114,11 +108,12 @@ class _FusedHead(torch.autograd.Function):
         aux = {k: torch.zeros(K, dtype=cdt, device=dev) for k in opts.kinds}  # P_U (FKL) or B (RKL)
         clipped = {k: torch.zeros(K, dtype=cdt, device=dev) for k in opts.kinds}
         clip_values = opts.entry_clip is not None and opts.mode in ("upper", "abs")
-        for a, b, ka, kb in _chunk_bounds(T, opts.chunk, kl_index):
+        bounds = _chunk_bounds(T, opts.chunk, kl_index)
+        for a, b, ka, kb in bounds:
             c, k = b - a, kb - ka
             li = kl_index[ka:kb] - a
-            z = _scaled_logits(hidden[a:b], weight, opts, start, cdt)
-            t = _scaled_logits(teacher_hidden[ka:kb], teacher_weight, opts, start, cdt) if k else z[:0]
+            z = _scaled_logits(hidden[a:b], weight, opts, shard, cdt)
+            t = _scaled_logits(teacher_hidden[ka:kb], teacher_weight, opts, shard, cdt) if k else z[:0]
             m = _all_reduce(torch.cat([z.amax(-1), t.amax(-1)]), dist.ReduceOp.MAX, opts.group)
             z.sub_(m[:c, None])
             t.sub_(m[c:, None])
@@ -140,8 +135,9 @@ class _FusedHead(torch.autograd.Function):
             tstats[ka:kb] = torch.stack([m[c:], lse_t], -1)
             if not k:
                 continue
-            if clip_values:
+            if opts.entry_clip is not None:  # the clip needs the normalised terms (grad mode: its count)
                 logq, logp = z[li] - lse_z[li, None], t - lse_t[:, None]
+            if clip_values:
                 for kind in opts.kinds:
                     kl[kind][ka:kb], aux[kind][ka:kb], clipped[kind][ka:kb] = divergence_from_logsoftmax(
                         logq, logp, kind, opts.entry_clip, opts.mode, opts.group)
@@ -152,13 +148,12 @@ class _FusedHead(torch.autograd.Function):
                 kl[kind][ka:kb] = values[kind]
                 aux[kind][ka:kb] = 1.0 if kind == "forward" else values[kind] + 1.0
                 if opts.entry_clip is not None:  # grad mode: count the gradient entries past the clip
-                    logq, logp = z[li] - lse_z[li, None], t - lse_t[:, None]
                     g = _unclipped_grad(logq, logp, kind, aux[kind][ka:kb, None])
                     clipped[kind][ka:kb] = _all_reduce((g.abs() > opts.entry_clip).sum(-1).to(cdt),
                                                        dist.ReduceOp.SUM, opts.group)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, targets, kl_index, zstats, tstats,
                               entropy, *[aux[k] for k in opts.kinds])
-        ctx.opts = opts
+        ctx.opts, ctx.shard, ctx.bounds = opts, shard, bounds
         ctx.mark_non_differentiable(*clipped.values())
         if not opts.entropy_grad:
             ctx.mark_non_differentiable(entropy)
@@ -172,23 +167,22 @@ class _FusedHead(torch.autograd.Function):
         n = len(opts.kinds)
         g_kl = dict(zip(opts.kinds, g_rest[:n]))
         aux = dict(zip(opts.kinds, auxes))
-        rank, _ = _world(opts.group)
-        start = rank * weight.shape[0]
+        shard = ctx.shard
         cdt = _compute_dtype(hidden)
         d_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         d_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         g_h = g_h if opts.entropy_grad else None
         if g_lp is None:
             g_lp = torch.zeros_like(entropy)
-        for a, b, ka, kb in _chunk_bounds(hidden.shape[0], opts.chunk, kl_index):
+        for a, b, ka, kb in ctx.bounds:
             li = kl_index[ka:kb] - a
-            logq = _scaled_logits(hidden[a:b], weight, opts, start, cdt)
+            logq = _scaled_logits(hidden[a:b], weight, opts, shard, cdt)
             logq.sub_(zstats[a:b, :1]).sub_(zstats[a:b, 1:])
             logq_k = logq[li] if kb > ka else None
-            gz = logprob_entropy_grad(logq, targets[a:b], start, g_lp[a:b], None if g_h is None else g_h[a:b],
+            gz = logprob_entropy_grad(logq, targets[a:b], shard.start, g_lp[a:b], None if g_h is None else g_h[a:b],
                                       entropy[a:b])
             if kb > ka and any(g_kl[k] is not None for k in opts.kinds):
-                logp = _scaled_logits(teacher_hidden[ka:kb], teacher_weight, opts, start, cdt)
+                logp = _scaled_logits(teacher_hidden[ka:kb], teacher_weight, opts, shard, cdt)
                 logp.sub_(tstats[ka:kb, :1]).sub_(tstats[ka:kb, 1:])
                 for kind in opts.kinds:
                     if g_kl[kind] is None:

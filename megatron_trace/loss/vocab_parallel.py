@@ -76,9 +76,10 @@ class _Shard:
         self.start = self.rank * self.width
         self.valid = self.width if vocab_size is None else min(self.width, max(0, vocab_size - self.start))
 
-    def scaled(self, rows: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-        """A fresh `[c, V]` copy of `rows` / temperature in `dtype`, padding set to -inf."""
-        z = rows.to(dtype, copy=True)
+    def scaled(self, rows: torch.Tensor, temperature: float, dtype: torch.dtype, copy: bool = True) -> torch.Tensor:
+        """`[c, V]` rows / temperature in `dtype`, padding set to -inf: a fresh copy, or (copy=False,
+        for a temporary the caller owns) in place when `rows` already has `dtype`."""
+        z = rows.to(dtype, copy=copy)
         if temperature != 1.0:
             z.div_(temperature)
         if self.valid < self.width:

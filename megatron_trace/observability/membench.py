@@ -13,7 +13,7 @@ import os
 import re
 import sys
 
-__all__ = ["measure_variants", "peak_rss_rise", "rss_kib"]
+__all__ = ["add_common_args", "check_common_args", "measure_variants", "median_seconds", "peak_rss_rise", "rss_kib"]
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -52,3 +52,46 @@ def measure_variants(job, tp: int, variants, make_args, *, quiet: bool = False) 
         res[v] = {k: round(x, 4) for k, x in out.items()}
     os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     return res
+
+
+def median_seconds(fn, repeats: int, *, before=None, after=None) -> float:
+    """Median wall time of `repeats` calls of `fn` after one warm-up call. `before` runs before
+    each call, untimed (e.g. a barrier); `after` runs inside the timed span (e.g. a device sync)."""
+    import gc
+    import statistics
+    import time
+
+    times = []
+    for i in range(repeats + 1):
+        gc.collect()
+        if before is not None:
+            before()
+        t0 = time.perf_counter()
+        fn()
+        if after is not None:
+            after()
+        if i:  # the first call is a warm-up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def add_common_args(p, variants) -> None:
+    """The loss benchmarks' shared flags: sizes, layout, dtype, repeats, variants, --json."""
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--routed-frac", type=float, default=0.25)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--variants", default=",".join(variants), help="comma list of " + ",".join(variants))
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+
+
+def check_common_args(args, variants) -> tuple[list[str], str | None]:
+    """(the chosen variants, an error message naming the flag or None)."""
+    chosen = args.variants.split(",")
+    if not 0 <= args.routed_frac <= 1:
+        return chosen, f"--routed-frac must be in [0, 1], got {args.routed_frac}"
+    if bad := [v for v in chosen if v not in variants]:
+        return chosen, f"unknown --variants {bad}; choose from {tuple(variants)}"
+    return chosen, None

@@ -35,6 +35,11 @@ DEFAULT_MAX_BATCH_TOKENS = 32768
 COMPACT_FRACTION = 0.25  # compact once this share of a batch has finished (see docs/LOG.md, issue 22)
 
 
+def _base_seed(params: SamplingParams) -> int:
+    """params.seed, or a fresh random one for an unseeded call."""
+    return params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
 def plan_batches(lengths: Sequence[int], max_new_tokens: int, max_batch_tokens: int,
                  rows_per_batch: int | None = None) -> list[list[int]]:
     """Row indices per batch. rows_per_batch: fixed consecutive chunks. Otherwise rows sorted by
@@ -164,7 +169,7 @@ class HFEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Sample]:
         if seeds is None:
-            base = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+            base = _base_seed(params)
             seeds = [prompt_seed(base, 0, i) for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
@@ -186,7 +191,7 @@ class HFEngine:
         if any(len(r) == 0 for r in rows):
             raise ValueError("empty prompt")
         if row_seeds is None:
-            base = params.seed if params.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+            base = _base_seed(params)
             row_seeds = [sample_seed(base, i) for i in range(len(rows))]
         if len(row_seeds) != len(rows):
             raise ValueError(f"{len(row_seeds)} row seeds for {len(rows)} rows")
@@ -212,7 +217,13 @@ class HFEngine:
 
         dev, B, L = self.device, len(rows), max(len(r) for r in rows)
         uniq: dict[tuple[int, ...], int] = {}
-        src = [uniq.setdefault(tuple(r), len(uniq)) for r in rows]  # row -> its distinct prompt
+        first: list[int] = []  # a row of each distinct prompt
+        src = []  # row -> its distinct prompt
+        for i, r in enumerate(rows):
+            u = uniq.setdefault(tuple(r), len(uniq))
+            if u == len(first):
+                first.append(i)
+            src.append(u)
         width = L + params.max_new_tokens
         mask = torch.ones((B, width), dtype=torch.long)  # columns past the prompt are the responses
         pads = [L - len(r) for r in rows]
@@ -223,7 +234,6 @@ class HFEngine:
             ids[u, L - len(r):] = torch.tensor(r)
         src_t = torch.tensor(src, dtype=torch.long, device=dev)
         mask = mask.to(dev)
-        first = [src.index(u) for u in range(len(uniq))]  # a row of each distinct prompt
         pos = (mask[first, :L].cumsum(-1) - 1).clamp(min=0)
         cache = GrowingCache(self.model.config.num_hidden_layers, width)
         out = self.model(input_ids=ids.to(dev), attention_mask=mask[first, :L], position_ids=pos, use_cache=True,
