@@ -27,8 +27,6 @@ VARIANTS = ("megatron_ce", "routed", "naive")
 
 
 def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, chunk_size, measure, device="cpu"):
-    import gc
-
     import torch
     import torch.distributed as dist
 
@@ -81,27 +79,10 @@ def _bench_rank(variant, vocab, tokens, routed_frac, tp, dtype_name, repeats, ch
         loss.backward()
         return loss
 
-    if measure == "memory" and cuda:
-        gc.collect()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        torch.cuda.synchronize()
-        return {"peak_mem_mib": (torch.cuda.max_memory_allocated() - base) / 2**20}
-    if measure == "memory":
-        from megatron_trace.observability.membench import peak_rss_rise
+    from megatron_trace.observability.membench import measure_run
 
-        return {"peak_mem_mib": peak_rss_rise(run)}
-    from megatron_trace.observability.membench import median_seconds
-
-    def before():
-        if tp > 1:
-            dist.barrier(group=groups.tp)
-        if cuda:
-            torch.cuda.synchronize()
-
-    return {"time_s": median_seconds(run, repeats, before=before, after=torch.cuda.synchronize if cuda else None)}
+    barrier = (lambda: dist.barrier(group=groups.tp)) if tp > 1 else None
+    return measure_run(run, measure, repeats, cuda=cuda, barrier=barrier)
 
 
 def main(argv=None) -> int:
@@ -110,8 +91,6 @@ def main(argv=None) -> int:
 
     add_common_args(p, VARIANTS)
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (default: automatic)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cpu: gloo ranks, peak RSS (default); cuda: one GPU per rank, peak CUDA allocation")
     args = p.parse_args(argv)
     variants, err = check_common_args(args, VARIANTS)
     if err:

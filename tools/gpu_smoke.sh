@@ -22,6 +22,8 @@
 #                  skipped, with the reason, where transformer_engine does not import
 #   routed_loss    (d) tools/bench_routed_loss.py --device cuda at Qwen3's vocabulary (time, peak CUDA memory
 #                  of Megatron's CE vs the routed path vs a naive full-vocab reference)
+#   fused_head     tools/bench_fused_head.py --device cuda, bf16, H 4096, 8192 tokens: Megatron's head + CE vs
+#                  the unfused routed path vs the fused LM head (time, peak CUDA memory, gradient difference)
 #   pytest_gpu     the rest of tests/gpu (TE parity; skipped where transformer-engine is missing)
 #   weight_sync    tools/check_weight_sync.py --device cuda (actor step -> hf engine on GPU, logits compared)
 #   train_fp32, train_bf16   3-step TRACE runs on CUDA (nccl, Megatron optimizer, sync, checkpoint)
@@ -42,7 +44,7 @@ cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 HPY=$PY  # runs the helpers below (standard library only)
 WHEELHOUSE=${WHEELHOUSE:-wheelhouse}
-PARTS=${GPU_SMOKE_PARTS:-handoff optim_ckpt thd_packing routed_loss pytest_gpu weight_sync train_fp32 train_bf16 bench_step}
+PARTS=${GPU_SMOKE_PARTS:-handoff optim_ckpt thd_packing routed_loss fused_head pytest_gpu weight_sync train_fp32 train_bf16 bench_step}
 : >"$OUT/summary.jsonl"
 
 cat >"$OUT/smoke_helpers.py" <<'PY'
@@ -347,6 +349,13 @@ if want routed_loss; then
   run routed_loss 240 "$PY" tools/bench_routed_loss.py --device cuda --vocab 151936 --tokens 4096 --routed-frac 0.25 \
     --tp 1 --dtype bf16 --repeats 5 --json
   emit routed_loss "$RC" "$SECS" "$OUT/routed_loss.log" "$(fig last_json "$OUT/routed_loss.log")"
+fi
+
+# ---------------------------------------------------------------- (e) fused LM head benchmark on CUDA
+if want fused_head; then
+  run fused_head 300 "$PY" tools/bench_fused_head.py --device cuda --vocab 151936 --hidden 4096 --tokens 8192 \
+    --routed-frac 0.25 --tp 1 --dtype bf16 --repeats 5 --json
+  emit fused_head "$RC" "$SECS" "$OUT/fused_head.log" "$(fig last_json "$OUT/fused_head.log")"
 fi
 
 # ---------------------------------------------------------------- the rest

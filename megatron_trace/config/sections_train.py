@@ -56,6 +56,11 @@ class LossSection:
     entropy_coef: float = 0.0
     tis_cap: float | None = None  # truncated importance sampling on the GRPO term; null = off
     chunk_size: int | None = None
+    # The LM head fused with the loss (loss/fused_head.py): every pass computes log-probs,
+    # entropies and KLs from final hidden states and the vocab-sharded output weight, chunk by
+    # chunk, so no [tokens, V/tp] logits exist. Off by default: on CPU it costs time (README).
+    fused_head: bool = False
+    head_chunk_tokens: int = 0  # tokens per fused-head chunk; 0 = from a 128 MiB target per chunk
 
     def __post_init__(self) -> None:
         _one_of("loss.variant", self.variant, set(ROUTE_VARIANTS))
@@ -72,6 +77,9 @@ class LossSection:
         _check(self.kl_ref_coef >= 0, "loss.kl_ref_coef", self.kl_ref_coef, "a float >= 0")
         _check(self.entropy_coef >= 0, "loss.entropy_coef", self.entropy_coef, "a float >= 0")
         _check(self.tis_cap is None or self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "null or a float > 0")
+        _check(isinstance(self.fused_head, bool), "loss.fused_head", self.fused_head, "true or false")
+        _check(self.head_chunk_tokens >= 0, "loss.head_chunk_tokens", self.head_chunk_tokens,
+               "an integer >= 0 (0 = automatic)")
 
 
 @dataclass

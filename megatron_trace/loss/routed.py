@@ -48,6 +48,7 @@ __all__ = [
     "RouteVariant",
     "build_routes",
     "routed_loss",
+    "routed_loss_fused",
 ]
 
 
@@ -172,6 +173,8 @@ class LossConfig:
     kl_ref_coef: float = 0.0  # k3 KL to a reference policy
     entropy_coef: float = 0.0
     chunk_size: int | None = None
+    fused_head: bool = False  # every pass through loss/fused_head.py (no [T, V/tp] logits)
+    head_chunk_tokens: int | None = None  # its chunk; None = auto_chunk_tokens
 
     def __post_init__(self) -> None:
         _variant(self.variant)
@@ -245,40 +248,15 @@ def routed_loss(
         raise ValueError(f"logits have {logits.shape[0]} rows for {T} tokens")
     dev = logits.device
     routes = batch.routes.to(dev)
-    routed = routes != Route.GRPO
-    num_routed = int(routed.sum())
-    kl_on = lam > 0 and num_routed > 0
-    if kl_on and (teacher_logits is None or teacher_logits.shape[0] != num_routed):
-        got = None if teacher_logits is None else tuple(teacher_logits.shape)
-        raise ValueError(f"lambda={lam} with {num_routed} routed tokens needs teacher logits [{num_routed}, V/tp], got {got}")
-
+    idx, kl_on = _routed_index(routes, lam, teacher_logits, "teacher logits [{n}, V/tp]")
     lp, ent = token_logprob_and_entropy(logits, batch.targets.to(dev), tp_group, cfg.temperature,
                                         vocab_size=vocab_size, chunk_size=cfg.chunk_size,
                                         entropy_grad=cfg.entropy_coef > 0)
-    cdt = lp.dtype
-    adv = batch.advantages.to(dev, cdt)
-    log_ratio = lp - batch.old_logprobs.to(dev, cdt)
-    ratio = torch.exp(log_ratio)
-    clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
-    pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
-    if batch.is_weights is not None:
-        pg = pg * batch.is_weights.to(dev, cdt).detach()
-
-    mode = cfg.span_grpo_mode
-    w_span = {"anneal": 1.0 - lam / cfg.lambda0 if cfg.lambda0 > 0 else 1.0, "full": 1.0, "none": 0.0}[mode]
-    w = _grpo_weights(batch, counts, cfg, cdt).to(dev)
-    w_pg = torch.where(routed, w * w_span, w)
-    loss_pg = (w_pg * pg).sum()
-    loss = loss_pg
-
-    stats = Stats()
-    seq_len_t = batch.seq_lens.to(dev)[batch.seq_ids.to(dev)].to(cdt)
+    d = n_clip = None
     if kl_on:
-        idx = torch.nonzero(routed)[:, 0]
-        student = logits[idx]
-        d = torch.empty(num_routed, dtype=cdt, device=dev)
-        n_clip = torch.zeros(num_routed, dtype=cdt, device=dev)
-        sub_routes = routes[idx]
+        student, sub_routes = logits[idx], routes[idx]
+        d = torch.empty(idx.numel(), dtype=lp.dtype, device=dev)
+        n_clip = torch.zeros(idx.numel(), dtype=lp.dtype, device=dev)
         for route, kind in ((Route.FKL, "forward"), (Route.RKL, "reverse")):
             sel = torch.nonzero(sub_routes == route)[:, 0]
             if sel.numel():
@@ -288,26 +266,164 @@ def routed_loss(
                                             return_clip_counts=True)
                 d = d.index_put((sel,), d_k)
                 n_clip[sel] = c_k
-            stats.mean(f"kl/{kind[0]}kl_mean", d.detach()[sel] if sel.numel() else d.detach()[:0])
-        loss_kl = (lam / (seq_len_t[idx] * counts.num_seqs) * d).sum()
-        loss = loss + loss_kl
-        width = vocab_size if vocab_size is not None else logits.shape[-1]
+    width = vocab_size if vocab_size is not None else logits.shape[-1]
+    return _objective(lp, ent, d, n_clip, idx, batch, counts, cfg, lam, width)
+
+
+def routed_loss_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    teacher_weight: torch.Tensor | None,
+    batch: LossInputs,
+    counts: GlobalCounts,
+    cfg: LossConfig,
+    lam: float,
+    tp_group=None,
+    vocab_size: int | None = None,
+    *,
+    reduce_hidden_grad: bool = True,
+    eager_grad: bool = True,
+) -> tuple[torch.Tensor, Stats]:
+    """`routed_loss` through the fused LM head (loss/fused_head.py): the same loss and metrics
+    from the student's final hidden states `[T, H]` and output-weight shard `[V/tp, H]`, and the
+    teacher's hidden states `[R, H]` at the routed tokens with its weight shard. No logits exist.
+    reduce_hidden_grad: see `fused_head` (off when a sequence-parallel gather reduces it).
+    eager_grad: the per-token loss goes into the fused head, which forms the gradient in its
+    forward (each chunk's logits computed once); False: per-token values out, backward
+    recomputes the logits (the same gradients, for tests and comparison)."""
+    from .fused_head import fused_head
+
+    T = batch.targets.numel()
+    if hidden.shape[0] != T:
+        raise ValueError(f"hidden states have {hidden.shape[0]} rows for {T} tokens")
+    dev = hidden.device
+    routes = batch.routes.to(dev)
+    idx, kl_on = _routed_index(routes, lam, teacher_hidden, "teacher hidden states [{n}, H]")
+    sub_routes = routes[idx]
+    kinds = tuple(kind for route, kind in ((Route.FKL, "forward"), (Route.RKL, "reverse"))
+                  if kl_on and bool((sub_routes == route).any()))
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    terms = _Terms(batch, counts, cfg, lam, idx if kl_on else None, cdt, dev)
+    token_loss = None
+    if eager_grad:
+        def token_loss(bound, lp, ent, kl):
+            a, b, ka, kb = bound
+            return terms.loss(lp, ent, _pick_kl(kl, sub_routes[ka:kb]), slice(a, b), slice(ka, kb))[0]
+
+    out = fused_head(hidden, weight, batch.targets.to(dev), tp_group, cfg.temperature, vocab_size=vocab_size,
+                     kl_index=idx if kl_on else None, teacher_hidden=teacher_hidden if kl_on else None,
+                     teacher_weight=teacher_weight if kl_on else None, kinds=kinds or ("forward",),
+                     entry_clip=cfg.entry_clip, clip_mode=cfg.entry_clip_mode, chunk_tokens=cfg.head_chunk_tokens,
+                     entropy_grad=cfg.entropy_coef > 0, reduce_hidden_grad=reduce_hidden_grad, token_loss=token_loss)
+    d = n_clip = None
+    if kl_on:
+        d = _pick_kl({"forward": out.fkl, "reverse": out.rkl}, sub_routes)
+        n_clip = _pick_kl({"forward": out.fkl_clipped, "reverse": out.rkl_clipped}, sub_routes)
+    width = vocab_size if vocab_size is not None else weight.shape[0] * _group_size(tp_group)
+    loss, stats = _objective(out.logprob, out.entropy, d, n_clip, idx, batch, counts, cfg, lam, width, terms)
+    return (out.loss if eager_grad else loss), stats
+
+
+def _pick_kl(values: dict, routes: torch.Tensor) -> torch.Tensor:
+    """Each routed row's divergence: FKL on FKL routes, RKL on RKL routes (kinds absent are None)."""
+    f, r = values.get("forward"), values.get("reverse")
+    if f is not None and r is not None:
+        return torch.where(routes == Route.FKL, f, r)
+    return f if f is not None else r
+
+
+def _group_size(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def _routed_index(routes: torch.Tensor, lam: float, teacher: torch.Tensor | None, what: str):
+    """The routed rows (ascending) and whether the KL term is on; checks the teacher's rows."""
+    idx = torch.nonzero(routes != Route.GRPO)[:, 0]
+    kl_on = lam > 0 and idx.numel() > 0
+    if kl_on and (teacher is None or teacher.shape[0] != idx.numel()):
+        got = None if teacher is None else tuple(teacher.shape)
+        raise ValueError(f"lambda={lam} with {idx.numel()} routed tokens needs {what.format(n=idx.numel())}, got {got}")
+    return idx, kl_on
+
+
+class _Terms:
+    """The objective's per-token weights and inputs, so that any slice of tokens (the fused
+    head's chunks, or all of them) gets its share of the loss: the loss is a sum over tokens."""
+
+    def __init__(self, batch: LossInputs, counts: GlobalCounts, cfg: LossConfig, lam: float,
+                 idx: torch.Tensor | None, cdt, dev):
+        self.cfg, self.lam = cfg, lam
+        routed = batch.routes.to(dev) != Route.GRPO
+        w_span = {"anneal": 1.0 - lam / cfg.lambda0 if cfg.lambda0 > 0 else 1.0, "full": 1.0,
+                  "none": 0.0}[cfg.span_grpo_mode]
+        self.w = _grpo_weights(batch, counts, cfg, cdt).to(dev)
+        self.w_pg = torch.where(routed, self.w * w_span, self.w)
+        self.adv = batch.advantages.to(dev, cdt)
+        self.old = batch.old_logprobs.to(dev, cdt).detach()
+        self.isw = None if batch.is_weights is None else batch.is_weights.to(dev, cdt).detach()
+        self.ref = None if batch.ref_logprobs is None else batch.ref_logprobs.to(dev, cdt)
+        if cfg.kl_ref_coef > 0 and self.ref is None:
+            raise ValueError("loss.kl_ref_coef > 0 needs ref_logprobs in the batch")
+        seq_len_t = batch.seq_lens.to(dev)[batch.seq_ids.to(dev)].to(cdt)
+        self.kl_w = None if idx is None else lam / (seq_len_t[idx] * counts.num_seqs)  # [R]
+
+    def loss(self, lp, ent, d, rows: slice, kl_rows: slice):
+        """(loss, GRPO part, KL part, ratio, log-ratio, k3) of the tokens `rows` and routed rows
+        `kl_rows` (d: their divergences, None without a KL term)."""
+        cfg = self.cfg
+        adv, w = self.adv[rows], self.w[rows]
+        log_ratio = lp - self.old[rows]
+        ratio = torch.exp(log_ratio)
+        clipped_ratio = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+        pg = -torch.minimum(ratio * adv, clipped_ratio * adv)
+        if self.isw is not None:
+            pg = pg * self.isw[rows]
+        loss_pg = (self.w_pg[rows] * pg).sum()
+        loss_kl = (self.kl_w[kl_rows] * d).sum() if d is not None else torch.zeros((), dtype=lp.dtype,
+                                                                                   device=lp.device)
+        loss = loss_pg + loss_kl
+        k3 = None
+        if cfg.kl_ref_coef > 0:
+            delta = (self.ref[rows] - lp).clamp(-20.0, 20.0)
+            k3 = torch.exp(delta) - delta - 1.0
+            loss = loss + cfg.kl_ref_coef * (w * k3).sum()
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * (w * ent).sum()
+        return loss, loss_pg, loss_kl, ratio, log_ratio, k3
+
+
+def _objective(lp: torch.Tensor, ent: torch.Tensor, d: torch.Tensor | None, n_clip: torch.Tensor | None,
+               idx: torch.Tensor, batch: LossInputs, counts: GlobalCounts, cfg: LossConfig, lam: float,
+               width: int, terms: _Terms | None = None) -> tuple[torch.Tensor, Stats]:
+    """The routed objective from per-token values: log-probs and entropies `[T]`, and at the routed
+    rows `idx` the divergences `d` and clipped-entry counts `n_clip` `[R]` (None: no KL term)."""
+    T = batch.targets.numel()
+    dev = lp.device
+    routes = batch.routes.to(dev)
+    routed = routes != Route.GRPO
+    num_routed = idx.numel()
+    kl_on = d is not None
+    cdt = lp.dtype
+    terms = terms or _Terms(batch, counts, cfg, lam, idx if kl_on else None, cdt, dev)
+    everything = slice(None)
+    loss, loss_pg, loss_kl, ratio, log_ratio, k3 = terms.loss(lp, ent, d, everything, everything)
+    adv = terms.adv
+
+    stats = Stats()
+    if kl_on:
+        sub_routes = routes[idx]
+        for route, kind in ((Route.FKL, "forward"), (Route.RKL, "reverse")):
+            stats.mean(f"kl/{kind[0]}kl_mean", d.detach()[sub_routes == route])
         stats.mean_of("kl/entry_clip_frac", n_clip.sum(), num_routed * width)
     else:
-        loss_kl = torch.zeros((), dtype=cdt, device=dev)
         stats.mean("kl/fkl_mean", lp.detach()[:0])
         stats.mean("kl/rkl_mean", lp.detach()[:0])
         stats.mean_of("kl/entry_clip_frac", 0.0, 0.0)
-
-    if cfg.kl_ref_coef > 0:
-        if batch.ref_logprobs is None:
-            raise ValueError("loss.kl_ref_coef > 0 needs ref_logprobs in the batch")
-        delta = (batch.ref_logprobs.to(dev, cdt) - lp).clamp(-20.0, 20.0)
-        k3 = torch.exp(delta) - delta - 1.0
-        loss = loss + cfg.kl_ref_coef * (w * k3).sum()
+    if k3 is not None:
         stats.mean("kl/ref_k3", k3.detach())
-    if cfg.entropy_coef > 0:
-        loss = loss - cfg.entropy_coef * (w * ent).sum()
 
     # ---- metrics (declared reductions; see metrics.Stats)
     with torch.no_grad():

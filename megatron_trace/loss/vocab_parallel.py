@@ -145,11 +145,12 @@ class _LogProbEntropy(torch.autograd.Function):
 
 
 def logprob_entropy_grad(logq: torch.Tensor, targets: torch.Tensor, start: int, g_lp: torch.Tensor,
-                         g_h: torch.Tensor | None, entropy: torch.Tensor) -> torch.Tensor:
+                         g_h: torch.Tensor | None, entropy: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
     """d(g_lp * log q_y + g_h * H)/dz of one `[c, V]` chunk (logq: log-softmax of the scaled
-    logits, consumed as the buffer), before the 1/temperature factor. start: the shard's first id."""
+    logits, consumed as the buffer), before the 1/temperature factor. start: the shard's first id.
+    q: exp(logq) when the caller has it (consumed too), else computed."""
     cdt = logq.dtype
-    q = torch.exp(logq)
+    q = torch.exp(logq) if q is None else q
     if g_h is not None:
         # dH/dz = -q (log q + H); 0 * -inf at masked entries is NaN and means 0.
         t = logq.add_(entropy[:, None]).mul_(q).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
@@ -297,20 +298,22 @@ class _Divergence(torch.autograd.Function):
 
 
 def divergence_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, aux: torch.Tensor, entry_clip: float | None,
-                    mode: str) -> torch.Tensor:
+                    mode: str, q: torch.Tensor | None = None, p: torch.Tensor | None = None) -> torch.Tensor:
     """dD/dz of one `[c, V]` chunk (log-softmaxes of the scaled logits; logq is consumed), before
-    the upstream weight and the 1/temperature factor. aux `[c, 1]`: P_U (FKL) or B (RKL)."""
+    the upstream weight and the 1/temperature factor. aux `[c, 1]`: P_U (FKL) or B (RKL).
+    q, p: exp(logq) and exp(logp) when the caller has them (q is consumed, p only read), else
+    computed."""
     if entry_clip is None or mode == "grad":
-        gz = _unclipped_grad(logq, logp, kind, aux)
+        gz = _unclipped_grad(logq, logp, kind, aux, q, p)
         if entry_clip is not None:
             gz.clamp_(-entry_clip, entry_clip)
         return gz
     if kind == "forward":
-        p = torch.exp(logp)
-        q = torch.exp(logq)
+        p = torch.exp(logp) if p is None else p
+        q = torch.exp(logq) if q is None else q
         keep = ~_over(p * (logp - logq), entry_clip, mode)
-        return q.mul_(aux).sub_(p.mul_(keep))  # q * P_U - p * 1_U
-    q = torch.exp(logq)
+        return q.mul_(aux).sub_(p * keep)  # q * P_U - p * 1_U
+    q = torch.exp(logq) if q is None else q
     r = logq.sub_(logp)  # log q - log p, in logq's buffer
     over = _over(q * r, entry_clip, mode)
     coef = r.add_(1.0).masked_fill_(over, 0.0)
@@ -318,11 +321,13 @@ def divergence_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, aux: torc
     return coef.sub_(aux).mul_(q).masked_fill_(q == 0, 0.0)
 
 
-def _unclipped_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, aux: torch.Tensor) -> torch.Tensor:
-    """dD/dz of the unclipped divergence, `[c, V]` (aux: P_U = 1 for FKL, B = D + 1 for RKL)."""
-    q = torch.exp(logq)
+def _unclipped_grad(logq: torch.Tensor, logp: torch.Tensor, kind: str, aux: torch.Tensor,
+                    q: torch.Tensor | None = None, p: torch.Tensor | None = None) -> torch.Tensor:
+    """dD/dz of the unclipped divergence, `[c, V]` (aux: P_U = 1 for FKL, B = D + 1 for RKL;
+    q, p: exp(logq), exp(logp) when the caller has them, q consumed)."""
+    q = torch.exp(logq) if q is None else q
     if kind == "forward":
-        return q.sub_(torch.exp(logp))  # q - p
+        return q.sub_(torch.exp(logp) if p is None else p)  # q - p
     # q * (r + 1 - B); q = 0 entries carry no gradient
     return (logq - logp).add_(1.0).sub_(aux).mul_(q).masked_fill_(q == 0, 0.0)
 

@@ -4,7 +4,9 @@ tools/bench_fused_head.py): every variant runs in fresh processes, memory first,
 Memory (CPU) is the rise of the process's peak RSS (VmHWM, reset through /proc/self/clear_refs)
 above the resident size once the inputs exist, measured with glibc's mmap threshold pinned so
 that freed tensors leave RSS (otherwise peak-RSS deltas undercount). Timing runs use the default
-allocator, as training does.
+allocator, as training does. On CUDA (`--device cuda`) memory is the rise of
+torch.cuda.max_memory_allocated above the allocation once the inputs exist, and each timed run is
+bracketed by torch.cuda.synchronize() (`measure_run`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import re
 import sys
 
-__all__ = ["add_common_args", "check_common_args", "measure_variants", "median_seconds", "peak_rss_rise", "rss_kib"]
+__all__ = ["add_common_args", "check_common_args", "measure_run", "measure_variants", "median_seconds",
+           "peak_cuda_rise", "peak_rss_rise", "rss_kib"]
 
 
 def rss_kib(field: str = "VmRSS") -> int:
@@ -31,6 +34,38 @@ def peak_rss_rise(fn) -> float:
         f.write("5")  # resets VmHWM to the current RSS
     fn()
     return (rss_kib("VmHWM") - base) / 1024
+
+
+def peak_cuda_rise(fn) -> float:
+    """MiB by which the peak CUDA allocation rises above the current allocation while `fn()` runs."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_run(run, measure: str, repeats: int, *, cuda: bool = False, barrier=None) -> dict:
+    """One variant's figure in this process: {"peak_mem_mib"} (measure == "memory") or {"time_s"},
+    the median of `repeats` timed calls after a warm-up. barrier: called before each timed call
+    (e.g. a TP barrier, so ranks start together)."""
+    if measure == "memory":
+        return {"peak_mem_mib": peak_cuda_rise(run) if cuda else peak_rss_rise(run)}
+    import torch
+
+    def before():
+        if barrier is not None:
+            barrier()
+        if cuda:
+            torch.cuda.synchronize()
+
+    return {"time_s": median_seconds(run, repeats, before=before, after=torch.cuda.synchronize if cuda else None)}
 
 
 def measure_variants(job, tp: int, variants, make_args, *, quiet: bool = False) -> dict:
@@ -85,6 +120,8 @@ def add_common_args(p, variants) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", default=",".join(variants), help="comma list of " + ",".join(variants))
     p.add_argument("--json", action="store_true", help="print only the JSON line")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu: gloo ranks, peak RSS (default); cuda: one GPU per rank, peak CUDA allocation")
 
 
 def check_common_args(args, variants) -> tuple[list[str], str | None]:

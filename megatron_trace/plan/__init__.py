@@ -70,6 +70,15 @@ resident: the teacher pass (its logits), the update (the chunk's teacher logits 
 it) and, with optim.mini_batches > 1, the old-log-prob pass (forward only, one micro-batch's
 response logits at a time).
 
+**Fused LM head** (loss.fused_head; loss/fused_head.py): no `[tokens, V/tp]` logits exist. The
+teacher keeps its final hidden states at those positions (x h x B instead of x V/tp x B); the
+old-log-prob pass holds one chunk's fp32 temporaries, `_BUFFERS_PER_CHUNK` x 4 x min(c, T_resp)
+x V/tp bytes, with c = loss.head_chunk_tokens or `auto_chunk_tokens(V/tp)`; the update holds
+those plus the response positions' final hidden states and their gradient (T_resp h B, twice)
+and the weight's gradient, which the fused head forms in the forward and holds until the
+micro-batch's backward (V/tp h B), instead of its logits. `plan_memory` plans every config both ways and reports both train peaks
+(`MemoryPlan.lm_head`, the train phase's "LM head" note).
+
 **Rollout engine** (colocated and rank0 placements, on stage 0's GPUs). SGLang 0.5.6 sizes its
 static pool (weights + KV cache) once, when it starts during setup: rollout.mem_fraction_static
 of the memory free *then* on the least free GPU of its TP group (`model_runner.py:702-707`,

@@ -3,9 +3,11 @@ docstring), and `check_fits`, the refusal `train` runs on CUDA."""
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
+from ..loss.fused_head import _BUFFERS_PER_CHUNK, auto_chunk_tokens
 from ..models.qwen3 import Qwen3Arch, arch_from_hf_config, get_arch
 from .activations import _fused_attention, _Shape, _stage_activations
 from .engine import (
@@ -103,8 +105,45 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
                 source: str = "config") -> MemoryPlan:
     """The memory plan of `cfg` (see the package docstring). `dp`, `fused_attention` and `arch`
     override what the config implies (`train` passes the values of the run it builds).
-    SGLANG_MEMORY_SAVER_CUDA_GRAPH is read from this process's environment."""
-    arch = arch or _arch_of(cfg)
+    SGLANG_MEMORY_SAVER_CUDA_GRAPH is read from this process's environment. The config is planned
+    a second time with loss.fused_head flipped, for the train peak with and without the fused LM
+    head (`MemoryPlan.lm_head` and the train phase's "LM head" note)."""
+    kwargs = dict(dp=dp, prompt_tokens=prompt_tokens, fused_attention=fused_attention,
+                  arch=arch or _arch_of(cfg), source=source)
+    plan = _plan_one(cfg, **kwargs)
+    other = _plan_one(_with_fused_head(cfg, not cfg.loss.fused_head), **kwargs)
+    on = bool(cfg.loss.fused_head)
+    fused, unfused = (plan, other) if on else (other, plan)
+    plan.lm_head = {"fused_head": on, "fused_train_peak_gb": fused.train.peak / GB,
+                    "unfused_train_peak_gb": unfused.train.peak / GB}
+    saving = (unfused.train.peak - fused.train.peak) / GB
+    plan.train.notes["LM head"] = (
+        f"fused (loss.fused_head=true) {fused.train.peak / GB:.1f} GB train peak / unfused "
+        f"{unfused.train.peak / GB:.1f} GB (" + (f"fusing saves {saving:.1f} GB" if saving >= 0 else
+                                                 f"fusing costs {-saving:.1f} GB more")
+        + f"); the flag is {'on' if on else 'off'}"
+        + ("" if fused.peak_gb == unfused.peak_gb else
+           f"; peak of the step {fused.peak_gb:.1f} GB fused / {unfused.peak_gb:.1f} GB unfused"))
+    return plan
+
+
+def _with_fused_head(cfg, on: bool):
+    """A copy of `cfg` whose loss.fused_head is `on` (the other sections are shared, not copied)."""
+    out = copy.copy(cfg)
+    out.loss = copy.copy(cfg.loss)
+    out.loss.fused_head = on
+    return out
+
+
+def _head_chunk_bytes(cfg, tokens: int, vocab_rank: int) -> float:
+    """One fused-head chunk's fp32 temporaries (loss/fused_head.py), chunks of at most `tokens`."""
+    chunk = cfg.loss.head_chunk_tokens or auto_chunk_tokens(vocab_rank)
+    return _BUFFERS_PER_CHUNK * 4 * min(chunk, tokens) * vocab_rank
+
+
+def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool | None, arch: Qwen3Arch,
+              source: str) -> MemoryPlan:
+    """`plan_memory` for the config as it is (loss.fused_head included)."""
     p, o, r = cfg.parallel, cfg.optim, cfg.rollout
     tp, pp = p.tp, p.pp
     if dp is None:  # as the launchers derive it; CPU runs spawn tp * pp * (parallel.dp or 1) ranks
@@ -143,9 +182,23 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
     mb_rollouts = max(T // s, 1)
     teacher_positions = min(rollouts_mini * per_rollout,
                             max(cfg.teacher.max_resident_tokens or rollouts_mini * per_rollout, mb_rollouts * per_rollout))
-    teacher_logits = teacher_positions * vocab_rank * B
-    # forward-only passes reduce each micro-batch's logits as it comes (train/step.py)
-    old_logits = T_resp * vocab_rank * B
+    # forward-only passes reduce each micro-batch's logits as it comes (train/step.py); the fused
+    # head (loss.fused_head) keeps the teacher's final hidden states instead of its logits, and no
+    # pass holds more of the head than one chunk's temporaries (and, in the update, the response
+    # positions' hidden states and their gradient, and the weight's gradient)
+    head_fused = bool(cfg.loss.fused_head)
+    if head_fused:
+        teacher_key, teacher_resident = "teacher hidden states (one update chunk)", teacher_positions * arch.hidden_size * B
+        old_key, old_bytes = "fused LM head chunk buffers", _head_chunk_bytes(cfg, T_resp, vocab_rank)
+        # the update forms d(weight) in its forward and holds it, in the weight's dtype, until
+        # the micro-batch's backward (loss/fused_head.py, token_loss)
+        head_update = {"fused LM head chunk buffers": old_bytes,
+                       "LM head hidden states + grad (update)": T_resp * arch.hidden_size * B * 2,
+                       "fused LM head d(weight) (forward to backward)": vocab_rank * arch.hidden_size * B}
+    else:
+        teacher_key, teacher_resident = "teacher logits (one update chunk)", teacher_positions * vocab_rank * B
+        old_key, old_bytes = "old log-prob logits (one micro-batch)", T_resp * vocab_rank * B
+        head_update = {"LM head logits (update)": T_resp * vocab_rank * 2 * B}
     master, moments = _optimizer_bytes(cfg)
     opt_key = f"optimizer ({o.optimizer}{', distributed /' + str(dp) if o.distributed_optimizer else ''})"
 
@@ -182,16 +235,16 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
             kv_bytes = engine_pool - engine_weights
 
         # train: the largest of its passes
-        resident = {**base, "teacher logits (one update chunk)": teacher_logits if last and teacher_used else 0.0}
+        resident = {**base, teacher_key: teacher_resident if last and teacher_used else 0.0}
         passes = {}
         if teacher_used:
             passes["teacher"] = {**resident, "snapshot teacher weights": teacher_w,
                                  "activations (teacher pass, one layer)": sh.layer_bytes(T_t, row_t, not fused)}
         if o.mini_batches > 1:
-            passes["old log-prob"] = {**base, "old log-prob logits (one micro-batch)": old_logits if last else 0}
+            passes["old log-prob"] = {**base, old_key: old_bytes if last else 0}
         passes["update"] = {**resident,
                             "activations (update)": min(pp - i, num_mb) * per_mb + (T * 2 * sh.h * B if last else 0),
-                            "LM head logits (update)": T_resp * vocab_rank * 2 * B if last else 0.0}
+                            **{k: v if last else 0.0 for k, v in head_update.items()}}
         pass_name, tr_trainer = max(passes.items(), key=lambda kv: sum(kv[1].values()))
 
         for g in _gpus_of_stage(cfg, i):
@@ -239,9 +292,14 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
             f"sleeps ({em.cuda_graphs / GB:.2f} GB in the train phase); export it where the trainer runs to "
             "release them")
     if teacher_used:
-        tr_worst.notes["teacher logits"] = (f"{int(teacher_positions)} positions (teacher.max_resident_tokens="
-                                            f"{cfg.teacher.max_resident_tokens}; {per_rollout:g} per rollout) x "
-                                            f"V/tp={vocab_rank}")
+        tr_worst.notes["teacher hidden states" if head_fused else "teacher logits"] = (
+            f"{int(teacher_positions)} positions (teacher.max_resident_tokens={cfg.teacher.max_resident_tokens}; "
+            f"{per_rollout:g} per rollout) x " + (f"H={arch.hidden_size}" if head_fused else f"V/tp={vocab_rank}"))
+    if head_fused:
+        chunk = cfg.loss.head_chunk_tokens
+        tr_worst.notes["fused LM head chunk"] = (
+            f"{min(chunk or auto_chunk_tokens(vocab_rank), T_resp)} tokens (loss.head_chunk_tokens={chunk}"
+            f"{'' if chunk else ', automatic'}) x {_BUFFERS_PER_CHUNK} fp32 buffers x V/tp={vocab_rank}")
     if len(per_gpu["rollout"]) > 1:
         notes["GPUs of a replica (rollout / train peak GB)"] = "; ".join(
             f"{w} {per_gpu['rollout'][w] / GB:.1f} / {per_gpu['train'][w] / GB:.1f}" for w in per_gpu["rollout"])

@@ -43,6 +43,9 @@ class MemoryPlan:
     engine_fits: bool = True  # the engine's weights fit its mem_fraction_static share
     gpus: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> GPU of a replica -> peak bytes
     notes: dict[str, str] = field(default_factory=dict)  # about the whole plan
+    # the train peak with and without the fused LM head (loss.fused_head), whatever the flag:
+    # {"fused_head": the flag, "fused_train_peak_gb": ..., "unfused_train_peak_gb": ...}
+    lm_head: dict = field(default_factory=dict)
 
     @property
     def peak_gb(self) -> float:
@@ -66,7 +69,8 @@ class MemoryPlan:
                 "peak_gb": round(self.peak_gb, 2), "fits": self.fits, "params_per_gpu": self.params_per_gpu,
                 "kv_cache_tokens": self.kv_cache_tokens,
                 "gpus_peak_gb": {ph: {g: round(v / GB, 2) for g, v in d.items()} for ph, d in self.gpus.items()},
-                "notes": self.notes, "suggestions": suggestions(self)}
+                "notes": self.notes, "suggestions": suggestions(self),
+                "lm_head": {k: round(v, 2) if isinstance(v, float) else v for k, v in self.lm_head.items()}}
 
     def table(self) -> str:
         lay = self.layout

@@ -20,7 +20,7 @@ sequence then gets a micro-batch of its own.
 **Packing** (`lay_out`). A packed micro-batch is one row `[1, L]` holding its sequences back to
 back, each with its own position ids (0, 1, ...). On CPU (the local layer spec) attention gets a
 block-diagonal causal mask built from the per-token sequence index (`block_causal_mask`), and
-RoPE reads the per-sequence positions (see `step._positions_for_rope`). On GPU with
+RoPE reads the per-sequence positions (see `model_pass._rope_positions`). On GPU with
 TransformerEngine the same row goes through Megatron's THD path (`PackedSeqParams` with the
 sequences' cumulative lengths). Rows are padded at the end to a multiple of `multiple` (the TP
 size under sequence parallelism); padding is a sequence of its own that no loss reads.

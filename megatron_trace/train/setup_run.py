@@ -300,6 +300,7 @@ def loss_kwargs(cfg: Config) -> dict:
                 max_response_len=lo.max_response_len, lambda0=cfg.schedule.lambda0, entry_clip=lo.entry_clip,
                 entry_clip_mode=lo.entry_clip_mode, routed_grpo=lo.routed_grpo, kl_ref_coef=0.0,
                 entropy_coef=lo.entropy_coef, chunk_size=lo.chunk_size,
+                fused_head=lo.fused_head, head_chunk_tokens=lo.head_chunk_tokens or None,
                 temperature=lo.temperature if lo.temperature is not None else cfg.rollout.temperature)
 
 

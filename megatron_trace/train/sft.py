@@ -57,8 +57,15 @@ def sft_examples(problems: list[dict], tokenizer, *, privileged_frac: float, see
     return out
 
 
-def _sft_step(ddp, optimizer, groups, batch: list[TrainSample], micro_batch_size: int, vocab_size: int) -> dict:
+def _sft_step(ddp, optimizer, groups, batch: list[TrainSample], micro_batch_size: int, vocab_size: int,
+              fused_head: bool = False, head_chunk_tokens: int | None = None) -> dict:
+    """One SFT update: the global token mean of -log q(y_t) over the response tokens. With
+    `fused_head` (`loss.fused_head`) the cross-entropy comes from the final hidden states and the
+    output weight (loss/fused_head.py) and the output layer is bypassed: no logits exist."""
+    from ..loss.fused_head import fused_head as fused
     from ..parallel.schedule import run_schedule
+    from .micro import Batching
+    from .model_pass import forward_micro_batch, head_weight
     from .step import _global_counts, _grads_finite, make_micro_batches
 
     # Length-sorted micro-batches: plain and privileged examples differ ~2x in length, so mixing
@@ -75,18 +82,25 @@ def _sft_step(ddp, optimizer, groups, batch: list[TrainSample], micro_batch_size
     def step(data_iter, m):
         mb = mbs[next(data_iter)]
         ids = mb.ids.to(groups.device)
-        pos = torch.arange(ids.shape[1], device=groups.device).unsqueeze(0).expand_as(ids)
-        logits = m(ids, pos, None)
+        if fused_head:
+            out = forward_micro_batch(m, groups, mb, Batching(micro_batch_size), fused=True)
+        else:
+            pos = torch.arange(ids.shape[1], device=groups.device).unsqueeze(0).expand_as(ids)
+            out = m(ids, pos, None)
 
         def loss_func(out):
             nonlocal total
-            lp, _ = token_logprob_and_entropy(out[mb.rows, mb.cols], ids[mb.rows, mb.cols + 1], groups.tp,
-                                              vocab_size=vocab_size)
+            targets = ids[mb.rows, mb.cols + 1]
+            if fused_head:  # out: [1, T, H] hidden states at the response positions
+                lp = fused(out[0], head_weight(m), targets, groups.tp, vocab_size=vocab_size,
+                           chunk_tokens=head_chunk_tokens).logprob
+            else:
+                lp, _ = token_logprob_and_entropy(out[mb.rows, mb.cols], targets, groups.tp, vocab_size=vocab_size)
             loss = -lp.sum() / counts.num_tokens  # global token mean; DP ranks and micro-batches sum
             total += loss.detach().double().cpu()
             return loss, torch.zeros((), dtype=torch.int, device=loss.device), {"loss": loss.detach()}
 
-        return logits, loss_func
+        return out, loss_func
 
     run_schedule(groups, ddp, step, iter(range(len(mbs))), num_microbatches=len(mbs),
                  seq_length=max(mb.ids.shape[1] for mb in mbs), micro_batch_size=micro_batch_size)
@@ -190,7 +204,8 @@ def run_sft(cfg: Config) -> dict | None:
         lr = lr_at(step, s.steps, s.lr, s.min_lr, s.warmup_steps, "cosine")
         for g in optimizer.param_groups:
             g["lr"] = lr
-        m = _sft_step(ddp, optimizer, groups, batch, cfg.optim.micro_batch_size, arch.vocab_size)
+        m = _sft_step(ddp, optimizer, groups, batch, cfg.optim.micro_batch_size, arch.vocab_size,
+                      cfg.loss.fused_head, cfg.loss.head_chunk_tokens or None)
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, m["sft/loss"])
         m["sft/loss"] = next(p for p in parts if p is not None)

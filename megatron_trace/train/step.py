@@ -12,8 +12,10 @@
                position and the actor's log-probs; after the updates, the actor's again
 
 Every pass goes through Megatron's `get_forward_backward_func` (PP works unchanged), and the LM
-head runs only at the positions a pass reads (span-sparse head: a pre-hook on the output layer
-selects those hidden states, so the [hidden x V/tp] matmul costs one row per token read).
+head runs only at the positions a pass reads (`model_pass.py`). What a pass reads there, logits
+or (with `loss.fused_head`) final hidden states and the output weight, becomes per-token values
+in `head.py`; no pass then holds `[T, V/tp]` logits. Micro-batches: `micro.py`; the key-token
+lift's passes: `lift.py`.
 
 Layout (`train/batching.py`): each mini-batch is split over DP ranks by a length-balanced
 partition; each rank cuts its share into micro-batches of `micro_batch_size` rollouts or, with
@@ -39,220 +41,28 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..loss import (
-    GlobalCounts,
-    LossConfig,
-    LossInputs,
-    Stats,
-    routed_loss,
-    token_argmax,
-    token_divergence,
-    token_logprob_and_entropy,
-)
+from ..loss import GlobalCounts, LossConfig, LossInputs, Stats
 from ..loss.mismatch import rollout_mismatch, tis_weights
 from ..models.builder import unwrap_model
 from ..parallel import ParallelGroups
 from ..parallel.schedule import run_schedule
 from ..types import TrainSample
-from .batching import Layout, block_causal_mask, lay_out, partition_dp, plan_micro_batches
+from .batching import partition_dp
+from .head import Head
+from .lift import lift_after, lift_before
+from .micro import (
+    Batching,
+    MicroBatch,
+    batching_of,
+    make_micro_batches,
+    probe_positions,
+    seq_len,
+    teacher_batch,
+)
+from .model_pass import forward_micro_batch, head_weight, run_forward
 
 __all__ = ["Batching", "MicroBatch", "StepResult", "make_micro_batches", "probe_positions", "set_lr",
            "split_mini_batches", "train_step"]
-
-
-@dataclass(frozen=True)
-class Batching:
-    """How rollouts become micro-batches (see train/batching.py)."""
-
-    micro_batch_size: int = 4  # rollouts per micro-batch when max_tokens == 0
-    max_tokens: int = 0  # token budget per micro-batch; 0 = micro_batch_size whole rollouts
-    pack: bool = False  # several rollouts per row (block-diagonal attention / THD)
-    multiple: int = 1  # rows padded to a multiple of this (TP under sequence parallelism)
-    thd: bool = False  # packed rows through TransformerEngine's THD path (set from the model)
-
-    def plan(self, lengths: list[int]) -> list[list[int]]:
-        return plan_micro_batches(lengths, count=self.micro_batch_size, budget=self.max_tokens, packed=self.pack)
-
-
-@dataclass
-class MicroBatch:
-    """Rollouts laid out for one forward, and the positions whose logits the pass reads."""
-
-    samples: list[TrainSample]
-    lay: Layout
-    rows: torch.Tensor  # [T] row of each position read
-    cols: torch.Tensor  # [T] column of each position read (it predicts the next token)
-    targets: torch.Tensor  # [T] the token each position predicts
-
-    @property
-    def ids(self) -> torch.Tensor:
-        return self.lay.ids
-
-
-def probe_positions(sample: TrainSample, k: int) -> list[int]:
-    """Up to k off-span response positions, evenly spaced (deterministic, layout-independent)."""
-    off = [i for i, r in enumerate(sample.routes) if not r]
-    if k <= 0 or not off:
-        return []
-    step = max(len(off) / k, 1.0)
-    return sorted({off[int(j * step)] for j in range(min(k, len(off)))})
-
-
-def _reader_batch(samples: list[TrainSample], seqs: list[list[int]], prompt_lens: list[int],
-                  rounds: list[list[list[int]]], b: Batching) -> MicroBatch:
-    """`seqs` laid out as one micro-batch that reads, round after round, the response positions
-    `rounds[k][j]` of sequence j (a response position i is predicted at prompt_len - 1 + i)."""
-    lay = lay_out(seqs, packed=b.pack, multiple=b.multiple)
-    rows, cols = [], []
-    for picks in rounds:
-        for (r, c), p, idx in zip(lay.where, prompt_lens, picks):
-            rows += [r] * len(idx)
-            cols += [c + p - 1 + i for i in idx]
-    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    return MicroBatch(samples, lay, rows, cols, lay.ids[rows, cols + 1])
-
-
-def _sequences(samples: list[TrainSample], teacher: bool) -> tuple[list[list[int]], list[int]]:
-    """The sequences a pass reads (the privileged teacher inputs, or prompt + response) and their
-    prompt lengths."""
-    if teacher:
-        return [s.teacher_ids for s in samples], [s.teacher_prompt_len for s in samples]
-    return [s.prompt_ids + s.response_ids for s in samples], [len(s.prompt_ids) for s in samples]
-
-
-def _student_batch(samples: list[TrainSample], b: Batching) -> MicroBatch:
-    """Reads every response position: T = the rollouts' response tokens, in sample order."""
-    return _reader_batch(samples, *_sequences(samples, False), [[range(len(s.response_ids)) for s in samples]], b)
-
-
-def _teacher_batch(samples: list[TrainSample], b: Batching, probe_tokens: int) -> MicroBatch:
-    """Reads the routed positions of every rollout, then its leakage-probe positions."""
-    return _reader_batch(samples, *_sequences(samples, True),
-                         [[s.routed_positions for s in samples], [probe_positions(s, probe_tokens) for s in samples]], b)
-
-
-def _key_batch(samples: list[TrainSample], b: Batching, teacher: bool) -> MicroBatch:
-    """Reads the key positions of every rollout, in the teacher's or the student's sequence."""
-    return _reader_batch(samples, *_sequences(samples, teacher), [[s.key_positions for s in samples]], b)
-
-
-def make_micro_batches(samples: list[TrainSample], micro_batch_size: int, *,
-                       batching: Batching | None = None) -> list[MicroBatch]:
-    """This rank's rollouts as student micro-batches (all response positions read)."""
-    b = batching or Batching(micro_batch_size)
-    plan = b.plan([_seq_len(s) for s in samples])
-    return [_student_batch([samples[i] for i in idx], b) for idx in plan]
-
-
-@contextlib.contextmanager
-def _span_sparse_head(model, rows: torch.Tensor, cols: torch.Tensor):
-    """Make the output layer see only hidden states at (row, col): logits come out [1, T, V/tp].
-
-    Under sequence parallelism the output layer's input is sharded along the sequence: the hook
-    gathers it first and the layer runs as plain column-parallel for this call (its input grad
-    is then all-reduced over TP, and the gather's backward keeps this rank's slice).
-    """
-    inner = unwrap_model(model)
-    head = getattr(inner, "output_layer", None)
-    if head is None or not getattr(inner, "post_process", False):
-        yield
-        return
-    sp = bool(getattr(head, "sequence_parallel", False))
-
-    def pre_hook(_module, args, kwargs):
-        hidden = args[0]  # [s, b, h] ([s/tp, b, h] under sequence parallelism)
-        if sp:
-            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
-                                                          group=head.tp_group)
-        picked = hidden[cols.to(hidden.device), rows.to(hidden.device)].unsqueeze(1)  # [T, 1, h]
-        return (picked, *args[1:]), kwargs
-
-    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    if sp:
-        head.sequence_parallel = False
-    try:
-        yield
-    finally:
-        handle.remove()
-        if sp:
-            head.sequence_parallel = True
-
-
-@contextlib.contextmanager
-def _rope_positions(model, pos: torch.Tensor | None):
-    """Packed rows on the local spec: RoPE at each token's own position ids `[b, s]`.
-
-    Megatron computes the rotary table for positions 0..s-1 of the row; the hook re-indexes it by
-    the per-sequence positions (a `[s, b, 1, d]` table broadcasts over heads like the usual
-    `[s, 1, 1, d]`)."""
-    rope = getattr(unwrap_model(model), "rotary_pos_emb", None)
-    if pos is None or rope is None:
-        yield
-        return
-
-    def hook(_module, _args, emb):
-        return emb[:, 0, 0][pos.t().to(emb.device)].unsqueeze(2)
-
-    handle = rope.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _thd_params(lay: Layout, device):
-    """Megatron's packed-sequence description of one packed row (TransformerEngine attention)."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    lens = list(lay.lengths)
-    pad = lay.ids.shape[1] - sum(lens)
-    if pad:
-        lens.append(pad)
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
-    cu = cu.to(device)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max(lens),
-                           max_seqlen_kv=max(lens))
-
-
-def _forward(m, groups: ParallelGroups, mb: MicroBatch, b: Batching):
-    """The model on one micro-batch; logits `[1, T, V/tp]` at the positions `mb` reads (last stage)."""
-    lay, dev = mb.lay, groups.device
-    ids, pos = lay.ids.to(dev), lay.pos.to(dev)
-    mask = psp = None
-    if lay.packed and b.thd:
-        psp = _thd_params(lay, dev)
-    elif lay.packed:
-        mask = block_causal_mask(lay.seg.to(dev))
-    with _span_sparse_head(m, mb.rows, mb.cols), _rope_positions(m, pos if mask is not None else None):
-        if psp is not None:
-            return m(ids, pos, None, packed_seq_params=psp)
-        return m(ids, pos, mask)
-
-
-def _run_forward(model, groups: ParallelGroups, mbs: list[MicroBatch], b: Batching, consume) -> None:
-    """Forward only, all micro-batches in one schedule call. On the last stage `consume(mb, logits)`
-    gets each micro-batch's `[T, V/tp]` logits as it is computed, so no pass holds more than one
-    micro-batch's logits beyond what it keeps."""
-    if not mbs:
-        return
-
-    def step(data_iter, m):
-        mb = mbs[next(data_iter)]
-
-        def loss_func(out):
-            consume(mb, out[0])
-            return torch.zeros((), device=out.device), {}
-
-        return _forward(m, groups, mb, b), loss_func
-
-    model.eval()
-    with torch.no_grad():
-        run_schedule(groups, model, step, iter(range(len(mbs))), num_microbatches=len(mbs),
-                     seq_length=max(mb.ids.shape[1] for mb in mbs),
-                     micro_batch_size=max(mb.ids.shape[0] for mb in mbs), forward_only=True)
 
 
 @dataclass
@@ -299,10 +109,6 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
-def _seq_len(s: TrainSample) -> int:
-    return len(s.prompt_ids) + len(s.response_ids)
-
-
 class _Step:
     """The state one step's passes share: pass outputs are kept per rollout uid (last stage)."""
 
@@ -310,13 +116,19 @@ class _Step:
                  batching: Batching, tis_cap: float | None, probe_tokens: int, *, teacher=None,
                  teacher_tokens: int = 0, record: dict | None = None):
         self.groups, self.cfg, self.lam, self.vocab, self.b = groups, loss_cfg, lam, vocab_size, batching
+        self.head = Head(groups, loss_cfg, vocab_size, sequence_parallel=batching.multiple > 1)
+        self.fused = loss_cfg.fused_head
         self.tis_cap, self.probe_tokens = tis_cap, probe_tokens
         self.teacher = teacher  # the teacher module; None = no teacher pass this step
         self.teacher_tokens = teacher_tokens  # teacher positions held at once (0 = a whole mini-batch's)
         self.record = record  # record_teacher: uid -> the teacher's log-probs and entropies at routed tokens
         self.old: dict[int, torch.Tensor] = {}  # uid -> old log-probs [n]
-        self.t_routed: dict[int, torch.Tensor] = {}  # uid -> teacher logits at routed positions [R, V/tp]
-        self.t_probe: dict[int, torch.Tensor] = {}  # uid -> teacher logits at probe positions [Q, V/tp]
+        # The teacher's output at routed and probe positions: logits [R, V/tp], or with the fused
+        # head its final hidden states [R, H] and its output weight `t_weight` (the actor's own
+        # tensor for the live teacher)
+        self.t_routed: dict[int, torch.Tensor] = {}  # uid -> at routed positions
+        self.t_probe: dict[int, torch.Tensor] = {}  # uid -> at probe positions
+        self.t_weight: torch.Tensor | None = None
         self.lift_top1: dict[int, torch.Tensor] = {}  # uid -> the teacher's top-1 token at key positions
         self.lift_before: dict[int, tuple] = {}  # uid -> the actor's (sampled, top-1) log-probs there
         self.pre = Stats()  # diagnostics of the passes (last stage only)
@@ -328,11 +140,13 @@ class _Step:
         self.layout.mean_of("layout/padding_frac", total - sum(sum(mb.lay.lengths) for mb in mbs), total)
         self.layout.sum("layout/micro_batches", len(mbs))
 
-    def logprobs(self, logits: torch.Tensor, mb: MicroBatch, targets: torch.Tensor | None = None) -> torch.Tensor:
-        targets = mb.targets if targets is None else targets
-        lp, _ = token_logprob_and_entropy(logits, targets.to(logits.device), self.groups.tp, self.cfg.temperature,
-                                          vocab_size=self.vocab, chunk_size=self.cfg.chunk_size)
-        return lp
+    def weight(self, model) -> torch.Tensor | None:
+        """The output weight the fused head needs with `model`'s hidden states (None: logits)."""
+        return head_weight(model) if self.fused else None
+
+    def logprobs(self, out: torch.Tensor, weight: torch.Tensor | None, mb: MicroBatch,
+                 targets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head.logprobs(out, weight, mb.targets if targets is None else targets)
 
     def record_old(self, mb: MicroBatch, lp: torch.Tensor) -> None:
         """Keep pi_old's log-probs of `mb`'s rollouts; the mismatch diagnostics on the way."""
@@ -362,14 +176,13 @@ class _Step:
             return None
         return tis_weights(old, self.engine_logprobs(mb, old.device), self.tis_cap)
 
-    def leakage(self, mb: MicroBatch, logits: torch.Tensor) -> None:
+    def leakage(self, mb: MicroBatch, out: torch.Tensor, weight: torch.Tensor | None) -> None:
         """Teacher-student forward KL (no grad) at the off-span probe positions of `mb`'s rollouts."""
         k = 0
         for s in mb.samples:
             if s.uid in self.t_probe:
-                probes = torch.tensor(probe_positions(s, self.probe_tokens), dtype=torch.long, device=logits.device)
-                leak = token_divergence(logits[k + probes], self.t_probe[s.uid], "forward", self.groups.tp,
-                                        self.cfg.temperature, None, vocab_size=self.vocab)
+                probes = torch.tensor(probe_positions(s, self.probe_tokens), dtype=torch.long, device=out.device)
+                leak = self.head.forward_kl(out[k + probes], weight, self.t_probe[s.uid], self.t_weight)
                 self.pre.mean("teacher/leakage_kl_offspan", leak)
             k += len(s.response_ids)
 
@@ -383,12 +196,14 @@ def _teacher_positions(s: TrainSample, probe_tokens: int) -> int:
 
 
 def _teacher_pass(st: _Step, samples: list[TrainSample]) -> None:
-    """Teacher logits at the routed (and probe) positions of `samples` that have routes."""
+    """The teacher's logits (fused head: hidden states) at the routed and probe positions of the
+    `samples` that have routes."""
     routed = [s for s in samples if any(s.routes)]
     plan = st.b.plan([len(s.teacher_ids) for s in routed])
-    mbs = [_teacher_batch([routed[i] for i in idx], st.b, st.probe_tokens) for idx in plan]
+    mbs = [teacher_batch([routed[i] for i in idx], st.b, st.probe_tokens) for idx in plan]
 
     def keep(mb: MicroBatch, out: torch.Tensor) -> None:
+        st.t_weight = st.weight(st.teacher)
         r = sum(len(s.routed_positions) for s in mb.samples)
         if st.record is not None:
             _record_teacher(st.record, mb, out[:r], st)
@@ -400,13 +215,14 @@ def _teacher_pass(st: _Step, samples: list[TrainSample]) -> None:
                 st.t_probe[s.uid] = out[q:q + m]
             k, q = k + n, q + m
 
-    _run_forward(st.teacher, st.groups, mbs, st.b, keep)
+    run_forward(st.teacher, st.groups, mbs, st.b, keep, st.fused)
 
 
 def _old_logprob_pass(st: _Step, ddp, samples: list[TrainSample]) -> None:
     """pi_old on rollouts whose mini-batch is not the first (the actor before this step's updates)."""
     mbs = make_micro_batches(samples, st.b.micro_batch_size, batching=st.b)
-    _run_forward(ddp, st.groups, mbs, st.b, lambda mb, out: st.record_old(mb, st.logprobs(out, mb)))
+    run_forward(ddp, st.groups, mbs, st.b, lambda mb, out: st.record_old(mb, st.logprobs(out, st.weight(ddp), mb)),
+                st.fused)
 
 
 def _chunks(mbs: list[MicroBatch], st: _Step) -> list[list[int]]:
@@ -444,7 +260,7 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
     """One optimizer update on this rank's share of a mini-batch. Returns (grad norm, skipped).
 
     on_policy: no update has run this step yet, so the forward's own (detached) log-probs are
-    pi_old's. The teacher's logits are computed right before the micro-batches that read them,
+    pi_old's. The teacher's logits (hidden states) are computed right before the micro-batches that read them,
     in chunks of at most `teacher_tokens` positions (the update's schedule calls accumulate
     gradients; only the last finalises them), so they are never all held at once. With the live
     teacher that is the actor as it is when its logits are used (its weights move only at the
@@ -458,14 +274,15 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
 
     def step(data_iter, m):
         mb = mbs[next(data_iter)]
-        logits = _forward(m, groups, mb, st.b)
+        out = forward_micro_batch(m, groups, mb, st.b, st.fused)
 
         def loss_func(out):
-            x = out[0]  # [T, V/tp]
+            x = out[0]  # [T, V/tp] logits, or [T, H] hidden states with the fused head
+            w = st.weight(m)
             with torch.no_grad():
                 if on_policy:
-                    st.record_old(mb, st.logprobs(x.detach(), mb))
-                st.leakage(mb, x.detach())
+                    st.record_old(mb, st.logprobs(x.detach(), w, mb))
+                st.leakage(mb, x.detach(), w)
             old = st.old_of(mb)
             seq_lens = torch.tensor([len(s.response_ids) for s in mb.samples])
             seq_ids = torch.repeat_interleave(torch.arange(len(mb.samples)), seq_lens)
@@ -474,13 +291,12 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
                 advantages=torch.tensor([s.advantage for s in mb.samples], dtype=torch.float64)[seq_ids],
                 routes=torch.tensor([r for s in mb.samples for r in s.routes], dtype=torch.int8),
                 seq_ids=seq_ids, seq_lens=seq_lens, is_weights=st.is_weights(mb, old))
-            loss, s = routed_loss(x, st.teacher_of(mb) if lam > 0 else None, batch, counts, st.cfg, lam, groups.tp,
-                                  st.vocab)
+            loss, s = st.head.loss(x, w, st.teacher_of(mb) if lam > 0 else None, st.t_weight, batch, counts, lam)
             stats.merge(s)
             # num_tokens = 0: the loss is already globally normalised; Megatron must not divide.
             return loss, torch.zeros((), dtype=torch.int, device=loss.device), {"loss": loss.detach()}
 
-        return logits, loss_func
+        return out, loss_func
 
     chunks = _chunks(mbs, st)
     for c, chunk in enumerate(chunks):
@@ -508,62 +324,6 @@ def _update(st: _Step, ddp, optimizer, mine: list[TrainSample], counts: GlobalCo
         timers["time/optimizer"] += time.perf_counter() - t1
 
 
-def _lift_read(st: _Step, ddp, samples: list[TrainSample], into: dict) -> None:
-    """The actor's log-probs at the key positions of `samples`: of the sampled token and of the
-    teacher's top-1 token (`st.lift_top1`), per rollout uid into `into`."""
-    mbs = [_key_batch([samples[i] for i in idx], st.b, teacher=False) for idx in st.b.plan([_seq_len(s) for s in samples])]
-
-    def read(mb: MicroBatch, out: torch.Tensor) -> None:
-        top = torch.cat([st.lift_top1[s.uid] for s in mb.samples]).to(out.device)
-        sampled, teacher = st.logprobs(out, mb), st.logprobs(out, mb, targets=top)
-        k = 0
-        for s in mb.samples:
-            n = len(s.key_positions)
-            into[s.uid] = (sampled[k:k + n], teacher[k:k + n])
-            k += n
-
-    _run_forward(ddp, st.groups, mbs, st.b, read)
-
-
-def _lift_before(st: _Step, ddp, teacher, samples: list[TrainSample]) -> None:
-    """Key-token lift, before the updates: the teacher's most likely token at each key position
-    (its privileged view: the paper's teacher-supported token) and how often it is the sampled
-    one, then the actor's log-probs."""
-    mbs = [_key_batch([samples[i] for i in idx], st.b, teacher=True)
-           for idx in st.b.plan([len(s.teacher_ids) for s in samples])]
-
-    def top1(mb: MicroBatch, out: torch.Tensor) -> None:
-        ids = token_argmax(out, st.groups.tp, vocab_size=st.vocab)
-        # the teacher batch's targets at key positions are the sampled tokens
-        st.pre.mean("lift/teacher_agrees_with_sample", (ids == mb.targets.to(ids.device)).double())
-        k = 0
-        for s in mb.samples:
-            st.lift_top1[s.uid] = ids[k:k + len(s.key_positions)]
-            k += len(s.key_positions)
-
-    _run_forward(teacher, st.groups, mbs, st.b, top1)
-    _lift_read(st, ddp, samples, st.lift_before)
-
-
-def _lift_after(st: _Step, ddp, samples: list[TrainSample]) -> None:
-    """Key-token lift, after the updates: the mean change of the actor's log-prob at key
-    positions, of the teacher's top-1 token (`lift/key_teacher`) and of the sampled token
-    (`lift/key_sampled`)."""
-    after: dict = {}
-    _lift_read(st, ddp, samples, after)
-    for uid, (sampled, teacher) in after.items():
-        s0, t0 = st.lift_before[uid]
-        st.pre.mean("lift/key_sampled", sampled - s0.to(sampled.device))
-        st.pre.mean("lift/key_teacher", teacher - t0.to(teacher.device))
-
-
-def _batching(ddp, groups: ParallelGroups, micro_batch_size: int, max_tokens: int, pack: bool) -> Batching:
-    inner = unwrap_model(ddp)
-    sp = bool(getattr(inner.config, "sequence_parallel", False)) and groups.tp_size > 1
-    thd = pack and any(type(m).__name__ == "TEDotProductAttention" for m in inner.modules())
-    return Batching(micro_batch_size, max_tokens, pack, groups.tp_size if sp else 1, thd)
-
-
 def _imbalance(costs: list[list[int]], shares: list[list[list[int]]], dp: int) -> float:
     """The busiest DP rank's cost over the mean (1.0 = perfectly even), over the whole step."""
     loads = [sum(c[i] for c, sh in zip(costs, shares) for i in sh[r]) for r in range(dp)]
@@ -576,7 +336,7 @@ def _dp_costs(minis: list[list[TrainSample]], use_teacher: bool, separate_old: b
     out = []
     for k, mini in enumerate(minis):
         old = 1 if (separate_old or k > 0) else 0
-        out.append([(3 + old) * _seq_len(s) + (len(s.teacher_ids) if use_teacher and any(s.routes) else 0)
+        out.append([(3 + old) * seq_len(s) + (len(s.teacher_ids) if use_teacher and any(s.routes) else 0)
                     for s in mini])
     return out
 
@@ -601,7 +361,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     use_teacher = lam > 0 and any(any(s.routes) for s in samples)
     teacher_outputs: dict[int, dict[str, list[float]]] = {}
     st = _Step(groups, loss_cfg, lam, vocab_size,
-               _batching(ddp, groups, micro_batch_size, max_tokens_per_micro_batch, pack_sequences), tis_cap,
+               batching_of(ddp, groups, micro_batch_size, max_tokens_per_micro_batch, pack_sequences), tis_cap,
                probe_tokens if lam > 0 else 0, teacher=(teacher if teacher is not None else ddp) if use_teacher else None,
                teacher_tokens=teacher_tokens, record=teacher_outputs if record_teacher else None)
     minis = split_mini_batches(samples, mini_batches, groups.dp_size)
@@ -626,7 +386,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     t0 = time.perf_counter()
     lifted = [s for m in mine for s in m if s.uid in lift]
     if lifted:
-        _lift_before(st, ddp, (teacher if teacher is not None else ddp) if lam > 0 else ddp, lifted)
+        lift_before(st, ddp, (teacher if teacher is not None else ddp) if lam > 0 else ddp, lifted)
     t_lift = time.perf_counter() - t0
     t0 = time.perf_counter()
     later = [s for m in (mine if separate_old_pass else mine[1:]) for s in m]
@@ -645,7 +405,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
             norms.append(norm)
     t4 = time.perf_counter()
     if lifted:
-        _lift_after(st, ddp, lifted)
+        lift_after(st, ddp, lifted)
     timers["time/key_token_lift"] = t_lift + time.perf_counter() - t4 if lift else 0.0
     stats.merge(st.pre).merge(st.layout)
     metrics = stats.reduce(groups.dp, device=groups.device) if groups.is_last_stage else {}
@@ -659,10 +419,9 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     return StepResult(metrics, skipped > 0, teacher_outputs)
 
 
-def _record_teacher(out: dict, mb: MicroBatch, logits: torch.Tensor, st: _Step) -> None:
-    r = logits.shape[0]
-    lp, ent = token_logprob_and_entropy(logits, mb.targets[:r].to(logits.device), st.groups.tp, st.cfg.temperature,
-                                        vocab_size=st.vocab)
+def _record_teacher(out: dict, mb: MicroBatch, t_out: torch.Tensor, st: _Step) -> None:
+    r = t_out.shape[0]
+    lp, ent = st.head.logprob_entropy(t_out, st.t_weight, mb.targets[:r])
     k = 0
     for s in mb.samples:
         n = len(s.routed_positions)

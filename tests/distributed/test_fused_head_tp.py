@@ -1,5 +1,6 @@
 """The fused LM head with the vocabulary sharded over 2 and 3 gloo ranks equals the unfused path
-at TP=1 in float64 (values, d(hidden) after its all-reduce, and each rank's weight rows)."""
+at TP=1 in float64 (values, d(hidden) after its all-reduce, and each rank's weight rows), and
+its cross-entropy equals Megatron's `vocab_parallel_cross_entropy` on the sharded logits."""
 
 import fused_cases
 import pytest
@@ -27,3 +28,44 @@ def test_sharded_fused_head_matches_the_unfused_path(tp):
         for rank, results in enumerate(per_rank):
             for case, got, ref in zip(fused_cases.CASES, results, want):
                 fused_cases.compare(got, ref, dtype, (case[0], dtype, tp, rank))
+
+
+def _megatron_ce_rank(tp):
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_trace.loss.fused_head import fused_head
+    from megatron_trace.parallel import initialize
+
+    groups = initialize(tp=tp)
+    rank = dist.get_rank(groups.tp)
+    g = torch.Generator().manual_seed(5)
+    T, H, V = 13, 8, 22  # V divisible by tp: Megatron's cross-entropy has no padding mask
+    hidden = torch.randn(T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, V, (T,), generator=g)
+    rows = slice(rank * V // tp, (rank + 1) * V // tp)
+    out = {}
+    for name in ("fused", "megatron"):
+        h = hidden.clone().requires_grad_(True)
+        w = weight[rows].clone().requires_grad_(True)
+        if name == "fused":
+            nll = -fused_head(h, w, targets, groups.tp, chunk_tokens=4).logprob
+        else:
+            # Megatron's column-parallel head: the input's gradient is all-reduced over TP
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            logits = copy_to_tensor_model_parallel_region(h, group=groups.tp) @ w.t()
+            nll = vocab_parallel_cross_entropy(logits[:, None].clone(), targets[:, None])[:, 0]
+        (nll * torch.linspace(0.5, 1.5, T, dtype=torch.float64)).sum().backward()
+        out[name] = (nll.detach(), h.grad, w.grad)
+    return out
+
+
+@pytest.mark.dist
+def test_fused_cross_entropy_equals_megatrons():
+    for res in run_on_ranks(_megatron_ce_rank, 2, 2):
+        for got, want in zip(res["fused"], res["megatron"]):
+            assert got.abs().max() > 0
+            # Megatron computes its cross-entropy in fp32 whatever the input: fp32 tolerances
+            torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-6)

@@ -49,7 +49,7 @@ def _rope_check(ddp):
     """Packed rows: the rotary table is indexed by each token's own position (RoPE is relative, so
     the step's numbers above barely move without this; at long offsets fp32 angles would)."""
     from megatron_trace.models.builder import unwrap_model
-    from megatron_trace.train.step import _rope_positions
+    from megatron_trace.train.model_pass import _rope_positions
 
     rope = unwrap_model(ddp).rotary_pos_emb
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
@@ -148,8 +148,9 @@ def _sp_rank(hf_dir):
     from megatron_trace.loss import GlobalCounts, LossConfig, Stats
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.parallel import initialize
+    from megatron_trace.train.micro import batching_of as _batching
     from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
-    from megatron_trace.train.step import _batching, _old_logprob_pass, _Step, _update
+    from megatron_trace.train.step import _old_logprob_pass, _Step, _update
 
     groups = initialize(tp=2, pp=1)
     batch = samples()

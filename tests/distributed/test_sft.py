@@ -13,12 +13,12 @@ OVERRIDES = ["sft.steps=3", "sft.batch_size=6", "sft.lr=0.002", "sft.warmup_step
              "optim.micro_batch_size=2", "log.progress=false"]
 
 
-def _rank(rundir, tp, pp, heldout):
+def _rank(rundir, tp, pp, heldout, extra=()):
     from megatron_trace.config import load_config
     from megatron_trace.train.sft import run_sft
 
     cfg = load_config("configs/tiny_cpu.yaml", [f"run.dir={rundir}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                                                f"sft.heldout={heldout}", *OVERRIDES])
+                                                f"sft.heldout={heldout}", *OVERRIDES, *extra])
     return run_sft(cfg)
 
 
@@ -46,10 +46,14 @@ def test_sft_learns_exports_and_reports(single):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("tp, pp, dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "dp2"])
-def test_sft_matches_single_process(single, tp, pp, dp, tmp_path):
+@pytest.mark.parametrize("tp, pp, dp, extra", [(2, 1, 1, ()), (1, 2, 1, ()), (1, 1, 2, ()),
+                                               (2, 1, 1, ("loss.fused_head=true",))],
+                         ids=["tp2", "pp2", "dp2", "tp2-fused-head"])
+def test_sft_matches_single_process(single, tp, pp, dp, extra, tmp_path):
+    """tp2-fused-head: the cross-entropy through the fused LM head (no logits) at TP=2 against
+    the single process's, which goes through the output layer's logits."""
     d, _ = single
-    run_on_ranks(_rank, tp * pp * dp, str(tmp_path), tp, pp, 0)
+    run_on_ranks(_rank, tp * pp * dp, str(tmp_path), tp, pp, 0, extra)
     for a, b in zip(_losses(tmp_path), _losses(d)):
         assert math.isclose(a, b, rel_tol=1e-5), (a, b)
     ref, got = load_file(str(d / "hf" / "model.safetensors")), load_file(str(tmp_path / "hf" / "model.safetensors"))

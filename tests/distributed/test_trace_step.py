@@ -147,7 +147,7 @@ def _head_rank(hf_dir, tp):
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.models.forward import forward_logits
     from megatron_trace.parallel import initialize
-    from megatron_trace.train.step import _span_sparse_head
+    from megatron_trace.train.model_pass import _span_sparse_head
 
     groups = initialize(tp=tp)
     model = load_hf(hf_dir, groups)

@@ -1,5 +1,6 @@
-"""Smoke run of the fused-head benchmark (tiny sizes, 2 gloo ranks): all three variants run, the
-fused gradients equal the unfused ones, and the JSON has the documented keys."""
+"""Smoke run of the fused-head benchmark (tiny sizes, 2 gloo ranks): all four variants run, the
+fused gradients (eager and recomputing) equal the unfused ones, and the JSON has the documented
+keys."""
 
 import json
 import os
@@ -24,11 +25,12 @@ def test_bench_fused_head_prints_ratios_at_tp2():
     assert len(lines) == 1, proc.stdout[-2000:]
     res = json.loads(lines[0])
     assert (res["vocab"], res["tp"], res["tokens"], res["chunk_tokens"]) == (1001, 2, 48, 16)
-    for v in ("megatron_ce", "unfused", "fused"):
+    for v in ("megatron_ce", "unfused", "fused", "fused_recompute"):
         assert res[v]["time_s"] > 0 and res[v]["peak_mem_mib"] >= 0, v
-    for base in ("megatron_ce", "unfused"):
-        assert res[f"time_ratio_fused_vs_{base}"] == round(res["fused"]["time_s"] / res[base]["time_s"], 3)
-        assert res[f"memory_ratio_fused_vs_{base}"] >= 0
+    for fused in ("fused", "fused_recompute"):
+        for base in ("megatron_ce", "unfused"):
+            assert res[f"time_ratio_{fused}_vs_{base}"] == round(res[fused]["time_s"] / res[base]["time_s"], 3)
+            assert res[f"memory_ratio_{fused}_vs_{base}"] >= 0
     # fp32: the fused gradients (hidden and weight, rank 0's shard) equal the unfused path's
     assert res["max_abs_grad"] > 0 and res["max_abs_grad_diff"] <= 1e-5 * res["max_abs_grad"]
 

@@ -35,8 +35,9 @@ def _thd_rank(hf_dir):
     from megatron_trace.loss import GlobalCounts, LossConfig, Stats
     from megatron_trace.models.checkpoint import load_hf
     from megatron_trace.parallel import initialize
+    from megatron_trace.train.micro import batching_of as _batching
     from megatron_trace.train.setup import OptimSettings, build_optimizer, wrap_ddp
-    from megatron_trace.train.step import _batching, _old_logprob_pass, _Step, _update
+    from megatron_trace.train.step import _old_logprob_pass, _Step, _update
     from megatron_trace.types import TrainSample
 
     groups = initialize(device="cuda")

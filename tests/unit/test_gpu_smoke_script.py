@@ -11,8 +11,8 @@ import pytest
 from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "tools", "gpu_smoke.sh")
-PARTS = ("env", "install", "handoff", "optim_ckpt", "thd_packing", "routed_loss", "pytest_gpu", "weight_sync",
-         "train_fp32", "train_bf16", "bench_step")
+PARTS = ("env", "install", "handoff", "optim_ckpt", "thd_packing", "routed_loss", "fused_head", "pytest_gpu",
+         "weight_sync", "train_fp32", "train_bf16", "bench_step")
 
 
 def _json_lines(stdout):
@@ -28,6 +28,7 @@ def test_script_parses_and_names_every_part():
         assert f"emit {part} " in text, part
     assert "pip install --no-index --find-links" in text and "tests/gpu/test_thd_packing.py" in text
     assert "tools/bench_routed_loss.py --device cuda" in text and "memory/" in text
+    assert "tools/bench_fused_head.py --device cuda" in text and "--tokens 8192" in text
     assert "timeout -k 10" in text  # every part runs under a time limit
 
 

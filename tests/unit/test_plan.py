@@ -295,3 +295,73 @@ def test_static_bytes_equal_megatron_tensors(tp, pp):
             case = (arch.tie_word_embeddings, dtype, optimizer, got["stage"])
             assert {k: got[k] for k in want} == want, case
             assert want["weights"] / GB < 0.01
+
+
+def _fkl_8b(*overrides):
+    return load_config(os.path.join(REPO, "configs", "qwen3_8b_trace_fkl.yaml"), list(overrides))
+
+
+def test_fused_lm_head_replaces_the_logits_by_hidden_states_and_chunk_buffers(monkeypatch):
+    """loss.fused_head: the teacher keeps [positions, h] hidden states, the update one chunk's fp32
+    temporaries and the response hidden states with their gradient; no [T, V/tp] logits. Figures
+    written out for Qwen3-8B at tp 2 (h 4096, V 151936 padded to 152576, 76288 per rank, bf16)."""
+    monkeypatch.delenv(MEMORY_SAVER, raising=False)
+    cfg_off, cfg_on = _fkl_8b(), _fkl_8b("loss.fused_head=true")
+    assert cfg_off.loss.fused_head is False
+    off, on = plan_memory(cfg_off), plan_memory(cfg_on)
+    h, Vr, B = 4096, 76288, 2
+    assert padded_vocab(QWEN3_SIZES["8b"].vocab_size, 2) == 2 * Vr
+    rows, resp = cfg_off.optim.micro_batch_size, cfg_off.rollout.max_new_tokens
+    assert off.assumptions["micro_batch_tokens"] == rows * (1024 + resp)
+    T_resp = rows * resp  # response positions of a micro-batch: 16384
+    positions = cfg_off.teacher.max_resident_tokens  # 16384: under this rank's mini-batch, over a micro-batch
+    assert 2 * (resp * 0.25 + cfg_off.teacher.probe_tokens) < positions
+    chunk = 2**27 // (6 * 4 * Vr)  # six fp32 [c, V/tp] buffers in a 128 MiB target: 73 tokens
+    unfused_head = positions * Vr * B + T_resp * Vr * 2 * B
+    fused_head = positions * h * B + 6 * 4 * min(chunk, T_resp) * Vr + T_resp * h * B * 2 + Vr * h * B
+    tr_off, tr_on = off.train.components, on.train.components
+    assert tr_off["teacher logits (one update chunk)"] == positions * Vr * B
+    assert tr_off["LM head logits (update)"] == T_resp * Vr * 2 * B
+    assert tr_on["teacher hidden states (one update chunk)"] == positions * h * B
+    assert tr_on["fused LM head chunk buffers"] == 6 * 4 * chunk * Vr
+    assert tr_on["LM head hidden states + grad (update)"] == T_resp * h * B * 2
+    assert tr_on["fused LM head d(weight) (forward to backward)"] == Vr * h * B
+    assert not any("logits" in k for k in tr_on)
+    assert not any(k.startswith(("fused LM head", "teacher hidden", "LM head hidden")) for k in tr_off)
+    # every other line, and the whole rollout phase, is the same both ways
+    def same(d):
+        return {k: v for k, v in d.items() if "logits" not in k and "hidden" not in k and "fused" not in k}
+
+    assert same(tr_on) == same(tr_off) and on.rollout.components == off.rollout.components
+    assert on.train.notes["train peak"] == off.train.notes["train peak"] == "the update pass"
+    assert on.train.peak < off.train.peak
+    assert off.train.peak - on.train.peak == pytest.approx(unfused_head - fused_head)
+    # both plans carry both train peaks, whatever the flag
+    for plan, flag in ((off, False), (on, True)):
+        assert plan.lm_head == {"fused_head": flag, "fused_train_peak_gb": pytest.approx(on.train.peak / GB),
+                                "unfused_train_peak_gb": pytest.approx(off.train.peak / GB)}
+        assert plan.to_dict()["lm_head"]["fused_head"] is flag
+    assert "the flag is off" in off.table() and "the flag is on" in on.table()
+    # an explicit chunk: min(chunk, T_resp) tokens of temporaries
+    explicit = plan_memory(_fkl_8b("loss.fused_head=true", "loss.head_chunk_tokens=1024")).train.components
+    assert explicit["fused LM head chunk buffers"] == 6 * 4 * 1024 * Vr
+    huge = plan_memory(_fkl_8b("loss.fused_head=true", "loss.head_chunk_tokens=100000")).train.components
+    assert huge["fused LM head chunk buffers"] == 6 * 4 * T_resp * Vr
+
+
+def test_cli_prints_the_train_peak_with_and_without_the_fused_head():
+    env = {k: v for k, v in os.environ.items() if k != MEMORY_SAVER}
+    fused = plan_memory(_fkl_8b("loss.fused_head=true")).train.peak / GB
+    unfused = plan_memory(_fkl_8b()).train.peak / GB
+    want = f"LM head: fused (loss.fused_head=true) {fused:.1f} GB train peak / unfused {unfused:.1f} GB"
+    for flag in ("false", "true"):
+        cmd = [sys.executable, "-m", "megatron_trace.cli", "plan", "--config", "configs/qwen3_8b_trace_fkl.yaml",
+               "--json", f"loss.fused_head={flag}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert want in out.stdout and f"the flag is {'on' if flag == 'true' else 'off'}" in out.stdout, out.stdout
+        data = json.loads(out.stdout.strip().splitlines()[-1])
+        assert data["lm_head"] == {"fused_head": flag == "true", "fused_train_peak_gb": round(fused, 2),
+                                   "unfused_train_peak_gb": round(unfused, 2)}
+        assert data["train"]["peak_gb"] == round(fused if flag == "true" else unfused, 2)
+        assert data["train"]["notes"]["LM head"] in out.stdout
