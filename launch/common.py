@@ -55,7 +55,6 @@ _require_nemo_run()
 
 from layout import Layout, job_layout  # noqa: E402 - after the check above, which names the extra
 
-
 # ----------------------------------------------------------------------------------- config
 
 def resolve(config: str, overrides: list[str]):
