@@ -54,7 +54,11 @@ class LossSection:
     action: str | None = None
     kl_ref_coef: float = 0.0
     entropy_coef: float = 0.0
-    tis_cap: float | None = None  # truncated importance sampling on the GRPO term; null = off
+    # Importance weights pi_old / pi_behaviour (the engine's per-token log-probs) on the GRPO and
+    # KL terms, capped at tis_cap (null = off); tis_mode: truncate (min(rho, C)), mask (tokens
+    # with rho outside [1/C, C] dropped) or sequence (the rollout's geometric mean, capped)
+    tis_cap: float | None = None
+    tis_mode: str = "truncate"
     chunk_size: int | None = None
     # The LM head fused with the loss (loss/fused_head.py): every pass computes log-probs,
     # entropies and KLs from final hidden states and the vocab-sharded output weight, chunk by
@@ -77,6 +81,7 @@ class LossSection:
         _check(self.kl_ref_coef >= 0, "loss.kl_ref_coef", self.kl_ref_coef, "a float >= 0")
         _check(self.entropy_coef >= 0, "loss.entropy_coef", self.entropy_coef, "a float >= 0")
         _check(self.tis_cap is None or self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "null or a float > 0")
+        _one_of("loss.tis_mode", self.tis_mode, {"truncate", "mask", "sequence"})
         _check(isinstance(self.fused_head, bool), "loss.fused_head", self.fused_head, "true or false")
         _check(self.head_chunk_tokens >= 0, "loss.head_chunk_tokens", self.head_chunk_tokens,
                "an integer >= 0 (0 = automatic)")

@@ -1,7 +1,7 @@
 """Pure tensor math of the TRACE objective. Imports only torch; process groups are arguments."""
 
 from .metrics import Stats
-from .mismatch import rollout_mismatch, tis_weights
+from .mismatch import TIS_MODES, rollout_mismatch, tis_weights
 from .routed import (
     AGG_MODES,
     ROUTE_VARIANTS,
@@ -31,6 +31,7 @@ __all__ = [
     "rollout_mismatch",
     "routed_loss",
     "tis_weights",
+    "TIS_MODES",
     "token_argmax",
     "token_divergence",
     "token_logprob_and_entropy",

@@ -205,7 +205,7 @@ class LossInputs:
     seq_ids: torch.Tensor  # [T] long: rollout index 0..B-1 within this micro-batch
     seq_lens: torch.Tensor  # [B] long: |y|, each rollout's full response length
     ref_logprobs: torch.Tensor | None = None  # [T] reference policy, for kl_ref_coef > 0
-    is_weights: torch.Tensor | None = None  # [T] truncated importance weights on the GRPO term (TIS)
+    is_weights: torch.Tensor | None = None  # [T] importance weights (loss/mismatch.py) on the GRPO and KL terms
 
 
 @dataclass(frozen=True)
@@ -369,6 +369,8 @@ class _Terms:
             raise ValueError("loss.kl_ref_coef > 0 needs ref_logprobs in the batch")
         seq_len_t = batch.seq_lens.to(dev)[batch.seq_ids.to(dev)].to(cdt)
         self.kl_w = None if idx is None else lam / (seq_len_t[idx] * counts.num_seqs)  # [R]
+        if self.kl_w is not None and self.isw is not None:  # the importance weight corrects the KL term too
+            self.kl_w = self.kl_w * self.isw[idx]
 
     def loss(self, lp, ent, d, rows: slice, kl_rows: slice):
         """(loss, GRPO part, KL part, ratio, log-ratio, k3) of the tokens `rows` and routed rows
@@ -444,6 +446,7 @@ def _objective(lp: torch.Tensor, ent: torch.Tensor, d: torch.Tensor | None, n_cl
         stats.max("kl/lambda", lam)
         if batch.is_weights is not None:
             stats.mean("ppo/tis_weight_mean", batch.is_weights.to(dev, cdt))
+            stats.mean("ppo/tis_dropped_frac", (batch.is_weights == 0).to(cdt))  # tis_mode=mask
         # Span coverage: mean over rollouts of |S_y| / |y|.
         num_b = batch.seq_lens.numel()
         per_seq = torch.zeros(num_b, dtype=cdt, device=dev).index_add_(0, batch.seq_ids.to(dev), routed.to(cdt))

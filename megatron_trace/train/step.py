@@ -114,11 +114,11 @@ class _Step:
 
     def __init__(self, groups: ParallelGroups, loss_cfg: LossConfig, lam: float, vocab_size: int,
                  batching: Batching, tis_cap: float | None, probe_tokens: int, *, teacher=None,
-                 teacher_tokens: int = 0, record: dict | None = None):
+                 teacher_tokens: int = 0, record: dict | None = None, tis_mode: str = "truncate"):
         self.groups, self.cfg, self.lam, self.vocab, self.b = groups, loss_cfg, lam, vocab_size, batching
         self.head = Head(groups, loss_cfg, vocab_size, sequence_parallel=batching.multiple > 1)
         self.fused = loss_cfg.fused_head
-        self.tis_cap, self.probe_tokens = tis_cap, probe_tokens
+        self.tis_cap, self.tis_mode, self.probe_tokens = tis_cap, tis_mode, probe_tokens
         self.teacher = teacher  # the teacher module; None = no teacher pass this step
         self.teacher_tokens = teacher_tokens  # teacher positions held at once (0 = a whole mini-batch's)
         self.record = record  # record_teacher: uid -> the teacher's log-probs and entropies at routed tokens
@@ -174,7 +174,9 @@ class _Step:
     def is_weights(self, mb: MicroBatch, old: torch.Tensor) -> torch.Tensor | None:
         if self.tis_cap is None:
             return None
-        return tis_weights(old, self.engine_logprobs(mb, old.device), self.tis_cap)
+        seq_ids = torch.repeat_interleave(torch.arange(len(mb.samples)),
+                                          torch.tensor([len(s.response_ids) for s in mb.samples]))
+        return tis_weights(old, self.engine_logprobs(mb, old.device), self.tis_cap, self.tis_mode, seq_ids)
 
     def leakage(self, mb: MicroBatch, out: torch.Tensor, weight: torch.Tensor | None) -> None:
         """Teacher-student forward KL (no grad) at the off-span probe positions of `mb`'s rollouts."""
@@ -343,7 +345,8 @@ def _dp_costs(minis: list[list[TrainSample]], use_teacher: bool, separate_old: b
 
 def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample], loss_cfg: LossConfig, lam: float,
                *, micro_batch_size: int = 4, vocab_size: int, teacher=None, mini_batches: int = 1,
-               tis_cap: float | None = None, lr: float | None = None, probe_tokens: int = 4,
+               tis_cap: float | None = None, tis_mode: str = "truncate", lr: float | None = None,
+               probe_tokens: int = 4,
                key_token_lift: int = 4, record_teacher: bool = False, max_tokens_per_micro_batch: int = 0,
                pack_sequences: bool = False, teacher_tokens: int = 0, separate_old_pass: bool = False) -> StepResult:
     """`mini_batches` optimizer updates over the step's rollouts (the global list, same on every rank).
@@ -363,7 +366,7 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     st = _Step(groups, loss_cfg, lam, vocab_size,
                batching_of(ddp, groups, micro_batch_size, max_tokens_per_micro_batch, pack_sequences), tis_cap,
                probe_tokens if lam > 0 else 0, teacher=(teacher if teacher is not None else ddp) if use_teacher else None,
-               teacher_tokens=teacher_tokens, record=teacher_outputs if record_teacher else None)
+               teacher_tokens=teacher_tokens, record=teacher_outputs if record_teacher else None, tis_mode=tis_mode)
     minis = split_mini_batches(samples, mini_batches, groups.dp_size)
     have_engine_lp = all(s.rollout_logprobs is not None for s in samples)
     if tis_cap is not None and not have_engine_lp:
