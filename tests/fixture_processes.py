@@ -52,17 +52,20 @@ def _tail(path: str, n: int = 4000) -> str:
         return ""
 
 
-def start_fixture_servers(n: int, hf_dir: str, *, timeout_s: float = 120.0, log_dir: str | None = None):
+def start_fixture_servers(n: int, hf_dir: str, *, timeout_s: float = 120.0, log_dir: str | None = None,
+                          api_key_env: str | None = None):
     """Start n fixture servers on 127.0.0.1 (free ports) and wait until each answers /health.
-    Returns [(proc, url)]; each proc has `.log_path`. Stops what it started if one fails."""
+    Returns [(proc, url)]; each proc has `.log_path`. Stops what it started if one fails.
+    api_key_env: the servers require the key this variable of the test's environment holds."""
     log_dir = log_dir or tempfile.mkdtemp(prefix="sglang_fixture_")
     procs = []
     try:
         for i in range(n):
             log_path = os.path.join(log_dir, f"server{i}.log")
             with open(log_path, "wb") as log:
+                key_args = ["--api-key-env", api_key_env] if api_key_env else []
                 proc = subprocess.Popen([sys.executable, SERVER, "--model-path", hf_dir,
-                                         "--host", "127.0.0.1", "--port", "0"],
+                                         "--host", "127.0.0.1", "--port", "0", *key_args],
                                         stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
             proc.log_path = log_path
             procs.append(proc)

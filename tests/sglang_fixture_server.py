@@ -31,7 +31,11 @@ batch, so a request built by `RemoteSGLangEngine.generate(prompts, params, seeds
 what a local `HFEngine.generate(prompts, params, seeds)` returns on the same weights. (Real SGLang
 honours sampling_seed only with `enable_deterministic_inference`, and is not bit-identical to hf.)
 
-Run:   python tests/sglang_fixture_server.py --model-path HF_DIR --port P [--host 127.0.0.1]
+API key: with `--api-key KEY` (or, so that a key need not show in `ps`, the variable named by
+`--api-key-env`), every request but OPTIONS and the paths starting /health or /metrics must carry
+`Authorization: Bearer KEY`, else 401 {"error": "Unauthorized"}: SGLang 0.5.6's middleware.
+
+Run:   python tests/sglang_fixture_server.py --model-path HF_DIR --port P [--host 127.0.0.1] [--api-key K]
        (--port 0 picks a free port). Prints one line `SGLANG_FIXTURE_READY http://HOST:PORT` when
        it serves, and exits cleanly on SIGTERM/SIGINT.
 Tests start and stop it (and PyPI `sglang-router`) with `tests/fixture_processes.py`.
@@ -336,8 +340,21 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch("PUT")
 
+    def _authorised(self, method: str, path: str) -> bool:
+        key = self.server.api_key
+        if not key or method == "OPTIONS" or path.startswith(("/health", "/metrics")):
+            return True
+        return self.headers.get("Authorization") == "Bearer " + key
+
+    def do_OPTIONS(self):
+        self._send(200, text="")
+
     def _dispatch(self, method: str):
         path = self.path.split("?", 1)[0]
+        if not self._authorised(method, path):
+            self._body()  # drain it: the connection is kept alive
+            self._send(401, {"error": "Unauthorized"})
+            return
         try:
             body = self._body() if method in ("POST", "PUT") else {}
             s = self.state
@@ -391,9 +408,10 @@ class Handler(BaseHTTPRequestHandler):
             self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}"}})
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 0) -> None:
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> None:
     state = FixtureState(model_path, host)
     httpd = ThreadingHTTPServer((host, port), Handler)
+    httpd.api_key = api_key or None
     httpd.daemon_threads = True
     httpd.state = state
     state.port = httpd.server_address[1]
@@ -423,8 +441,13 @@ def main(argv=None) -> None:
     p.add_argument("--model-path", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (SGLang's --api-key)")
+    p.add_argument("--api-key-env", default=None, help="the same, the key read from this environment variable")
     a = p.parse_args(argv)
-    serve(a.model_path, a.host, a.port)
+    key = a.api_key or (os.environ.get(a.api_key_env) if a.api_key_env else None)
+    if a.api_key_env and not key:
+        p.error(f"--api-key-env {a.api_key_env}: the variable is not set")
+    serve(a.model_path, a.host, a.port, key)
 
 
 if __name__ == "__main__":

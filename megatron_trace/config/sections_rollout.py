@@ -23,8 +23,13 @@ class RemoteRolloutSection:
     master_port: int = 0  # 0 = a free port
     backend: str = "auto"  # nccl | gloo | auto (nccl on CUDA)
     health_timeout_s: float = 5.0
+    # The NAME of the environment variable that holds the servers' API key (SGLang's --api-key);
+    # the key itself never goes in a config. null = the servers take no key.
+    api_key_env: str | None = None
 
     def __post_init__(self) -> None:
+        _check(self.api_key_env is None or (isinstance(self.api_key_env, str) and self.api_key_env.isidentifier()),
+               "rollout.remote.api_key_env", self.api_key_env, "null or the name of an environment variable")
         for i, u in enumerate(self.urls):
             _check(u.startswith(("http://", "https://")), f"rollout.remote.urls[{i}]", u, "an http(s):// URL")
         _check(self.router_url is None or self.router_url.startswith(("http://", "https://")),

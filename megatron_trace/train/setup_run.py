@@ -197,6 +197,17 @@ def _build_engine(cfg: Config, hf_model, dtype, tokenizer, groups: ParallelGroup
                     max_batch_tokens=cfg.rollout.hf_max_batch_tokens)
 
 
+def remote_api_key(env_name: str | None) -> str | None:
+    """The servers' API key from the environment variable `rollout.remote.api_key_env` names."""
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name, "")
+    if not key:
+        raise ValueError(f"config key 'rollout.remote.api_key_env' names the environment variable {env_name!r}, "
+                         "which is not set (or empty) in the trainer's environment")
+    return key
+
+
 def _build_remote(cfg: Config, groups: ParallelGroups):
     """Rank 0's clients for rollout.placement=remote: (fleet, weight-broadcast group or None)."""
     import socket
@@ -207,9 +218,12 @@ def _build_remote(cfg: Config, groups: ParallelGroups):
 
     r = cfg.rollout.remote
     timeout = cfg.rollout.request_timeout_s
-    workers = [RemoteSGLangEngine(u, timeout_s=timeout, health_timeout_s=r.health_timeout_s) for u in r.urls]
+    key = remote_api_key(r.api_key_env)
+    workers = [RemoteSGLangEngine(u, timeout_s=timeout, health_timeout_s=r.health_timeout_s, api_key=key)
+               for u in r.urls]
     if r.router_url:
-        gen = [RemoteSGLangEngine(r.router_url, timeout_s=timeout, health_timeout_s=r.health_timeout_s, router=True)]
+        gen = [RemoteSGLangEngine(r.router_url, timeout_s=timeout, health_timeout_s=r.health_timeout_s, router=True,
+                                  api_key=key)]
         names = [r.router_url]
     else:
         gen, names = workers, list(r.urls)

@@ -20,6 +20,11 @@ Answers: the weight calls return {"success", "message"} (HTTP 400 when success i
 memory calls return `null` on success and {"error": {"message"}} with HTTP 400 on failure.
 Every call here checks the answer and raises `EngineRequestError` naming the server and endpoint.
 
+With an API key (`api_key`; the config names the environment variable that holds it,
+`rollout.remote.api_key_env`) every request carries `Authorization: Bearer <key>`, as SGLang's
+`--api-key` middleware wants (without it the server answers 401 to every route but `/health*`
+and `/metrics`). The key is never part of a message, a repr or a log line.
+
 Before a weight sync every server aborts what it still runs (`abort_all`): a request that timed
 out on our side and was retried elsewhere keeps running there, and would hold the model-update
 lock while trainer rank 0 waits in the broadcast. `flush_cache` retries while the server answers
@@ -71,7 +76,8 @@ def _error_message(body) -> str:
 class RemoteSGLangEngine:
     """One SGLang HTTP server (`python -m sglang.launch_server ...`), or an `sglang-router` URL.
 
-    timeout_s bounds generation and weight calls; health_timeout_s bounds `health()`.
+    timeout_s bounds generation and weight calls; health_timeout_s bounds `health()`. api_key:
+    sent as a bearer token with every request (the server's `--api-key`).
 
     router=True: the URL is an sglang-router, which (0.3.2) takes ONE sampling_params dict per
     /generate request (a list is a 422). Every sample is then its own request (single input_ids,
@@ -80,8 +86,9 @@ class RemoteSGLangEngine:
     """
 
     def __init__(self, base_url: str, timeout_s: float = 600.0, health_timeout_s: float = 5.0, *,
-                 router: bool = False, max_concurrency: int = 32):
+                 router: bool = False, max_concurrency: int = 32, api_key: str | None = None):
         self.base_url = base_url.rstrip("/")
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.health_timeout_s = health_timeout_s
         self.router = router
@@ -102,7 +109,7 @@ class RemoteSGLangEngine:
         """Send one request; returns the decoded JSON answer (text if not JSON, None if empty).
         Raises EngineRequestError on a connection failure, a timeout or an HTTP error status."""
         data = None if payload is None else json.dumps(payload).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
+        headers = {**({"Content-Type": "application/json"} if data is not None else {}), **self._auth}
         req = urllib.request.Request(self.base_url + endpoint, data=data, headers=headers, method=method)
         t = self.timeout_s if timeout is None else timeout
         try:
@@ -110,7 +117,12 @@ class RemoteSGLangEngine:
                 body = resp.read()
         except urllib.error.HTTPError as exc:
             raw = exc.read() if exc.fp is not None else b""
-            raise EngineRequestError(self.base_url, endpoint, _error_message(_decode(raw)), exc.code) from None
+            msg = _error_message(_decode(raw))
+            if exc.code == 401:
+                msg += (" (the server wants an API key: put it in an environment variable and name that variable in "
+                        "rollout.remote.api_key_env)" if not self._auth else
+                        " (the server refused the key from rollout.remote.api_key_env)")
+            raise EngineRequestError(self.base_url, endpoint, msg, exc.code) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, (TimeoutError, socket.timeout)):
