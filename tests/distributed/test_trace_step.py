@@ -221,8 +221,11 @@ def test_first_mini_batch_gives_its_own_old_logprobs(hf_dir, mini_batches):
     assert not skipped and ref["time/old_logprobs"] > 0
     assert (got["time/old_logprobs"] == 0.0) == (mini_batches == 1)
     assert ref["mismatch/logprob_abs_diff"] > 0 and ref["teacher/leakage_kl_offspan"] > 0
+    # abs_tol 1e-6: the two ways compute pi_old in different passes (equal to fp32 rounding, about
+    # 1e-7), and with tis_cap the importance weight, a function of pi_old, scales the KL term too,
+    # so the post-update lift metrics move by about 1e-7 absolute
     for k, v in ref.items():
         if "time" not in k:
-            assert math.isclose(got[k], v, rel_tol=1e-6, abs_tol=1e-7), (k, got[k], v)
+            assert math.isclose(got[k], v, rel_tol=1e-6, abs_tol=1e-6), (k, got[k], v)
     for k, v in ref_w.items():
         assert (w[k] - v).abs().max().item() <= 1e-6, k
