@@ -203,6 +203,14 @@ def _new_outputs(T: int, K: int, opts: _Opts, cdt, dev):
         {k: vec(K) for k in opts.kinds}
 
 
+def _store(ch: _Chunk, bound, logprob, entropy, kl: dict, aux: dict, clipped: dict) -> None:
+    """A chunk's per-row values into the whole-batch outputs."""
+    a, b, ka, kb = bound
+    logprob[a:b], entropy[a:b] = ch.logprob, ch.entropy
+    for kind in ch.kl:
+        kl[kind][ka:kb], aux[kind][ka:kb], clipped[kind][ka:kb] = ch.kl[kind], ch.aux[kind], ch.clipped[kind]
+
+
 class _FusedHead(torch.autograd.Function):
     """Per-token values out; backward recomputes each chunk's logits."""
 
@@ -218,11 +226,9 @@ class _FusedHead(torch.autograd.Function):
             a, b, ka, kb = bound
             ch = _chunk_forward(hidden, weight, teacher_hidden, teacher_weight, targets, kl_index, bound, opts, shard,
                                 cdt)
-            logprob[a:b], entropy[a:b] = ch.logprob, ch.entropy
+            _store(ch, bound, logprob, entropy, kl, aux, clipped)
             zstats[a:b] = torch.stack([ch.m_z, ch.lse_z], -1)
             tstats[ka:kb] = torch.stack([ch.m_t, ch.lse_t], -1)
-            for kind in ch.kl:
-                kl[kind][ka:kb], aux[kind][ka:kb], clipped[kind][ka:kb] = ch.kl[kind], ch.aux[kind], ch.clipped[kind]
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, targets, kl_index, zstats, tstats,
                               entropy, *[aux[k] for k in opts.kinds])
         ctx.opts, ctx.shard, ctx.bounds = opts, shard, bounds
@@ -280,9 +286,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             a, b, ka, kb = bound
             ch = _chunk_forward(hidden, weight, teacher_hidden, teacher_weight, targets, kl_index, bound, opts, shard,
                                 cdt, keep_probs=True)
-            logprob[a:b], entropy[a:b] = ch.logprob, ch.entropy
-            for kind in ch.kl:
-                kl[kind][ka:kb], aux[kind][ka:kb], clipped[kind][ka:kb] = ch.kl[kind], ch.aux[kind], ch.clipped[kind]
+            _store(ch, bound, logprob, entropy, kl, aux, clipped)
             with torch.enable_grad():
                 leaves = [ch.logprob.detach().requires_grad_(), ch.entropy.detach().requires_grad_()]
                 kl_leaves = {kind: v.detach().requires_grad_() for kind, v in ch.kl.items()}

@@ -36,7 +36,7 @@ from enum import IntEnum
 import torch
 
 from .metrics import Stats
-from .vocab_parallel import CLIP_MODES, token_divergence, token_logprob_and_entropy
+from .vocab_parallel import CLIP_MODES, _world, token_divergence, token_logprob_and_entropy
 
 __all__ = [
     "AGG_MODES",
@@ -320,7 +320,7 @@ def routed_loss_fused(
     if kl_on:
         d = _pick_kl({"forward": out.fkl, "reverse": out.rkl}, sub_routes)
         n_clip = _pick_kl({"forward": out.fkl_clipped, "reverse": out.rkl_clipped}, sub_routes)
-    width = vocab_size if vocab_size is not None else weight.shape[0] * _group_size(tp_group)
+    width = vocab_size if vocab_size is not None else weight.shape[0] * _world(tp_group)[1]
     loss, stats = _objective(out.logprob, out.entropy, d, n_clip, idx, batch, counts, cfg, lam, width, terms)
     return (out.loss if eager_grad else loss), stats
 
@@ -331,12 +331,6 @@ def _pick_kl(values: dict, routes: torch.Tensor) -> torch.Tensor:
     if f is not None and r is not None:
         return torch.where(routes == Route.FKL, f, r)
     return f if f is not None else r
-
-
-def _group_size(group) -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
 
 
 def _routed_index(routes: torch.Tensor, lam: float, teacher: torch.Tensor | None, what: str):

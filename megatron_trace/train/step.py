@@ -117,7 +117,6 @@ class _Step:
                  teacher_tokens: int = 0, record: dict | None = None, tis_mode: str = "truncate"):
         self.groups, self.cfg, self.lam, self.vocab, self.b = groups, loss_cfg, lam, vocab_size, batching
         self.head = Head(groups, loss_cfg, vocab_size, sequence_parallel=batching.multiple > 1)
-        self.fused = loss_cfg.fused_head
         self.tis_cap, self.tis_mode, self.probe_tokens = tis_cap, tis_mode, probe_tokens
         self.teacher = teacher  # the teacher module; None = no teacher pass this step
         self.teacher_tokens = teacher_tokens  # teacher positions held at once (0 = a whole mini-batch's)
@@ -139,6 +138,10 @@ class _Step:
         total = sum(mb.lay.num_tokens for mb in mbs)
         self.layout.mean_of("layout/padding_frac", total - sum(sum(mb.lay.lengths) for mb in mbs), total)
         self.layout.sum("layout/micro_batches", len(mbs))
+
+    @property
+    def fused(self) -> bool:
+        return self.head.fused
 
     def weight(self, model) -> torch.Tensor | None:
         """The output weight the fused head needs with `model`'s hidden states (None: logits)."""
