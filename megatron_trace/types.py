@@ -25,6 +25,7 @@ class TrainSample:
     # Annotated key-span positions of a correct rollout chosen for the key-token lift metric
     # (whatever the loss does with them); needs teacher_ids. None = not measured.
     key_positions: list[int] | None = None
+    weight_version: int = 0  # the engine's weights it was generated with (its oldest tokens')
 
     def __post_init__(self) -> None:
         if len(self.routes) != len(self.response_ids):

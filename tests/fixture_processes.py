@@ -1,5 +1,6 @@
 """TEST HELPERS: start and stop the processes the remote-rollout tests talk to, by PID.
 
+  char_task_model(path, seed, size) -> path          a random HF model for the arithmetic task's servers
   start_fixture_servers(n, hf_dir) -> [(proc, url)]   n `tests/sglang_fixture_server.py` servers
   start_router(worker_urls) -> (proc, url)            PyPI `sglang-router` in front of them
   stop_processes(procs)                               SIGTERM, then SIGKILL what is left
@@ -52,11 +53,28 @@ def _tail(path: str, n: int = 4000) -> str:
         return ""
 
 
+def char_task_model(path: str, seed: int, size: str = "tiny") -> str:
+    """Save a random HF Qwen3 of `size` with the char tokenizer's vocabulary and EOS (the trainer
+    sends no stop ids: a server stops on its model config's EOS) to `path`; returns path."""
+    import dataclasses
+
+    from megatron_trace.models.hf_io import make_random_hf_model
+    from megatron_trace.models.qwen3 import get_arch
+    from megatron_trace.tasks.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    model = make_random_hf_model(dataclasses.replace(get_arch(size), vocab_size=len(tok)), seed=seed)
+    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
 def start_fixture_servers(n: int, hf_dir: str, *, timeout_s: float = 120.0, log_dir: str | None = None,
-                          api_key_env: str | None = None):
+                          api_key_env: str | None = None, extra_args: list[str] | None = None):
     """Start n fixture servers on 127.0.0.1 (free ports) and wait until each answers /health.
     Returns [(proc, url)]; each proc has `.log_path`. Stops what it started if one fails.
-    api_key_env: the servers require the key this variable of the test's environment holds."""
+    api_key_env: the servers require the key this variable of the test's environment holds.
+    extra_args: more flags for every server (e.g. --max-batch-rows 16)."""
     log_dir = log_dir or tempfile.mkdtemp(prefix="sglang_fixture_")
     procs = []
     try:
@@ -65,7 +83,7 @@ def start_fixture_servers(n: int, hf_dir: str, *, timeout_s: float = 120.0, log_
             with open(log_path, "wb") as log:
                 key_args = ["--api-key-env", api_key_env] if api_key_env else []
                 proc = subprocess.Popen([sys.executable, SERVER, "--model-path", hf_dir,
-                                         "--host", "127.0.0.1", "--port", "0", *key_args],
+                                         "--host", "127.0.0.1", "--port", "0", *key_args, *(extra_args or [])],
                                         stdout=log, stderr=subprocess.STDOUT, env=_child_env(), cwd=REPO)
             proc.log_path = log_path
             procs.append(proc)

@@ -12,6 +12,8 @@ tested without a GPU or SGLang itself:
        /get_weight_version (/weight_version)
   GET|POST /flush_cache            plain text, as SGLang answers; 400 while requests are in flight
   POST /abort_request              {"abort_all": true}: requests in flight end with finish reason abort
+  POST /pause_generation           {"mode": "abort" (default) | "retract" | "in_place"}
+  POST /continue_generation
   POST /init_weights_update_group, /update_weights_from_distributed, /destroy_weights_update_group,
        /update_weight_version, /update_weights_from_disk
   GET|POST /release_memory_occupation, /resume_memory_occupation   {"tags": [...]}
@@ -21,6 +23,15 @@ flight for S seconds before it samples (an abort ends it early, with finish reas
 tokens). As in SGLang, in-flight requests hold the model-update lock for reading: a weight update
 waits until they are done, and /flush_cache answers 400 meanwhile.
 
+Pause, as SGLang 0.5.6's tokenizer manager and scheduler do it: while paused, a new /generate
+waits before it counts as in flight; a weight update no longer waits for the requests in flight.
+`abort` ends them (and returns once none is left); `retract` and `in_place` stop them at the next
+prompt group of their batch (the fixture samples one group of identical rows at a time, the
+granularity at which it can switch weights), and after /continue_generation the rest of the batch
+samples under whatever weights the server then holds; each output's meta_info "weight_version" is
+the version its group was sampled with. /flush_cache works while paused in `retract` mode (SGLang
+retracts the running requests, so their KV may go) and answers 400 in `in_place` mode.
+
 Answers have SGLang's shapes: outputs {"output_ids", "meta_info": {...}} (a list for a batch);
 {"success", "message"} with HTTP 400 on failure for the weight calls; `null` on success and
 {"error": {"message"}} with HTTP 400 on failure for the memory calls and /generate.
@@ -28,7 +39,10 @@ Answers have SGLang's shapes: outputs {"output_ids", "meta_info": {...}} (a list
 Sampling: row r draws from its own generator seeded with its `sampling_seed` (random when absent),
 and consecutive identical rows with identical sampling parameters form one `HFEngine.generate_rows`
 batch, so a request built by `RemoteSGLangEngine.generate(prompts, params, seeds)` returns exactly
-what a local `HFEngine.generate(prompts, params, seeds)` returns on the same weights. (Real SGLang
+what a local `HFEngine.generate(prompts, params, seeds)` returns on the same weights. With
+`--max-batch-rows N`, up to N consecutive rows with identical parameters form a batch whatever
+their prompts (closer to SGLang's batching, and several times faster; the samples then equal a
+local engine's only to float rounding). (Real SGLang
 honours sampling_seed only with `enable_deterministic_inference`, and is not bit-identical to hf.)
 
 API key: with `--api-key KEY` (or, so that a key need not show in `ps`, the variable named by
@@ -71,7 +85,7 @@ class BadRequest(Exception):
 class FixtureState:
     """The model, its lock, the weight groups and the released memory tags of one server."""
 
-    def __init__(self, model_path: str, host: str):
+    def __init__(self, model_path: str, host: str, max_batch_rows: int = 0):
         import torch
 
         from megatron_trace.rollout import HFEngine
@@ -90,6 +104,8 @@ class FixtureState:
         self.in_flight = 0  # generate requests running (SGLang's model_update_lock readers)
         self.idle = threading.Condition()
         self.abort_epoch = 0  # bumped by /abort_request abort_all
+        self.paused: str | None = None  # the /pause_generation mode while paused
+        self.max_batch_rows = max_batch_rows  # 0: one batch per run of identical rows
 
     # ------------------------------------------------------------------ generate
 
@@ -128,12 +144,14 @@ class FixtureState:
             parsed.append((params, int(seed) if seed is not None else random.randrange(2**31 - 1)))
             delay = max(delay, float((sp.get("custom_params") or {}).get("fixture_delay_s", 0.0)))
         with self.idle:
+            while self.paused:  # SGLang holds new requests at the door while paused
+                self.idle.wait(0.05)
             self.in_flight += 1
             epoch = self.abort_epoch
         try:
             if delay and not self._wait_unless_aborted(delay, epoch):
                 return self._aborted(rows, single)
-            return self._sample(rows, parsed, single, body)
+            return self._sample(rows, parsed, single, body, epoch)
         finally:
             with self.idle:
                 self.in_flight -= 1
@@ -163,32 +181,59 @@ class FixtureState:
             self.abort_epoch += 1
             self.idle.notify_all()
 
+    def pause(self, mode: str) -> None:
+        if mode not in ("abort", "retract", "in_place"):
+            raise BadRequest(f"Invalid mode: {mode!r}. Expected one of ['abort', 'retract', 'in_place'].")
+        with self.idle:
+            self.paused = mode
+            self.idle.notify_all()
+        if mode == "abort":  # SGLang aborts until no request holds the model-update lock
+            self.abort_all()
+            self.wait_idle()
+
+    def resume(self) -> None:
+        with self.idle:
+            self.paused = None
+            self.idle.notify_all()
+
+    def _hold_while_paused(self, epoch: int) -> bool:
+        """Between two groups of a batch: wait while paused; False once the batch was aborted."""
+        with self.idle:
+            while self.paused and self.abort_epoch == epoch:
+                self.idle.wait(0.05)
+            return self.abort_epoch == epoch
+
     def wait_idle(self) -> None:
         """SGLang's model-update writer lock: wait until no request is in flight."""
         with self.idle:
             while self.in_flight:
                 self.idle.wait(0.05)
 
-    def _sample(self, rows, parsed, single, body):
-        with self.lock:
-            if self.released:
-                raise BadRequest(f"memory released ({sorted(self.released)}): resume_memory_occupation first")
-            samples = []
-            i = 0
-            while i < len(rows):  # consecutive identical rows with identical params: one batch
-                j = i + 1
-                while j < len(rows) and rows[j] == rows[i] and parsed[j][0] == parsed[i][0]:
-                    j += 1
+    def _sample(self, rows, parsed, single, body, epoch):
+        samples, versions = [], []
+        i = 0
+        while i < len(rows):  # consecutive identical rows with identical params: one batch
+            j = i + 1
+            while j < len(rows) and parsed[j][0] == parsed[i][0] and (
+                    j - i < self.max_batch_rows if self.max_batch_rows else rows[j] == rows[i]):
+                j += 1
+            if not self._hold_while_paused(epoch):
+                return self._aborted(rows, single)
+            with self.lock:
+                if self.released:
+                    raise BadRequest(f"memory released ({sorted(self.released)}): resume_memory_occupation first")
                 samples += self.engine.generate_rows(rows[i:j], parsed[i][0], [s for _, s in parsed[i:j]])
-                i = j
+                versions += [self.weight_version] * (j - i)
+            i = j
+        with self.lock:
             self.n_requests += 1
         outs = []
-        for row, s in zip(rows, samples):
+        for row, s, version in zip(rows, samples, versions):
             rid = f"fixture-{os.getpid()}-{self.n_requests}-{len(outs)}"
             fr = {"type": "stop", "matched": s.token_ids[-1]} if s.finish_reason == "stop" else \
                 {"type": "length", "length": len(s.token_ids)}
             meta = {"id": rid, "finish_reason": fr, "prompt_tokens": len(row),
-                    "completion_tokens": len(s.token_ids), "cached_tokens": 0, "weight_version": self.weight_version}
+                    "completion_tokens": len(s.token_ids), "cached_tokens": 0, "weight_version": version}
             if body.get("return_logprob"):
                 meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(s.logprobs, s.token_ids)]
             outs.append({"output_ids": s.token_ids, "meta_info": meta})
@@ -232,7 +277,8 @@ class FixtureState:
         name = body.get("group_name", "weight_update_group")
         if name not in self.groups:
             return False, f"Group {name} not in {list(self.groups)}. Please call `init_weights_update_group` first."
-        self.wait_idle()  # before joining the broadcast, as SGLang's tokenizer manager does
+        if not self.paused:  # SGLang takes its model-update lock only when not paused
+            self.wait_idle()  # before joining the broadcast, as SGLang's tokenizer manager does
         try:
             weights, handles = [], []
             for pname, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
@@ -375,13 +421,19 @@ class Handler(BaseHTTPRequestHandler):
             elif path == "/generate" and method in ("POST", "PUT"):
                 self._send(200, s.generate(body))
             elif path == "/flush_cache":
-                busy = s.in_flight > 0
+                busy = s.in_flight > 0 and s.paused != "retract"
                 self._send(400 if busy else 200, text="Cache flushed.\nPlease check backend logs for more details. "
                            "(When there are running or waiting requests, the operation will not be performed.)\n")
             elif path == "/abort_request" and method == "POST":
                 if body.get("abort_all"):
                     s.abort_all()
                 self._send(200, text="")
+            elif path == "/pause_generation" and method == "POST":
+                s.pause(body.get("mode", "abort"))
+                self._send(200, {"message": "Generation paused successfully.", "status": "ok"})
+            elif path == "/continue_generation" and method == "POST":
+                s.resume()
+                self._send(200, {"message": "Generation continued successfully.", "status": "ok"})
             elif path in ("/release_memory_occupation", "/resume_memory_occupation"):
                 s.memory(body, release=path.startswith("/release"))
                 self._send(200, None)
@@ -408,8 +460,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(500, {"error": {"message": f"{type(exc).__name__}: {exc}"}})
 
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> None:
-    state = FixtureState(model_path, host)
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+          max_batch_rows: int = 0) -> None:
+    state = FixtureState(model_path, host, max_batch_rows)
     httpd = ThreadingHTTPServer((host, port), Handler)
     httpd.api_key = api_key or None
     httpd.daemon_threads = True
@@ -443,11 +496,13 @@ def main(argv=None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (SGLang's --api-key)")
     p.add_argument("--api-key-env", default=None, help="the same, the key read from this environment variable")
+    p.add_argument("--max-batch-rows", type=int, default=0,
+                   help="batch up to N consecutive rows of any prompts (0: one batch per run of identical rows)")
     a = p.parse_args(argv)
     key = a.api_key or (os.environ.get(a.api_key_env) if a.api_key_env else None)
     if a.api_key_env and not key:
         p.error(f"--api-key-env {a.api_key_env}: the variable is not set")
-    serve(a.model_path, a.host, a.port, key)
+    serve(a.model_path, a.host, a.port, key, a.max_batch_rows)
 
 
 if __name__ == "__main__":

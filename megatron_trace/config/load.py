@@ -18,17 +18,49 @@ from .schema import Config
 __all__ = ["ConfigError", "check_teacher_data", "config_to_dict", "dump_config", "load_config"]
 
 PEEK_ROWS = 64  # rows of a local data file looked at for reference solutions
+# Config keys that are Python keywords: written as the key in YAML and overrides, held in the
+# dataclass field with a trailing underscore.
+_KEYWORD_KEYS = {"rollout.async": "rollout.async_"}
 
 
 class ConfigError(ValueError):
     pass
 
 
+def _to_field_key(key: str) -> str:
+    for user, field_ in _KEYWORD_KEYS.items():
+        if key == user or key.startswith(user + "."):
+            return field_ + key[len(user):]
+    return key
+
+
+def _to_user_key(key: str) -> str:
+    for user, field_ in _KEYWORD_KEYS.items():
+        if key == field_ or key.startswith(field_ + "."):
+            return user + key[len(field_):]
+    return key
+
+
+def _rename(node, table: dict[str, str]):
+    """Rename the nested keys of a DictConfig or dict in place (dotted paths in `table`)."""
+    for src, dst in table.items():
+        *parents, leaf = src.split(".")
+        parent = node
+        for p in parents:
+            parent = parent.get(p) if hasattr(parent, "get") else None
+            if parent is None:
+                break
+        if parent is not None and hasattr(parent, "keys") and leaf in parent:
+            value = parent.pop(leaf)
+            parent[dst.rsplit(".", 1)[-1]] = value
+    return node
+
+
 def _all_keys(node, prefix: str = "") -> list[str]:
     out = []
     for f in dataclasses.fields(node):
         key = f"{prefix}{f.name}"
-        out.append(key)
+        out.append(_to_user_key(key))
         value = getattr(node, f.name)
         if dataclasses.is_dataclass(value):
             out.extend(_all_keys(value, key + "."))
@@ -40,6 +72,7 @@ def _field_type(key: str) -> str:
     import re
 
     node = Config
+    key = _to_field_key(key)
     parts = re.sub(r"\[\d+\]", "", key).split(".")
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(node)}
@@ -52,7 +85,7 @@ def _field_type(key: str) -> str:
 
 
 def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
-    key = getattr(exc, "full_key", None) or "?"
+    key = _to_user_key(getattr(exc, "full_key", None) or "?")
     if isinstance(exc, ConfigKeyError):
         close = difflib.get_close_matches(key, _all_keys(Config()), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -71,6 +104,8 @@ def _load_yaml(path: str, seen: tuple[str, ...] = ()):
     if not os.path.exists(path):
         raise ConfigError(f"{seen[-1] if seen else '--config'}: included file {path} does not exist")
     node = OmegaConf.load(path)
+    if isinstance(node, DictConfig):
+        _rename(node, _KEYWORD_KEYS)
     includes = node.pop("include", None) if isinstance(node, DictConfig) else None
     if includes is None:
         return node
@@ -97,7 +132,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             merged = OmegaConf.merge(merged, _load_yaml(path))
         if overrides:
             source = f"{source} + overrides"
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = [_to_field_key(k) + "=" + v for k, v in (o.split("=", 1) for o in overrides)]
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise _explain(exc, source) from None
@@ -137,9 +173,11 @@ def check_teacher_data(cfg: Config) -> None:
 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what `--dry-run` prints and the run directory keeps)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return OmegaConf.to_yaml(_rename(OmegaConf.to_container(OmegaConf.structured(cfg)),
+                                     {v: k for k, v in _KEYWORD_KEYS.items()}))
 
 
 def config_to_dict(cfg: Config) -> dict:
     """The resolved config as plain Python containers (W&B, cache keys)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return _rename(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
+                   {v: k for k, v in _KEYWORD_KEYS.items()})

@@ -18,6 +18,7 @@ from .checks import one_of as _one_of
 from .sections_rollout import (
     AnnotateConfig,
     ApiAnnotatorSection,
+    AsyncRolloutSection,
     EvalConfig,
     RemoteRolloutSection,
     RewardConfig,
@@ -36,6 +37,7 @@ from .sections_train import (
 __all__ = [
     "AnnotateConfig",
     "ApiAnnotatorSection",
+    "AsyncRolloutSection",
     "CheckpointConfig",
     "ClusterConfig",
     "Config",
@@ -219,5 +221,8 @@ class Config:
         if p.dp is not None and self.parallel.device == "cuda" and p.tp * p.pp * p.dp != world:
             raise ValueError(f"config key 'parallel.dp'={p.dp}: tp*pp*dp = {p.tp * p.pp * p.dp} ranks, but the "
                              f"cluster section gives {world} GPUs; set parallel.dp=null to derive it")
+        if self.rollout.async_.max_age > 0 and self.train.mode != "full":
+            raise ValueError(f"config key 'rollout.async.max_age'={self.rollout.async_.max_age} needs train.mode=full "
+                             f"(got {self.train.mode!r}): the debug modes run one side alone")
         if self.model.hf_dir and self.model.ckpt:
             raise ValueError("config keys 'model.hf_dir' and 'model.ckpt' are exclusive: set one of them")

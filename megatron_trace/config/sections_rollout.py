@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from .checks import check as _check
 from .checks import one_of as _one_of
 
-__all__ = ["AnnotateConfig", "ApiAnnotatorSection", "EvalConfig", "RemoteRolloutSection", "RewardConfig",
-           "RolloutConfig"]
+__all__ = ["AnnotateConfig", "ApiAnnotatorSection", "AsyncRolloutSection", "EvalConfig", "RemoteRolloutSection",
+           "RewardConfig", "RolloutConfig"]
+
+PAUSE_MODES = ("retract", "in_place", "abort")  # SGLang 0.5.6 /pause_generation modes
 
 
 @dataclass
@@ -40,6 +42,29 @@ class RemoteRolloutSection:
 
 
 @dataclass
+class AsyncRolloutSection:
+    """rollout.async (written `async` in YAML and overrides; `async_` in Python, a keyword):
+    the fleet generates ahead of the trainer (`train/async_rollout.py`). Remote placement only."""
+
+    # How many optimizer steps older than the trainer a batch's oldest token may be: 0 = the
+    # synchronous loop; 1 = one-step-off (batch k+1 is generated from w_k while step k trains).
+    # An older batch is dropped, regenerated and counted in async/dropped.
+    max_age: int = 0
+    update_every: int = 1  # push the weights to the fleet every N steps (async only)
+    # SGLang's /pause_generation mode around a weight update: retract (running requests go back
+    # to the queue and resume under the new weights, their KV recomputed), in_place (they resume
+    # with the KV cache of the old weights; the cache is then not flushed), abort (they end and
+    # are regenerated).
+    pause_mode: str = "retract"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.max_age, int) and self.max_age >= 0, "rollout.async.max_age", self.max_age,
+               "an integer >= 0 (0 = synchronous)")
+        _check(self.update_every >= 1, "rollout.async.update_every", self.update_every, "an integer >= 1")
+        _one_of("rollout.async.pause_mode", self.pause_mode, set(PAUSE_MODES))
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"  # hf | sglang
     # colocated: one engine per DP replica on that replica's GPUs (its first TP group);
@@ -64,6 +89,7 @@ class RolloutConfig:
     verify_sync: bool = False
     verify_sync_tol: float = 0.5
     remote: RemoteRolloutSection = field(default_factory=RemoteRolloutSection)
+    async_: AsyncRolloutSection = field(default_factory=AsyncRolloutSection)  # the key `rollout.async`
     prompts_per_step: int = 8
     n: int = 8  # samples per prompt (GRPO group size)
     temperature: float = 1.0
@@ -89,6 +115,19 @@ class RolloutConfig:
         _check(self.placement != "remote" or bool(self.remote.urls or self.remote.router_url),
                "rollout.remote.urls", list(self.remote.urls),
                "at least one server URL (or rollout.remote.router_url) when rollout.placement=remote")
+        _check(self.async_.max_age == 0 or self.placement == "remote", "rollout.async.max_age", self.async_.max_age,
+               "0 unless rollout.placement=remote: colocated engines share the trainer's GPUs, so generation "
+               "and training cannot overlap there (rank0 is for debugging)")
+        a = self.async_
+        _check(a.update_every == 1 or a.max_age > 0, "rollout.async.update_every", a.update_every,
+               "1 while rollout.async.max_age=0 (the synchronous loop syncs every step)")
+        # The fleet's weights lag the trainer's by up to update_every - 1 steps: a batch made from
+        # them must still be young enough, or every regeneration would be dropped again.
+        _check(a.update_every <= a.max_age + 1, "rollout.async.update_every", a.update_every,
+               f"at most rollout.async.max_age + 1 = {a.max_age + 1}")
+        _check(a.max_age == 0 or self.remote.weight_sync == "distributed", "rollout.async.max_age", a.max_age,
+               "0 with rollout.remote.weight_sync=none (the servers' weights never change, so every batch "
+               "would grow older than max_age)")
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
         _check(self.n >= 2, "rollout.n", self.n, "an integer >= 2 (GRPO needs a group)")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")

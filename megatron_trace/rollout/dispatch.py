@@ -4,8 +4,9 @@ Two fleets, one contract (`generate(prompts, params, seeds) -> (samples per prom
 
 - `EngineFleet`: engines this process talks to (remote SGLang servers over HTTP, or the single
   engine of `rollout.placement=rank0`). One worker thread per live engine pulls prompt chunks
-  from a queue, largest expected cost first; a failed or timed-out request goes back on the
-  queue for another engine, and an engine whose health check then fails leaves the rotation.
+  from a queue, largest expected cost first; a failed or timed-out request (or one whose samples
+  came back aborted) goes back on the queue for another engine, and an engine whose health check
+  then fails leaves the rotation.
 - `colocated_generate`: one engine per data-parallel replica, each in its own process. Every
   replica generates the share `balance` gives it; the results are exchanged (an all-gather the
   caller injects), and prompts whose engine failed are reassigned to other replicas for up to
@@ -188,8 +189,11 @@ class EngineFleet:
                 with lock:
                     stats.requests += 1
                 try:
-                    out = _split(eng.generate([prompts[i] for i in chunk], params, [seeds[i] for i in chunk]),
-                                 chunk, params.n)
+                    got = eng.generate([prompts[i] for i in chunk], params, [seeds[i] for i in chunk])
+                    aborted = sum(1 for x in got if x.finish_reason == "abort")
+                    if aborted:  # the server aborted them (a weight update paused in abort mode)
+                        raise RuntimeError(f"{aborted} of {len(got)} samples came back aborted")
+                    out = _split(got, chunk, params.n)
                 except Exception as exc:  # noqa: BLE001 - every failure is retried or counted
                     healthy = self._healthy(e)
                     with lock:

@@ -4,9 +4,9 @@ The Megatron actor (any TP/PP) streams full HF-named tensors (`models.convert.ex
 a collective every rank of one replica walks: TP gathers stay in the TP group, PP broadcasts in
 the replica's pipeline). The rank that owns the replica's engine packs them into buckets of at
 most `bucket_bytes` and hands each bucket to `engine.update_weights`; the version is set with the
-last bucket (`engine.finish_sync`). An engine with a `begin_sync` (remote servers: abort what
-they still run) hears it before the first bucket. Other ranks pass `engine=None`, take part in
-the stream and drop each tensor as soon as it has passed, so no rank holds more than one bucket
+last bucket (`engine.finish_sync`). An engine with a `begin_sync` (remote servers: abort or
+pause what they still run) hears it once the first bucket is gathered, before it is handed
+over. Other ranks pass `engine=None`, take part in the stream and drop each tensor as soon as it has passed, so no rank holds more than one bucket
 (the owner) or one tensor (the others) beyond its own shards. Every data-parallel replica runs
 this at once, each into its own engine.
 
@@ -105,8 +105,7 @@ def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_
     stream_filter: optional function over the (name, tensor) stream (tests use it to corrupt one).
     """
     t0 = time.perf_counter()
-    if engine is not None and hasattr(engine, "begin_sync"):
-        engine.begin_sync()
+    begun = engine is None or not hasattr(engine, "begin_sync")
     stream = export_hf_stream(model, groups, dtype=dtype)
     if stream_filter is not None:
         stream = stream_filter(stream)
@@ -115,6 +114,9 @@ def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_
         n_buckets += 1
         n_t += len(bucket)
         n_b += sum(_nbytes(t) for _, t in bucket)
+        if not begun:  # as late as possible: the first bucket was gathered while the engine still ran
+            engine.begin_sync()
+            begun = True
         if per_rank is not None:
             bucket = [(name, t.contiguous()) for name, t in bucket]  # the serialised copies: kept until read
             handles = per_rank.gather([per_rank.serialize(t) for _, t in bucket])  # [tp rank][tensor]
@@ -124,6 +126,8 @@ def sync_weights(model, groups: ParallelGroups, engine, version: int, *, bucket_
         elif engine is not None:
             engine.update_weights(bucket, None)
         del bucket
+    if not begun:
+        engine.begin_sync()
     if engine is not None:
         engine.finish_sync(version)  # e.g. SGLang flushes its prefix cache here
     seconds = time.perf_counter() - t0

@@ -74,6 +74,7 @@ class Generation:
         self.remote_weight_sync = remote_weight_sync
         self.per_rank_weights = per_rank_weights and placement == "colocated" and groups.pp_rank == 0
         self.cuda = (torch.cuda if groups.device.type == "cuda" else None) if cuda == "auto" else cuda
+        self.pause_mode: str | None = None  # remote, asynchronous: the servers pause (not abort) for a sync
         self.expected_response_len: float | None = None
         self.last_stats = DispatchStats()
         self.host = HostGroups.build(groups.mp, groups.tp, wait_timeout_minutes)
@@ -114,19 +115,24 @@ class Generation:
                                   expected_response_len=self.expected_response_len)
 
     def sample(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Sequence[int],
-               metas: Sequence[dict]) -> tuple[list[RolloutGroup], dict[str, float]]:
+               metas: Sequence[dict], local: bool = False) -> tuple[list[RolloutGroup], dict[str, float]]:
         """Every rank: the step's rollout groups, in prompt order (prompts that failed on every
-        engine are left out and counted in `rollout/failed_prompts`)."""
+        engine are left out and counted in `rollout/failed_prompts`).
+
+        local: rank 0 alone, without a collective (the asynchronous producer's thread; remote
+        placement), the other ranks do not call it."""
         t0 = time.perf_counter()
         if self.placement == "colocated":
+            if local:
+                raise RuntimeError("colocated engines generate collectively; local sampling is for remote servers")
             results, stats = self._colocated(prompts, params, seeds)
         else:
             payload = None
-            if _rank() == 0:
+            if local or _rank() == 0:
                 fleet = self.fleet if self.fleet is not None else EngineFleet([self.engine], ["rank0"],
                                                                               max_retries=self.max_retries)
                 payload = fleet.generate(prompts, params, seeds, self.expected_response_len)
-            results, stats = self.broadcast(payload)
+            results, stats = payload if local else self.broadcast(payload)
         self.last_stats = stats
         groups = [RolloutGroup(i, list(p), r, dict(metas[i]))
                   for i, (p, r) in enumerate(zip(prompts, results)) if r is not None]
@@ -140,9 +146,12 @@ class Generation:
         metrics["time/generate"] = time.perf_counter() - t0
         return groups, metrics
 
-    def score(self, groups: list[RolloutGroup], score_fn) -> list:
+    def score(self, groups: list[RolloutGroup], score_fn, local: bool = False) -> list:
         """Every rank: score_fn(groups) -> scored groups, computed by the replicas' first ranks on
-        a share each (balanced by response tokens) and gathered back in order."""
+        a share each (balanced by response tokens) and gathered back in order. local: rank 0
+        alone scores everything (as in `sample`)."""
+        if local:
+            return score_fn(groups)
         if self.scorers == 1:  # one replica: its first rank (global rank 0) scores everything
             return self.broadcast(score_fn(groups) if _rank() == 0 else None)
         costs = [sum(len(s.token_ids) + 1 for s in g.samples) for g in groups]
@@ -259,7 +268,13 @@ class Generation:
             from ..rollout.sglang import serialize_local
 
             per_rank = PerRankSync(self.host.gather_tp, self.host.barrier_tp, serialize_local)
-        return sync_weights(ddp, self.groups, target, version=version, per_rank=per_rank).as_metrics()
+        paused = self.placement == "remote" and self.pause_mode is not None and target is not None
+        if paused:
+            target.pause_mode = self.pause_mode  # (also a group rebuilt after a server died)
+        out = sync_weights(ddp, self.groups, target, version=version, per_rank=per_rank).as_metrics()
+        if paused:
+            out["async/pause_s"] = target.last_pause_s
+        return out
 
     def verify(self, ddp, tol: float) -> dict[str, float]:
         """After a sync and `wake(["kv_cache", ...])`: every engine against the actor (raises

@@ -12,6 +12,11 @@ metrics and waits on rank 0 travel over gloo (`run.gen.broadcast`), never NCCL. 
 evaluation is driven by rank 0 on every replica's engine (`Generation.drive`). Setup (models,
 engines, data, annotator) lives in `train/setup_run.py`.
 
+Asynchronous rollouts (`rollout.async.max_age` > 0, remote servers): the batch of step k was made
+ahead by a producer thread on rank 0 while earlier steps trained (`train/async_rollout.py`), from
+weights at most max_age steps old; the fleet gets the weights every `rollout.async.update_every`
+steps, pausing (not aborting) what it is generating.
+
 Debug modes (`train.mode`): `rollout_only` stops after the records (saved under
 `<run.dir>/records/`), `train_only` reads them back instead of sampling (`train.records_dir`);
 `tools/replay.py` reruns one saved step under another TP/PP.
@@ -31,6 +36,7 @@ import torch.distributed as dist
 from ..loss import ExposureTracker, LossConfig
 from ..rollout import SamplingParams, prompt_seed
 from ..types import TrainSample
+from .async_rollout import AsyncRollouts
 from .checkpoint import find_latest, load_run_checkpoint, save_run_checkpoint
 from .setup_run import Run
 from .stages import build_train_samples, score_groups
@@ -45,9 +51,10 @@ def _fault(env: str, next_step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict]:
+def make_batch(run: Run, step: int, lam: float, local: bool = False) -> tuple[list[TrainSample], dict]:
     """Every rank: prompts -> rollouts (every engine) -> rewards/advantages (every replica a share)
-    -> [rank 0: annotate -> routes -> teacher inputs]. Returns the same records on every rank."""
+    -> [rank 0: annotate -> routes -> teacher inputs]. Returns the same records on every rank.
+    local: rank 0 alone, without collectives (the asynchronous producer, `train/async_rollout.py`)."""
     cfg = run.cfg
     t0 = time.perf_counter()
     kept, metrics, rounds, sampled, t_reward, failed = [], {}, 0, 0, 0.0, 0
@@ -58,12 +65,12 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
                                 # the tokenizer's EOS, so a remote server stops where a local engine does
                                 stop_token_ids=tuple(t for t in [run.tokenizer.eos_token_id] if t is not None))
         seeds = [prompt_seed(cfg.seed, step, u) for u in uids]  # independent of the engine count
-        groups, m = run.gen.sample(prompts, params, seeds, metas)
+        groups, m = run.gen.sample(prompts, params, seeds, metas, local=local)
         failed += int(m["rollout/failed_prompts"])
         metrics = metrics or m  # the first round's rollout statistics
         t_r = time.perf_counter()
         scored = run.gen.score(groups, lambda gs: score_groups(gs, run.tokenizer, run.verify,
-                                                               cfg.reward.advantage_std))
+                                                               cfg.reward.advantage_std), local=local)
         t_reward += time.perf_counter() - t_r
         sampled += len(scored)
         rounds += 1
@@ -80,7 +87,7 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
                         "sampling/groups_kept": float(len(kept))})
     t1 = time.perf_counter()
     samples = None
-    if dist.get_rank() == 0:
+    if local or dist.get_rank() == 0:
         samples, m = build_train_samples(
             kept, run.tokenizer, variant=cfg.loss.variant, annotator=run.annotator, lam=lam,
             coverage_cap=cfg.annotate.coverage_cap, segment_mode=cfg.annotate.segment_mode,
@@ -90,7 +97,8 @@ def make_batch(run: Run, step: int, lam: float) -> tuple[list[TrainSample], dict
             lift_rollouts=cfg.train.key_token_lift if lift_step(cfg, step, lam) else 0,
             lift_annotate=cfg.train.lift_annotate, answer_only_teacher=cfg.data.answer_only_teacher)
         metrics.update(m)
-    samples, metrics = run.gen.broadcast((samples, metrics))
+    if not local:
+        samples, metrics = run.gen.broadcast((samples, metrics))
     metrics.update({"time/rollout": t1 - t0 - t_reward, "time/reward": t_reward,
                     "time/annotate_and_route": time.perf_counter() - t1})
     return samples, metrics
@@ -193,10 +201,10 @@ def load_record(path: str) -> dict:
     return rec
 
 
-def _resume(run: Run, exposure: ExposureTracker) -> None:
+def _resume(run: Run, exposure: ExposureTracker) -> dict:
     latest = find_latest(run.cfg.run.dir)
     if latest is None:
-        return
+        return {}
     state = load_run_checkpoint(run, latest)
     run.start_step, run.cursor = state["next_step"], state["cursor"]
     exposure.load_state_dict(state["exposure"])
@@ -207,14 +215,30 @@ def _resume(run: Run, exposure: ExposureTracker) -> None:
         rows = [line for line in open(run.metrics_path) if json.loads(line)["step"] < run.start_step]
         with open(run.metrics_path, "w") as f:
             f.writelines(rows)
+    return state
 
 
 def train(run: Run, steps: int | None = None) -> list[dict]:
-    cfg, mode = run.cfg, run.cfg.train.mode
+    cfg = run.cfg
     loss_cfg = LossConfig(**run.loss_kwargs)
     exposure = ExposureTracker()
-    _resume(run, exposure)
+    resumed = _resume(run, exposure)
     total = steps if steps is not None else cfg.train.steps
+    rollouts = None  # rollout.async.max_age > 0: the fleet generates ahead (train/async_rollout.py)
+    if cfg.rollout.async_.max_age > 0:
+        rollouts = AsyncRollouts(run, run.start_step, total,
+                                 lambda j: make_batch(run, j, run.schedule.lam(j), local=True))
+        rollouts.resumed(resumed)
+    try:
+        history = _steps(run, loss_cfg, exposure, total, rollouts)
+    finally:
+        if rollouts is not None:
+            rollouts.close()
+    return history
+
+
+def _steps(run: Run, loss_cfg: LossConfig, exposure: ExposureTracker, total: int, rollouts) -> list[dict]:
+    cfg, mode = run.cfg, run.cfg.train.mode
     history = []
     for step in range(run.start_step, total):
         t0 = time.perf_counter()
@@ -226,7 +250,14 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
                 samples, metrics, lam = rec["samples"], dict(rec["metrics"]), rec["lambda"]
             samples, lam = run.gen.broadcast((samples, lam))
         else:
-            samples, metrics = make_batch(run, step, lam)
+            if rollouts is not None:  # made ahead by the fleet, at most max_age steps old
+                try:
+                    samples, metrics = rollouts.batch(step)
+                except RuntimeError:
+                    _checkpoint(run, step, exposure, rollouts)  # the steps trained so far, resumable
+                    raise
+            else:
+                samples, metrics = make_batch(run, step, lam)
             if dist.get_rank() == 0 and (cfg.train.save_records or mode == "rollout_only"):
                 save_record(cfg.run.dir, step, lam, samples, metrics)
         if dist.get_rank() != 0:
@@ -235,8 +266,9 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
             record = cfg.train.save_records and mode == "full"
             outputs = {} if record else None
             rollout_metrics = dict(metrics)
+            sync = mode == "full" and (rollouts is None or rollouts.sync_due(step))
             metrics.update(_gather_to_rank0(run, train_one_step(run, step, lam, samples, loss_cfg,
-                                                                sync=mode == "full", teacher_outputs=outputs)))
+                                                                sync=sync, teacher_outputs=outputs)))
             if record:
                 merged = _gather_to_rank0(run, outputs)
                 if dist.get_rank() == 0:
@@ -249,16 +281,23 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
             run.log(step, metrics)
         history.append(metrics)
         if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total:
-            if run.offload is not None:
-                run.offload.reload()  # the checkpoint holds the optimizer state
-            save_run_checkpoint(run, step + 1, {"cursor": run.cursor, "exposure": exposure.state_dict(),
-                                                "weight_version": step + 1,
-                                                "annotator_cache": cfg.annotate.cache_dir},
-                                crash_hook=lambda n=step + 1: _fault("MT_FAULT_KILL_DURING_SAVE", n))
-            _fault("MT_FAULT_KILL_AFTER_SAVE", step + 1)
-            if run.offload is not None and step + 1 < total:
-                run.offload.offload()
+            _checkpoint(run, step + 1, exposure, rollouts, reoffload=step + 1 < total)
     return history
+
+
+def _checkpoint(run: Run, next_step: int, exposure: ExposureTracker, rollouts, reoffload: bool = False) -> None:
+    """Every rank: save the run at `next_step` (asynchronous: with the data cursor of the oldest
+    batch not yet trained, so that a resume regenerates what was in flight)."""
+    if run.offload is not None:
+        run.offload.reload()  # the checkpoint holds the optimizer state
+    state = {"cursor": run.cursor, "exposure": exposure.state_dict(), "weight_version": next_step,
+             "annotator_cache": run.cfg.annotate.cache_dir}
+    if rollouts is not None:
+        state.update(rollouts.checkpoint_state())
+    save_run_checkpoint(run, next_step, state, crash_hook=lambda n=next_step: _fault("MT_FAULT_KILL_DURING_SAVE", n))
+    _fault("MT_FAULT_KILL_AFTER_SAVE", next_step)
+    if run.offload is not None and reoffload:
+        run.offload.offload()
 
 
 def run_training(cfg) -> None:

@@ -129,7 +129,8 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
             teacher_ids, p_len = t.input_ids, t.prompt_len
         keys = [t for t, k in enumerate(key_masks[i]) if k] if i in lift else None
         samples.append(TrainSample(list(sg.group.prompt_ids), list(s.token_ids), sg.advantages[j], routes,
-                                   list(s.logprobs), teacher_ids, p_len, uid_offset + i, keys))
+                                   list(s.logprobs), teacher_ids, p_len, uid_offset + i, keys,
+                                   weight_version=s.weight_version))
     rewards = [r for sg in scored for r in sg.rewards]
     lens = [len(s.response_ids) for s in samples]
     correct_lens = [n for n, r in zip(lens, rewards) if r > 0]

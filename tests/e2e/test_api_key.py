@@ -5,7 +5,6 @@ the key trains, syncs its weights, and leaves the key nowhere in its run directo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from megatron_trace.rollout import SamplingParams
 from megatron_trace.rollout.sglang import EngineRequestError, RemoteSGLangEngine
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fixture_processes import start_fixture_servers, stop_processes  # noqa: E402
+from fixture_processes import char_task_model, start_fixture_servers, stop_processes  # noqa: E402
 
 pytestmark = pytest.mark.dist
 
@@ -46,15 +45,7 @@ def _http(url: str, method: str = "GET", payload=None, key: str | None = None):
 def keyed_server(tmp_path_factory):
     """One fixture server started with the key in its environment (`--api-key-env`, so the key is
     not on its command line). Yields (url, key)."""
-    from megatron_trace.models.hf_io import make_random_hf_model
-    from megatron_trace.models.qwen3 import get_arch
-    from megatron_trace.tasks.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    model = make_random_hf_model(dataclasses.replace(get_arch("tiny"), vocab_size=len(tok)), seed=99)
-    model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
-    path = str(tmp_path_factory.mktemp("keyed_server_model"))
-    model.save_pretrained(path, safe_serialization=True)
+    path = char_task_model(str(tmp_path_factory.mktemp("keyed_server_model")), seed=99)
     key = "mt-" + secrets.token_hex(16)
     old = os.environ.get(KEY_ENV)
     os.environ[KEY_ENV] = key

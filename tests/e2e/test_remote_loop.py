@@ -17,7 +17,6 @@ in the fixtures' teardown (the killed server is reaped there too).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ from megatron_trace.rollout import HFEngine, SamplingParams
 from megatron_trace.rollout.sglang import RemoteSGLangEngine
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fixture_processes import start_fixture_servers, start_router, stop_processes  # noqa: E402
+from fixture_processes import char_task_model, start_fixture_servers, start_router, stop_processes  # noqa: E402
 
 pytestmark = pytest.mark.dist
 
@@ -191,19 +190,9 @@ def _served(url: str) -> int:
 def server_hf_dir(tmp_path_factory):
     """An HF dir of the trainer's actor shape (tiny Qwen3, the char tokenizer's vocabulary and
     EOS) with other random weights."""
-    from megatron_trace.models.hf_io import make_random_hf_model
-    from megatron_trace.models.qwen3 import get_arch
-    from megatron_trace.tasks.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    arch = dataclasses.replace(get_arch("tiny"), vocab_size=len(tok))
-    model = make_random_hf_model(arch, seed=SERVER_SEED)
     # The trainer sends no stop ids: a server stops on its model config's EOS, so the dir must
     # carry the tokenizer's (the colocated hf engine is built with eos_token_ids=[tok.eos_token_id]).
-    model.config.eos_token_id = tok.eos_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    path = str(tmp_path_factory.mktemp("server_model"))
-    model.save_pretrained(path, safe_serialization=True)
+    path = char_task_model(str(tmp_path_factory.mktemp("server_model")), seed=SERVER_SEED)
     return path
 
 

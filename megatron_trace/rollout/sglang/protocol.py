@@ -60,8 +60,14 @@ def to_sglang_sampling_params(params: SamplingParams, seed: int | None = None) -
 
 
 def parse_output(out: dict, weight_version: int) -> Sample:
-    """One SGLang output dict -> Sample."""
+    """One SGLang output dict -> Sample. weight_version: the client's version when the request
+    was sent. A request that was paused and resumed under newer weights reports the server's
+    newer version in meta_info; the sample keeps the older of the two (its oldest tokens')."""
     meta = out.get("meta_info", {})
+    try:
+        weight_version = min(weight_version, int(meta.get("weight_version")))
+    except (TypeError, ValueError):  # a server that never had a version says "default"
+        pass
     token_ids = list(out.get("output_ids") or [])
     lps = [float(x[0]) for x in meta.get("output_token_logprobs", [])]
     if len(lps) != len(token_ids):

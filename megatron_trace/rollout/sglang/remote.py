@@ -14,6 +14,11 @@ The HTTP protocol of 0.5.6 (`sglang/srt/entrypoints/http_server.py`) this client
   POST /abort_request                   {"abort_all": true}: every running and waiting request
                                         ends (finish reason "abort"); fire and forget
   POST /flush_cache                     plain-text answer; 400 while requests are running
+  POST /pause_generation                {"mode": "retract" | "in_place" | "abort"}: new requests wait;
+                                        running ones go back to the queue (retract), stay with their
+                                        KV cache (in_place) or end (abort); a weight update then
+                                        proceeds without waiting for them
+  POST /continue_generation             {}: the paused requests resume (under the new weights)
   POST /update_weight_version           {"new_version", "abort_all_requests"}
   POST /release_memory_occupation, /resume_memory_occupation   {"tags": [...]}
 Answers: the weight calls return {"success", "message"} (HTTP 400 when success is false); the
@@ -180,6 +185,7 @@ class RemoteSGLangEngine:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> list[Sample]:
         refuse_if_asleep(self._asleep, f"the SGLang server {self.base_url}")
+        version = self.weight_version  # as sent: a weight update may land while it runs
         rows, sps = _expand(prompts, params, seeds)
         if not rows:
             return []
@@ -201,7 +207,7 @@ class RemoteSGLangEngine:
                                      f"expected {len(rows)} outputs, got {type(outs).__name__} "
                                      f"{len(outs) if isinstance(outs, list) else ''}")
         try:
-            return [parse_output(o, self.weight_version) for o in outs]
+            return [parse_output(o, version) for o in outs]
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise EngineRequestError(self.base_url, "/generate", f"malformed output: {exc}") from None
 
@@ -225,6 +231,14 @@ class RemoteSGLangEngine:
     def abort_all(self) -> None:
         """POST /abort_request {"abort_all": true}: end every request the server still runs."""
         self.request("POST", "/abort_request", {"abort_all": True}, timeout=max(self.health_timeout_s, 30.0))
+
+    def pause_generation(self, mode: str = "retract") -> None:
+        """POST /pause_generation {"mode"}: see the module docstring."""
+        self.call("/pause_generation", {"mode": mode}, timeout=max(self.health_timeout_s, 60.0))
+
+    def continue_generation(self) -> None:
+        """POST /continue_generation: paused requests resume."""
+        self.call("/continue_generation", {}, timeout=max(self.health_timeout_s, 60.0))
 
     def flush_cache(self) -> None:
         """POST /flush_cache. SGLang answers 400 while requests are running or waiting (aborted

@@ -7,12 +7,20 @@ side (`sync.remote_group.init_custom_process_group`). `begin_sync()` makes every
 it still runs, `push(bucket)` announces the bucket to every server and broadcasts it once, and
 `finish_sync(version)` flushes every cache (retried while requests drain) and sets the version.
 The group therefore stands in for the engine in `sync.sync_weights`.
+
+With `pause_mode` set (asynchronous rollouts, `rollout.async.pause_mode`), generation is not
+aborted but paused: `begin_sync` sends /pause_generation {mode} to every server, the broadcast
+runs while the paused requests wait (SGLang skips its model-update lock when paused), then
+`finish_sync` flushes the cache (not in `in_place` mode, where SGLang refuses while paused
+requests hold KV), sets the version and sends /continue_generation. `last_pause_s` is the time
+the servers stood paused.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
@@ -47,6 +55,9 @@ class RemoteWeightGroup:
         self.timeout_s = timeout_s
         self.weight_version = min((e.weight_version for e in self.engines), default=0)
         self._lock = threading.Lock()
+        self.pause_mode: str | None = None  # None: abort before a sync; else SGLang's pause mode
+        self.last_pause_s = 0.0
+        self._paused_at: float | None = None
 
     @classmethod
     def connect(cls, engines: Sequence[RemoteSGLangEngine], master_address: str, master_port: int, *,
@@ -73,6 +84,11 @@ class RemoteWeightGroup:
         world_size = nxt
         pool = ThreadPoolExecutor(max_workers=len(engines), thread_name_prefix="wgroup-connect")
         try:
+            # A trainer that was killed left its group behind on the servers (a resumed run
+            # reconnects under the same name): the server tears that one down first.
+            for stale in list(pool.map(lambda e: _destroy_stale(e, group_name), engines)):
+                if stale:
+                    log.info("weight group %r: removed a stale group of that name on %s", group_name, stale)
             futs = [pool.submit(e.call, "/init_weights_update_group",
                                 {"master_address": master_address, "master_port": int(master_port), "rank_offset": off,
                                  "world_size": world_size, "group_name": group_name, "backend": backend},
@@ -139,8 +155,13 @@ class RemoteWeightGroup:
     # the engine-like face used by sync.sync_weights
     def begin_sync(self) -> None:
         """Before the first bucket: every server aborts the requests it still runs, so that none
-        holds its model-update lock while rank 0 waits in the broadcast."""
-        self._on_every_server("begin_sync", "/abort_request")
+        holds its model-update lock while rank 0 waits in the broadcast; with `pause_mode`, every
+        server pauses instead."""
+        if self.pause_mode is None:
+            self._on_every_server("begin_sync", "/abort_request")
+            return
+        self._paused_at = time.perf_counter()
+        self._on_every_server("pause_generation", "/pause_generation", self.pause_mode)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int | None = None) -> int:
         n = self.push(named_tensors)
@@ -150,8 +171,19 @@ class RemoteWeightGroup:
 
     def finish_sync(self, version: int) -> None:
         """After the last bucket: flush every server's cache and set its weight version."""
-        self._on_every_server("finish_sync", "/flush_cache + /update_weight_version", version)
-        self._set_version(version)
+        if self._paused_at is None:
+            self._on_every_server("finish_sync", "/flush_cache + /update_weight_version", version)
+            self._set_version(version)
+            return
+        try:
+            if self.pause_mode != "in_place":  # SGLang refuses to flush under in-place paused requests
+                self._on_every_server("flush_cache", "/flush_cache")
+            self._on_every_server("update_weight_version", "/update_weight_version", version)
+            self._set_version(version)
+        finally:
+            self._on_every_server("continue_generation", "/continue_generation")
+            self.last_pause_s = time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     def _on_every_server(self, method: str, endpoint: str, *args) -> None:
         """engine.method(*args) on every server at once; raises naming every server that failed."""
@@ -198,6 +230,15 @@ def connect(engines: Sequence[RemoteSGLangEngine], master_address: str, master_p
     """`RemoteWeightGroup.connect`: one weight-update group from trainer rank 0 to all servers."""
     return RemoteWeightGroup.connect(engines, master_address, master_port, backend=backend, group_name=group_name,
                                      timeout_s=timeout_s, tp_sizes=tp_sizes)
+
+
+def _destroy_stale(engine: RemoteSGLangEngine, group_name: str) -> str | None:
+    """POST /destroy_weights_update_group; the server's URL if it had the group, else None."""
+    try:
+        engine.call("/destroy_weights_update_group", {"group_name": group_name}, timeout=60)
+        return engine.base_url
+    except EngineRequestError:  # "The group to be destroyed does not exist."
+        return None
 
 
 def _in_daemon_thread(fn, *args) -> Future:
