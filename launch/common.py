@@ -150,6 +150,10 @@ def add_cluster_flags(p) -> None:
                    help="cluster.cpus_per_node: CPU jobs, the cores asked for = the ranks started "
                         "(default tp x pp x dp)")
     g.add_argument("--time", default=None, help="cluster.time")
+    g.add_argument("--rollout-nodes", type=int, default=None,
+                   help="cluster.rollout_nodes: start a rollout fleet (SGLang servers + sglang-router, "
+                        "cluster.rollout_server_cmd) on the job's first K nodes and train on the others with "
+                        "rollout.placement=remote (a CPU job: K servers next to the trainer)")
     c = g.add_mutually_exclusive_group()
     c.add_argument("--container-image", default=None, help="cluster.container_image (pyxis/enroot)")
     c.add_argument("--no-container", action="store_true", help="cluster.container_image=null: run in a venv")
@@ -178,7 +182,7 @@ def cluster_overrides(args) -> list[str]:
     """The flags that change the job's size, as config overrides (the config checks them)."""
     over = []
     for flag, key in (("nodes", "nodes"), ("gpus_per_node", "gpus_per_node"), ("cpus_per_node", "cpus_per_node"),
-                      ("time", "time")):
+                      ("time", "time"), ("rollout_nodes", "rollout_nodes")):
         value = getattr(args, flag)
         if value is not None:
             over.append(f"cluster.{key}={value}")

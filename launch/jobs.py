@@ -121,8 +121,12 @@ def slurm_executor(cfg, layout: Layout, cpu: bool, *, job_dir: str, packager, ta
     and NeMo-Run's job folder are the same: `job_dir`/experiments (LocalTunnel)."""
     import nemo_run as run
 
+    from megatron_trace.fleet.job import KEY_LINES
+
     c = cfg.cluster
     setup = env_setup_lines(cfg, tag, strict=strict)
+    if c.rollout_nodes:  # a fresh key per job, in the environment of every node's task only
+        setup += ["# the rollout fleet (cluster.rollout_nodes): megatron-trace fleet-job starts it", *KEY_LINES]
     env = {"PYTHONPATH": "/nemo_run/code"}
     common = dict(account=c.account, partition=c.partition, time=c.time, nodes=c.nodes, job_name_prefix="mt-",
                   tunnel=run.LocalTunnel(job_dir=os.path.join(job_dir, "experiments")), packager=packager,
@@ -130,9 +134,14 @@ def slurm_executor(cfg, layout: Layout, cpu: bool, *, job_dir: str, packager, ta
                   container_mounts=list(c.container_mounts) if c.container_image else [],
                   additional_parameters=_sbatch_params(c.sbatch) or None, poll_estimated_start_time=False)
     if cpu:
-        return run.SlurmExecutor(**common, ntasks_per_node=1, cpus_per_task=layout.world,
-                                 srun_args=[f"--cpus-per-task={layout.world}"], setup_lines="\n".join(setup) or None,
+        cores = layout.world + c.rollout_nodes  # a fleet's servers: one core each
+        return run.SlurmExecutor(**common, ntasks_per_node=1, cpus_per_task=cores,
+                                 srun_args=[f"--cpus-per-task={cores}"], setup_lines="\n".join(setup) or None,
                                  env_vars=env)
+    if c.rollout_nodes:  # one `fleet-job` task per node; the trainer nodes start torchrun themselves
+        return run.SlurmExecutor(**common, ntasks_per_node=1, gpus_per_node=c.gpus_per_node,
+                                 setup_lines="\n".join(setup),
+                                 env_vars={**env, "NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
     setup += ["# rendezvous: the allocation's first node, from Slurm", HEAD_NODE_LINE]
     return run.SlurmExecutor(**common, ntasks_per_node=c.gpus_per_node, gpus_per_node=c.gpus_per_node,
                              launcher="torchrun", setup_lines="\n".join(setup),
@@ -148,12 +157,13 @@ def repo_relative(path: str) -> str:
     return os.path.relpath(full, REPO)
 
 
-def train_task(config_path: str, overrides: list[str] | tuple[str, ...] = ()):
-    """The job's command: train on the config at config_path (as the job sees it)."""
+def train_task(config_path: str, overrides: list[str] | tuple[str, ...] = (), *, fleet: bool = False):
+    """The job's command: train on the config at config_path (as the job sees it); with a fleet
+    in the job, `fleet-job`, which gives each node its role (megatron_trace/fleet/job.py)."""
     import nemo_run as run
 
     return run.Script(path="megatron_trace.cli", entrypoint="python", m=True,
-                      args=["train", "--config", config_path, *overrides])
+                      args=["fleet-job" if fleet else "train", "--config", config_path, *overrides])
 
 
 # ----------------------------------------------------------------------------------- submit
@@ -211,7 +221,8 @@ def render(title: str, jobs: list[Job], out_dir: str, base: str) -> list[str]:
     with run.Experiment(title, base_dir=base, log_level="WARN", clean_mode=True, enable_goodbye_message=False,
                         skip_status_at_exit=True) as exp:
         for job in jobs:
-            exp.add(train_task(f"/nemo_run/{job.name}.yaml"), executor=job.executor, name=job.name)
+            exp.add(train_task(f"/nemo_run/{job.name}.yaml", fleet=job.cfg.cluster.rollout_nodes > 0),
+                    executor=job.executor, name=job.name)
         exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
         exp_dir = exp._exp_dir
     for f in sorted(glob.glob(os.path.join(exp_dir, "**", "*_sbatch.sh"), recursive=True)):
@@ -240,7 +251,8 @@ def submit(title: str, jobs: list[Job], job_dir: str) -> list[Submitted]:
         with run.Experiment(title, base_dir=job_dir, log_level="WARN", clean_mode=True, enable_goodbye_message=False,
                             skip_status_at_exit=True) as exp:
             for job in jobs:
-                exp.add(train_task(f"/nemo_run/{job.name}.yaml"), executor=job.executor, name=job.name)
+                exp.add(train_task(f"/nemo_run/{job.name}.yaml", fleet=job.cfg.cluster.rollout_nodes > 0),
+                    executor=job.executor, name=job.name)
             exp.run(detach=True)
             exp_dir = exp._exp_dir
     finally:

@@ -57,6 +57,16 @@ def plan_layout(cfg, world: int, where: str, *, keys: str = "", gpus_per_node: i
                                  "cluster.gpus_per_node, or use rollout.placement=remote")
     elif r.placement == "rank0":
         engines, rollout = 1, f"rank0 {r.engine} (debugging)"
+    elif cfg.cluster.rollout_nodes:
+        c = cfg.cluster
+        if c.gpus_per_node and p.device != "cpu":
+            n = c.rollout_nodes * (c.gpus_per_node // r.server_tp)
+            servers = f"{n} server(s) of {r.server_tp} GPU(s) on the job's first {c.rollout_nodes} node(s)"
+        else:
+            n = c.rollout_nodes
+            servers = f"{n} server(s) on the job's node, one core each"
+        engines = 0
+        rollout = f"remote: a fleet in the job, {servers}" + (", behind sglang-router" if n > 1 else "")
     else:
         servers = f"router {r.remote.router_url}" if r.remote.router_url else f"{len(r.remote.urls)} server(s)"
         engines, rollout = 0, f"remote: {servers}"
@@ -64,11 +74,19 @@ def plan_layout(cfg, world: int, where: str, *, keys: str = "", gpus_per_node: i
 
 
 def cluster_layout(cfg) -> Layout:
-    """The layout of a Slurm GPU job of cfg.cluster.nodes x cfg.cluster.gpus_per_node GPUs."""
+    """The layout of a Slurm GPU job of cfg.cluster.nodes x cfg.cluster.gpus_per_node GPUs (less
+    the cluster.rollout_nodes that run the fleet)."""
     c = cfg.cluster
-    return plan_layout(cfg, c.nodes * c.gpus_per_node, f"{c.nodes} node{'s' * (c.nodes > 1)} x {c.gpus_per_node} GPUs",
-                       keys=f"cluster.nodes={c.nodes} x cluster.gpus_per_node={c.gpus_per_node}",
-                       gpus_per_node=c.gpus_per_node, nodes=c.nodes)
+    nodes = c.nodes - c.rollout_nodes
+    if nodes < 1:
+        raise SystemExit(f"error: cluster.rollout_nodes={c.rollout_nodes} (--rollout-nodes) leaves no node to train on "
+                         f"(cluster.nodes={c.nodes})")
+    fleet = f" (+{c.rollout_nodes} rollout node{'s' * (c.rollout_nodes > 1)})" if c.rollout_nodes else ""
+    return plan_layout(cfg, nodes * c.gpus_per_node, f"{nodes} node{'s' * (nodes > 1)} x {c.gpus_per_node} GPUs{fleet}",
+                       keys=f"cluster.nodes={c.nodes} - cluster.rollout_nodes={c.rollout_nodes} x "
+                            f"cluster.gpus_per_node={c.gpus_per_node}" if c.rollout_nodes else
+                       f"cluster.nodes={c.nodes} x cluster.gpus_per_node={c.gpus_per_node}",
+                       gpus_per_node=c.gpus_per_node, nodes=nodes)
 
 
 def is_cpu_job(cfg) -> bool:

@@ -102,6 +102,12 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_fleet_job(args) -> int:
+    from .fleet.job import main as fleet_main
+
+    return fleet_main(args.config, args.overrides)
+
+
 def _cmd_plan(args) -> int:
     from .config import load_config
     from .plan import plan_memory
@@ -182,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rollout.n=8 loss.variant=grpo")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     t.set_defaults(fn=_cmd_train)
+    fj = sub.add_parser("fleet-job", help="one node's part of a Slurm job with its own rollout fleet "
+                                          "(launch/slurm.py --rollout-nodes; not for interactive use)")
+    fj.add_argument("--config", required=True, help="the job's resolved config")
+    fj.add_argument("overrides", nargs="*", help="key=value overrides for the trainer")
+    fj.set_defaults(fn=_cmd_fleet_job)
     pl = sub.add_parser("plan", help="per-GPU memory estimate of a training config (no model is built)")
     pl.add_argument("--config", required=True, help="YAML config (see configs/)")
     pl.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=4 optim.recompute=full")

@@ -3,6 +3,7 @@
   char_task_model(path, seed, size) -> path          a random HF model for the arithmetic task's servers
   start_fixture_servers(n, hf_dir) -> [(proc, url)]   n `tests/sglang_fixture_server.py` servers
   start_router(worker_urls) -> (proc, url)            PyPI `sglang-router` in front of them
+  fleet_config(tmp, K, port) -> path                  a tiny config whose in-job fleet is K fixture servers
   stop_processes(procs)                               SIGTERM, then SIGKILL what is left
 """
 
@@ -155,3 +156,54 @@ def stop_processes(procs, timeout_s: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=5)
+
+
+def fleet_config(tmp_path, rollout_nodes: int, port: int, steps: int = 3, server_prefix: str | None = None) -> str:
+    """A tiny CPU config (tiny_cpu.yaml, one-step-off, remote) whose fleet in the job is fixture
+    servers, written as YAML (the command has braces); returns its path. server_prefix: what
+    starts a server instead of `python tests/sglang_fixture_server.py` (it gets the same flags)."""
+    import pathlib
+
+    tmp_path = pathlib.Path(tmp_path)
+    hf = char_task_model(str(tmp_path / "hf"), seed=4321)
+    prefix = server_prefix or f"{sys.executable} {SERVER}"
+    server = prefix + " --model-path {model} --host {host} --port {port} --api-key-env {api_key_env}"
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"""include: [{os.path.join(REPO, 'configs', 'tiny_cpu.yaml')}]
+model: {{hf_dir: {hf}}}
+rollout:
+  placement: remote
+  max_new_tokens: 8
+  prompts_per_step: 2
+  async: {{max_age: 1}}
+  remote: {{master_address: 127.0.0.1, backend: gloo}}
+train: {{steps: {steps}}}
+eval: {{every: 0}}
+log: {{progress: false}}
+checkpoint: {{every: 100}}
+cluster:
+  gpus_per_node: 0
+  rollout_nodes: {rollout_nodes}
+  rollout_port: {port}
+  rollout_server_cmd: "{server}"
+run: {{dir: {tmp_path / 'run'}}}
+""")
+    return str(path)
+
+
+def free_base_port() -> int:
+    """A port P such that P..P+3 are free (a fleet's router and servers)."""
+    import socket
+
+    for base in range(31000, 60000, 37):
+        ok = True
+        for p in range(base, base + 4):
+            with socket.socket() as s:
+                try:
+                    s.bind(("0.0.0.0", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free ports")

@@ -162,6 +162,26 @@ class ClusterConfig:
     setup: list[str] = field(default_factory=list)  # shell lines run before the task (`module load ...`)
     exclusive: bool = False  # #SBATCH --exclusive
     sbatch: list[str] = field(default_factory=list)  # extra #SBATCH flags, e.g. "--qos=high", "--constraint=h100"
+    # A rollout fleet inside the job (`launch/slurm.py --rollout-nodes K`, `megatron_trace/fleet/`):
+    # the first K nodes run one server per rollout.server_tp GPUs (and sglang-router on the first
+    # when there are several), the others train with rollout.placement=remote. A CPU job runs K
+    # servers on its one node, next to the trainer. 0 = no fleet.
+    rollout_nodes: int = 0
+    # One server's command. Placeholders: {model} (model.hf_dir), {host}, {port}, {tp}
+    # (rollout.server_tp), {gpu} (its first GPU on the node), {mem} (cluster.rollout_mem_fraction),
+    # {api_key_env} (the NAME of the
+    # variable with the job's key). The default wraps sglang.launch_server so the key never
+    # appears on a command line; a CPU test starts tests/sglang_fixture_server.py instead.
+    rollout_server_cmd: str = ("python -m megatron_trace.fleet.serve server --api-key-env {api_key_env} -- "
+                               "--model-path {model} --host {host} --port {port} --tp-size {tp} "
+                               "--base-gpu-id {gpu} --mem-fraction-static {mem} --skip-server-warmup")
+    # The router's command ({workers}: the servers' URLs, space-separated; {host}, {port},
+    # {api_key_env} as above).
+    rollout_router_cmd: str = ("python -m megatron_trace.fleet.serve router --api-key-env {api_key_env} -- "
+                               "--worker-urls {workers} --host {host} --port {port} --policy cache_aware")
+    rollout_mem_fraction: float = 0.85  # {mem}: a fleet server's mem_fraction_static (its GPU is its own)
+    rollout_port: int = 30000  # the router's port; server j of a node listens on rollout_port + 1 + j
+    rollout_start_timeout_s: float = 1800.0  # how long the trainer waits for every server's /health
 
     def __post_init__(self) -> None:
         _check(self.nodes >= 1, "cluster.nodes", self.nodes, "an integer >= 1")
@@ -172,6 +192,20 @@ class ClusterConfig:
         _check(self.gpu_memory_gb > 0, "cluster.gpu_memory_gb", self.gpu_memory_gb, "a float > 0")
         for flag in self.sbatch:
             _check(flag.startswith("--"), "cluster.sbatch", flag, "sbatch flags such as '--qos=high'")
+        _check(self.rollout_nodes >= 0, "cluster.rollout_nodes", self.rollout_nodes, "an integer >= 0")
+        _check(0 < self.rollout_port < 65000, "cluster.rollout_port", self.rollout_port, "a TCP port below 65000")
+        _check(0 < self.rollout_mem_fraction < 1, "cluster.rollout_mem_fraction", self.rollout_mem_fraction,
+               "a float in (0, 1)")
+        _check(self.rollout_start_timeout_s > 0, "cluster.rollout_start_timeout_s", self.rollout_start_timeout_s,
+               "a float > 0")
+        for key in ("rollout_server_cmd", "rollout_router_cmd"):
+            cmd = getattr(self, key)
+            try:
+                cmd.format(model="m", host="h", port=1, tp=1, gpu=0, mem=0.5, api_key_env="K", workers="w")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"config key 'cluster.{key}': value {cmd!r} is not allowed; expected a command "
+                                 f"whose placeholders are among {{model}} {{host}} {{port}} {{tp}} {{gpu}} {{mem}} "
+                                 f"{{api_key_env}} {{workers}} ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass
@@ -224,5 +258,24 @@ class Config:
         if self.rollout.async_.max_age > 0 and self.train.mode != "full":
             raise ValueError(f"config key 'rollout.async.max_age'={self.rollout.async_.max_age} needs train.mode=full "
                              f"(got {self.train.mode!r}): the debug modes run one side alone")
+        c, r = self.cluster, self.rollout
+        if c.rollout_nodes > 0:
+            if r.placement != "remote":
+                raise ValueError(f"config key 'cluster.rollout_nodes'={c.rollout_nodes} starts a rollout fleet in the "
+                                 f"job: set rollout.placement=remote (got {r.placement!r})")
+            if not self.model.hf_dir:
+                raise ValueError(f"config key 'cluster.rollout_nodes'={c.rollout_nodes}: the servers load "
+                                 "model.hf_dir before the first weight sync; set model.hf_dir")
+            if c.gpus_per_node > 0 and self.parallel.device != "cpu":
+                if c.rollout_nodes >= c.nodes:
+                    raise ValueError(f"config key 'cluster.rollout_nodes'={c.rollout_nodes} leaves no node to train "
+                                     f"on (cluster.nodes={c.nodes})")
+                if c.gpus_per_node % r.server_tp:
+                    raise ValueError(f"config key 'rollout.server_tp'={r.server_tp} does not divide "
+                                     f"cluster.gpus_per_node={c.gpus_per_node}")
+        elif r.placement == "remote" and not (r.remote.urls or r.remote.router_url):
+            raise ValueError("config key 'rollout.remote.urls': value [] is not allowed; expected at least one "
+                             "server URL (or rollout.remote.router_url) when rollout.placement=remote, or a fleet "
+                             "started in the job (cluster.rollout_nodes)")
         if self.model.hf_dir and self.model.ckpt:
             raise ValueError("config keys 'model.hf_dir' and 'model.ckpt' are exclusive: set one of them")

@@ -89,6 +89,7 @@ class RolloutConfig:
     verify_sync: bool = False
     verify_sync_tol: float = 0.5
     remote: RemoteRolloutSection = field(default_factory=RemoteRolloutSection)
+    server_tp: int = 1  # GPUs per server of a fleet started in the job (cluster.rollout_nodes)
     async_: AsyncRolloutSection = field(default_factory=AsyncRolloutSection)  # the key `rollout.async`
     prompts_per_step: int = 8
     n: int = 8  # samples per prompt (GRPO group size)
@@ -112,9 +113,6 @@ class RolloutConfig:
         _check(self.hf_max_batch_tokens >= 1, "rollout.hf_max_batch_tokens", self.hf_max_batch_tokens,
                "an integer >= 1")
         _check(self.verify_sync_tol > 0, "rollout.verify_sync_tol", self.verify_sync_tol, "a float > 0")
-        _check(self.placement != "remote" or bool(self.remote.urls or self.remote.router_url),
-               "rollout.remote.urls", list(self.remote.urls),
-               "at least one server URL (or rollout.remote.router_url) when rollout.placement=remote")
         _check(self.async_.max_age == 0 or self.placement == "remote", "rollout.async.max_age", self.async_.max_age,
                "0 unless rollout.placement=remote: colocated engines share the trainer's GPUs, so generation "
                "and training cannot overlap there (rank0 is for debugging)")
@@ -128,6 +126,7 @@ class RolloutConfig:
         _check(a.max_age == 0 or self.remote.weight_sync == "distributed", "rollout.async.max_age", a.max_age,
                "0 with rollout.remote.weight_sync=none (the servers' weights never change, so every batch "
                "would grow older than max_age)")
+        _check(self.server_tp >= 1, "rollout.server_tp", self.server_tp, "an integer >= 1")
         _check(self.prompts_per_step >= 1, "rollout.prompts_per_step", self.prompts_per_step, "an integer >= 1")
         _check(self.n >= 2, "rollout.n", self.n, "an integer >= 2 (GRPO needs a group)")
         _check(self.temperature > 0, "rollout.temperature", self.temperature, "a float > 0")

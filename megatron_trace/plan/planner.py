@@ -17,6 +17,7 @@ from .engine import (
     engine_memory,
     requests_per_engine,
 )
+from .fleet import fleet_memory, fleet_note
 from .params import GB, MIB, _kv_per_rank, _optimizer_bytes, _padded_vocab, param_numels, static_bytes
 from .report import EST, MemoryPlan, Phase, suggestions
 from .runtime import (
@@ -124,6 +125,9 @@ def plan_memory(cfg, *, dp: int | None = None, prompt_tokens: int = PROMPT_TOKEN
         + f"); the flag is {'on' if on else 'off'}"
         + ("" if fused.peak_gb == unfused.peak_gb else
            f"; peak of the step {fused.peak_gb:.1f} GB fused / {unfused.peak_gb:.1f} GB unfused"))
+    if cfg.cluster.rollout_nodes and cfg.cluster.gpus_per_node:  # both sides of a job with its own fleet
+        plan.fleet = fleet_memory(cfg, kwargs["arch"])
+        plan.notes["rollout fleet (cluster.rollout_nodes)"] = fleet_note(plan.fleet, cfg.cluster.gpu_memory_gb)
     return plan
 
 
@@ -147,7 +151,7 @@ def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool 
     p, o, r = cfg.parallel, cfg.optim, cfg.rollout
     tp, pp = p.tp, p.pp
     if dp is None:  # as the launchers derive it; CPU runs spawn tp * pp * (parallel.dp or 1) ranks
-        gpus = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+        gpus = (cfg.cluster.nodes - cfg.cluster.rollout_nodes) * cfg.cluster.gpus_per_node  # the trainer's
         dp = p.dp or (1 if p.device == "cpu" else max(gpus // (tp * pp), 1))
     fused = _fused_attention(cfg) if fused_attention is None else fused_attention
     sp = p.sequence_parallel and tp > 1

@@ -46,6 +46,7 @@ class MemoryPlan:
     # the train peak with and without the fused LM head (loss.fused_head), whatever the flag:
     # {"fused_head": the flag, "fused_train_peak_gb": ..., "unfused_train_peak_gb": ...}
     lm_head: dict = field(default_factory=dict)
+    fleet: dict = field(default_factory=dict)  # a fleet in the job (cluster.rollout_nodes): one server GPU
 
     @property
     def peak_gb(self) -> float:
@@ -53,7 +54,7 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        return self.engine_fits and self.peak_gb <= self.gpu_memory_gb
+        return self.engine_fits and self.peak_gb <= self.gpu_memory_gb and self.fleet.get("fits", True)
 
     @property
     def worst(self) -> tuple[str, Phase]:
@@ -70,7 +71,8 @@ class MemoryPlan:
                 "kv_cache_tokens": self.kv_cache_tokens,
                 "gpus_peak_gb": {ph: {g: round(v / GB, 2) for g, v in d.items()} for ph, d in self.gpus.items()},
                 "notes": self.notes, "suggestions": suggestions(self),
-                "lm_head": {k: round(v, 2) if isinstance(v, float) else v for k, v in self.lm_head.items()}}
+                "lm_head": {k: round(v, 2) if isinstance(v, float) else v for k, v in self.lm_head.items()},
+                "fleet": self.fleet}
 
     def table(self) -> str:
         lay = self.layout

@@ -238,9 +238,12 @@ def _build_remote(cfg: Config, groups: ParallelGroups):
 
     def connect(servers):  # a fresh group (name and port) each time: after a server died, say
         counter[0] += 1
-        return RemoteWeightGroup.connect(servers, r.master_address or socket.gethostname(),
-                                         r.master_port + counter[0] - 1 if r.master_port else free_port(),
-                                         backend=backend, group_name=f"megatron_trace_weights_{counter[0]}")
+        group = RemoteWeightGroup.connect(servers, r.master_address or socket.gethostname(),
+                                          r.master_port + counter[0] - 1 if r.master_port else free_port(),
+                                          backend=backend, group_name=f"megatron_trace_weights_{counter[0]}")
+        if r.router_url:
+            group.followers = list(gen)  # the router's client: its samples' version is the servers'
+        return group
 
     return fleet, connect(workers), connect
 

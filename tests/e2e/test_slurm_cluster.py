@@ -164,3 +164,42 @@ def test_wait_exits_with_a_failed_jobs_status(cluster, tmp_path):
     job = _submitted(out.stdout)["tiny_cpu"]
     assert re.search(r"ended FAILED \(exit code [1-9]\d*\)", out.stdout), out.stdout[-3000:]
     assert cluster.job(job["id"])["JobState"] == "FAILED" and _jobcomp(cluster, job["id"]) == "FAILED"
+
+
+@pytest.mark.dist
+def test_slurm_job_starts_its_own_fleet_and_trains_asynchronously(cluster, tmp_path):
+    """--rollout-nodes 1 on the one-node CPU cluster: the job makes a fresh key, starts a fixture
+    server with it (cluster.rollout_server_cmd) next to the trainer, waits for /health, trains 3
+    one-step-off steps through it and completes. The key (recorded by a test-only wrapper around
+    the server, outside the run) is in neither the rendered job script nor any file of the run:
+    logs, metrics, config."""
+    from fixture_processes import SERVER, fleet_config, free_base_port
+
+    seen = tmp_path / "secret" / "key_seen_by_the_server"
+    seen.parent.mkdir()
+    wrapper = tmp_path / "secret" / "record_key_then_serve.py"
+    wrapper.write_text("import os, sys\n"
+                       f"open({str(seen)!r}, 'w').write(os.environ['MT_FLEET_API_KEY'])\n"
+                       f"os.execv(sys.executable, [sys.executable, {SERVER!r}, *sys.argv[1:]])\n")
+    config = fleet_config(tmp_path, rollout_nodes=1, port=free_base_port(),
+                          server_prefix=f"{sys.executable} {wrapper}")
+    run_dir = tmp_path / "run"
+    out = _launch(cluster, tmp_path, "slurm.py", "--config", config, "--partition", "batch", "--nodes", "1",
+                  "--gpus-per-node", "0", "--no-container", "--rollout-nodes", "1", "--setup",
+                  "export GLOO_SOCKET_IFNAME=lo", "--wait", *CODE, f"run.dir={run_dir}", timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    assert "remote: a fleet in the job, 1 server(s) on the job's node" in out.stderr
+    job = _submitted(out.stdout)["tiny_cpu"]
+    _check_completed(cluster, job, out)
+    assert cluster.job(job["id"])["NumCPUs"] == "2"  # the trainer's rank and the server
+    rows = _steps(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2] and [r["async/age_max"] for r in rows] == [0, 1, 1]
+    script = open(job["script"]).read()
+    assert "fleet-job --config" in script and "{ set +x; } 2>/dev/null" in script
+    key = seen.read_text()
+    assert len(key) >= 32
+    for root, _, files in os.walk(run_dir):  # the job folder (script, logs) lives in the run's
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                assert key.encode() not in fh.read(), os.path.join(root, f)
+    assert "[fleet] 1 server(s) healthy" in open(job["task log"]).read()

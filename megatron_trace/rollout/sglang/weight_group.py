@@ -55,6 +55,9 @@ class RemoteWeightGroup:
         self.timeout_s = timeout_s
         self.weight_version = min((e.weight_version for e in self.engines), default=0)
         self._lock = threading.Lock()
+        # clients whose samples come from these servers without being members (an sglang-router's):
+        # their weight version follows the group's, so that samples carry the right one
+        self.followers: list = []
         self.pause_mode: str | None = None  # None: abort before a sync; else SGLang's pause mode
         self.last_pause_s = 0.0
         self._paused_at: float | None = None
@@ -193,7 +196,7 @@ class RemoteWeightGroup:
 
     def _set_version(self, version: int) -> None:
         self.weight_version = version
-        for e in self.engines:
+        for e in self.engines + self.followers:
             e.weight_version = version
 
     def close(self) -> None:
