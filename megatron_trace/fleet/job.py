@@ -7,12 +7,14 @@ and node 0 also runs sglang-router (`cluster.rollout_router_cmd`, port cluster.r
 when there is more than one server. Nodes K.. train: they wait for /health on every server (up
 to cluster.rollout_start_timeout_s, then a clear error naming the silent servers), then run
 `torchrun ... megatron_trace.cli train` with rollout.remote.urls, router_url and api_key_env
-filled in. The weight-sync address is the first trainer node (rank 0's hostname, the default).
+filled in, and the weight-sync address (rollout.remote.master_address) set to the first trainer
+node unless the config names one.
 CPU jobs (one node): the node runs K servers and then the trainer, side by side.
 
 The key: the job script exports a fresh random key in MT_FLEET_API_KEY before this runs (see
 `KEY_LINES`); the servers and the router read it through `--api-key-env` (see `serve.py`) and the
-trainer through rollout.remote.api_key_env. It is never written to a file or a command line.
+trainer through rollout.remote.api_key_env. It is never written to a file, a log or a command
+line.
 
 When the trainer ends, its node writes `<run.dir>/fleet/done`; the rollout nodes, which wait
 for that file, then stop their servers. Server and router logs go to `<run.dir>/fleet/`.
@@ -91,12 +93,16 @@ def plan_fleet(cfg, hosts: list[str], cpu: bool) -> FleetPlan:
     return FleetPlan(servers, router, rollout, trainers, cpu)
 
 
-def trainer_overrides(plan: FleetPlan) -> list[str]:
-    """What the trainer adds to its config to use the fleet."""
+def trainer_overrides(plan: FleetPlan, master_address: str | None = None) -> list[str]:
+    """What the trainer adds to its config to use the fleet. master_address: the config's
+    rollout.remote.master_address; unset, the weight broadcast is hosted by the first trainer
+    node, as the servers reach it (the job's node name)."""
     over = ["rollout.remote.urls=[" + ",".join(f'"{u}"' for u in plan.urls) + "]",
             f"rollout.remote.api_key_env={API_KEY_ENV}"]
     if plan.router is not None:
         over.append(f"rollout.remote.router_url={plan.router.url}")
+    if master_address is None:
+        over.append(f"rollout.remote.master_address={plan.trainer_hosts[0]}")
     return over
 
 
@@ -185,7 +191,8 @@ def _stop(procs: list) -> None:
 
 
 def _trainer_command(cfg, config: str, plan: FleetPlan, node: int, extra: list[str]) -> list[str]:
-    train = ["-m", "megatron_trace.cli", "train", "--config", config, *trainer_overrides(plan), *extra]
+    train = ["-m", "megatron_trace.cli", "train", "--config", config,
+             *trainer_overrides(plan, cfg.rollout.remote.master_address), *extra]
     if plan.cpu:
         return [sys.executable, *train]
     k = cfg.cluster.rollout_nodes

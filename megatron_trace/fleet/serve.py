@@ -6,8 +6,10 @@
 SGLang 0.5.6 and sglang-router 0.3.2 take the key only as `--api-key KEY`, which every user of
 the node can read from `ps`. These wrappers parse the remaining arguments with the tools' own
 parsers, set the key on the parsed arguments in-process (SGLang's `ServerArgs.api_key`, the
-router's `RouterArgs.api_key`) and start them as their own entry points do. A variable that is
-named but unset is an error: a fleet without its key would let anyone on the network in.
+router's `RouterArgs.api_key`), redact it from their repr (SGLang logs its arguments at start)
+and start them as their own entry points do. A variable that is named but unset is an error: a
+fleet without its key would let anyone on the network in. SGLang's scheduler processes receive
+the arguments by pickling, with the class unpatched: check their logs on a first GPU run.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 import os
 import sys
 
-__all__ = ["main", "read_key"]
+__all__ = ["hide_key", "main", "read_key"]
 
 
 def read_key(env_name: str) -> str:
@@ -27,6 +29,20 @@ def read_key(env_name: str) -> str:
     return key
 
 
+def hide_key(args, key: str) -> None:
+    """Redact the key from the repr of args' class (SGLang logs `server_args=ServerArgs(...)` at
+    start): the class is the tool's own, and this process holds one instance."""
+    cls = type(args)
+    original = cls.__repr__
+
+    def redacted(self) -> str:
+        return original(self).replace(key, "<redacted>")
+
+    cls.__repr__ = redacted
+    if cls.__str__ is object.__str__ or cls.__str__ is original:
+        cls.__str__ = redacted
+
+
 def _server(rest: list[str], key: str) -> None:
     from sglang.srt.entrypoints.http_server import launch_server
     from sglang.srt.server_args import prepare_server_args
@@ -34,6 +50,7 @@ def _server(rest: list[str], key: str) -> None:
 
     server_args = prepare_server_args(rest)
     server_args.api_key = key
+    hide_key(server_args, key)
     try:
         launch_server(server_args)
     finally:
@@ -45,6 +62,7 @@ def _router(rest: list[str], key: str) -> None:
 
     router_args = parse_router_args(rest)
     router_args.api_key = key
+    hide_key(router_args, key)
     launch_router(router_args)
 
 

@@ -39,7 +39,9 @@ def test_gpu_fleet_takes_the_first_nodes_and_the_trainer_the_rest():
     assert [(s.host, s.port, s.gpu) for s in plan.servers] == [("n0", 30001, 0), ("n0", 30002, 2), ("n0", 30003, 4),
                                                                ("n0", 30004, 6)]
     assert plan.router.url == "http://n0:30000" and plan.trainer_hosts == ["n1", "n2"]
-    over = trainer_overrides(plan)
+    over = trainer_overrides(plan, cfg.rollout.remote.master_address)
+    assert "rollout.remote.master_address=n1" in over  # the weight broadcast from the first trainer node
+    assert "rollout.remote.master_address=n1" not in trainer_overrides(plan, "10.0.0.5")  # the config's stays
     assert over[0] == 'rollout.remote.urls=["http://n0:30001","http://n0:30002","http://n0:30003","http://n0:30004"]'
     assert f"rollout.remote.api_key_env={API_KEY_ENV}" in over and "rollout.remote.router_url=http://n0:30000" in over
     # the trainer's config takes the overrides
@@ -94,6 +96,21 @@ def test_serve_wrappers_refuse_a_key_on_the_command_line_and_a_missing_key(monke
     monkeypatch.setenv("MT_TEST_FLEET_KEY", "k")
     with pytest.raises(SystemExit):
         serve.main(["router", "--api-key-env", "MT_TEST_FLEET_KEY", "--", "--api-key", "k"])
+
+
+def test_the_key_is_redacted_from_the_arguments_repr():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Args:  # as SGLang's ServerArgs and the router's RouterArgs: dataclasses, logged with repr
+        model_path: str
+        api_key: str | None = None
+
+    args = Args("m")
+    args.api_key = "s3cret-key"
+    serve.hide_key(args, "s3cret-key")
+    assert "s3cret-key" not in repr(args) and "s3cret-key" not in f"{args=}" and "s3cret-key" not in str(args)
+    assert "model_path='m'" in repr(args) and args.api_key == "s3cret-key"
 
 
 def test_health_wait_names_silent_servers_and_dead_processes(tmp_path):
