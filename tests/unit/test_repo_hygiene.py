@@ -36,8 +36,8 @@ def test_dependency_pins():
     assert any(d.startswith("leptonai<0.28") for d in extras["launch"])  # nemo-run 0.11.1 breaks on newer
     assert "megatron-trace[data,tensorboard,plots,launch]" in extras["dev"]
     assert any(r.startswith("transformer-engine") for r in extras["gpu"])
-    # SGLang 0.5.6 pins torch 2.9.1; its PyPI wheel has no `srt` extra.
-    assert extras["sglang"] == ["sglang==0.5.6"]
+    # SGLang 0.5.6 pins torch 2.9.1; its PyPI wheel has no `srt` extra. The router fronts a job's own fleet.
+    assert extras["sglang"] == ["sglang==0.5.6", "sglang-router==0.3.2"]
     assert project["scripts"]["megatron-trace"] == "megatron_trace.cli:main"
 
 
