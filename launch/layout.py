@@ -59,12 +59,12 @@ def plan_layout(cfg, world: int, where: str, *, keys: str = "", gpus_per_node: i
         engines, rollout = 1, f"rank0 {r.engine} (debugging)"
     elif cfg.cluster.rollout_nodes:
         c = cfg.cluster
-        if c.gpus_per_node and p.device != "cpu":
-            n = c.rollout_nodes * (c.gpus_per_node // r.server_tp)
-            servers = f"{n} server(s) of {r.server_tp} GPU(s) on the job's first {c.rollout_nodes} node(s)"
-        else:
-            n = c.rollout_nodes
-            servers = f"{n} server(s) on the job's node, one core each"
+        from megatron_trace.fleet.job import servers_per_node
+
+        gpu = bool(c.gpus_per_node) and p.device != "cpu"
+        n = servers_per_node(cfg, not gpu) * (c.rollout_nodes if gpu else 1)
+        servers = (f"{n} server(s) of {r.server_tp} GPU(s) on the job's first {c.rollout_nodes} node(s)" if gpu
+                   else f"{n} server(s) on the job's node, one core each")
         engines = 0
         rollout = f"remote: a fleet in the job, {servers}" + (", behind sglang-router" if n > 1 else "")
     else:

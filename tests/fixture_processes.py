@@ -4,6 +4,8 @@
   start_fixture_servers(n, hf_dir) -> [(proc, url)]   n `tests/sglang_fixture_server.py` servers
   start_router(worker_urls) -> (proc, url)            PyPI `sglang-router` in front of them
   fleet_config(tmp, K, port) -> path                  a tiny config whose in-job fleet is K fixture servers
+  run_in_session(cmd, log) -> returncode             a command in its own session, killed whole afterwards
+  pseudo_verify(items)                               mixed, deterministic rewards for a random policy
   stop_processes(procs)                               SIGTERM, then SIGKILL what is left
 """
 
@@ -144,18 +146,11 @@ def start_router(worker_urls, *, policy: str = "round_robin", timeout_s: float =
 
 
 def stop_processes(procs, timeout_s: float = 10.0) -> None:
-    """SIGTERM each process we started (by its PID), then SIGKILL the ones still alive."""
-    procs = [p[0] if isinstance(p, tuple) else p for p in procs]
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + timeout_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
+    """SIGTERM each process we started (by its PID), then SIGKILL the ones still alive; procs may
+    be (proc, url) pairs."""
+    from megatron_trace.fleet.job import stop_processes as stop
+
+    stop([p[0] if isinstance(p, tuple) else p for p in procs], timeout_s)
 
 
 def fleet_config(tmp_path, rollout_nodes: int, port: int, steps: int = 3, server_prefix: str | None = None) -> str:
@@ -207,3 +202,30 @@ def free_base_port() -> int:
         if ok:
             return base
     raise RuntimeError("no free ports")
+
+
+def pseudo_verify(items):
+    """A random policy never solves the task; a hash of the text gives mixed, deterministic rewards."""
+    import zlib
+
+    return ["correct" if zlib.crc32(text.encode()) % 3 == 0 else "wrong" for text, _ in items]
+
+
+def run_in_session(cmd: list[str], log_path: str, *, env: dict | None = None, cwd: str = REPO,
+                   timeout_s: float = 600) -> int:
+    """Run cmd in its own session with its output in log_path; afterwards kill whatever is left of
+    the session. A SIGKILLed rank cannot stop the multiprocessing manager that Megatron's
+    checkpoint writer started, and that orphan keeps inherited pipes open: hence a file, not a
+    pipe, and the whole session killed once the command returns. Returns its exit code."""
+    import signal
+
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -29,12 +29,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
-__all__ = ["API_KEY_ENV", "KEY_LINES", "FleetPlan", "Server", "main", "plan_fleet", "trainer_overrides",
-           "wait_for_health"]
+__all__ = ["API_KEY_ENV", "KEY_LINES", "FleetPlan", "Server", "main", "plan_fleet", "servers_per_node",
+           "stop_processes", "trainer_overrides", "wait_for_health"]
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +74,25 @@ class FleetPlan:
         return [s for s in self.servers if s.host == host]
 
 
+def servers_per_node(cfg, cpu: bool) -> int:
+    """Servers on each rollout node: one per rollout.server_tp GPUs; a CPU job's one node holds
+    all cluster.rollout_nodes of them."""
+    return cfg.cluster.rollout_nodes if cpu else cfg.cluster.gpus_per_node // cfg.rollout.server_tp
+
+
 def plan_fleet(cfg, hosts: list[str], cpu: bool) -> FleetPlan:
     """Where every server (and the router) runs, from the job's node list."""
     c, tp = cfg.cluster, cfg.rollout.server_tp
     k = c.rollout_nodes
     if k < 1:
         raise ValueError("cluster.rollout_nodes is 0: this job has no fleet to start")
+    per_node = servers_per_node(cfg, cpu)
     if cpu:  # one node: K servers next to the trainer
-        rollout, trainers, per_node = hosts[:1], hosts[:1], k
+        rollout, trainers = hosts[:1], hosts[:1]
     else:
         if len(hosts) <= k:
             raise ValueError(f"cluster.rollout_nodes={k} leaves no node to train on (the job has {len(hosts)})")
-        rollout, trainers, per_node = hosts[:k], hosts[k:], c.gpus_per_node // tp
+        rollout, trainers = hosts[:k], hosts[k:]
     servers = [Server(h, c.rollout_port + 1 + j, 0 if cpu else j * tp) for h in rollout for j in range(per_node)]
     router = Server(rollout[0], c.rollout_port, 0) if len(servers) > 1 else None
     return FleetPlan(servers, router, rollout, trainers, cpu)
@@ -119,19 +124,12 @@ def router_command(cfg, plan: FleetPlan) -> list[str]:
         tp=cfg.rollout.server_tp, gpu=0, mem=cfg.cluster.rollout_mem_fraction))
 
 
-def _healthy(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url + "/health", timeout=5) as r:
-            return 200 <= r.status < 300
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def wait_for_health(urls: list[str], timeout_s: float, procs: list | None = None, poll_s: float = 2.0) -> float:
     """Block until GET /health answers on every URL; returns the seconds waited. Raises
     RuntimeError naming the servers still silent after timeout_s, or the local process that died
     (with its log's last lines)."""
+    from ..rollout.sglang import RemoteSGLangEngine
+
     t0 = time.monotonic()
     todo = list(urls)
     while todo:
@@ -139,7 +137,7 @@ def wait_for_health(urls: list[str], timeout_s: float, procs: list | None = None
             if p.poll() is not None:
                 raise RuntimeError(f"fleet process `{' '.join(p.args[:4])} ...` exited with code {p.returncode} before "
                                    f"the fleet was up; its log ({p.log_path}) ends with:\n{_tail(p.log_path)}")
-        todo = [u for u in todo if not _healthy(u)]
+        todo = [u for u in todo if not RemoteSGLangEngine(u, health_timeout_s=5.0).health()]
         if not todo:
             break
         if time.monotonic() - t0 > timeout_s:
@@ -177,11 +175,12 @@ def _start(cmd: list[str], log_path: str):
     return proc
 
 
-def _stop(procs: list) -> None:
+def stop_processes(procs: list, timeout_s: float = 30.0) -> None:
+    """SIGTERM each process, then SIGKILL the ones still alive after timeout_s."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
@@ -251,4 +250,4 @@ def main(config: str, extra: list[str] | None = None, *, hosts: list[str] | None
             f.write(f"{rc}\n")
         return rc
     finally:
-        _stop(procs)
+        stop_processes(procs)

@@ -10,6 +10,7 @@ custom all-reduce buffers at tp > 1.
 
 from __future__ import annotations
 
+from ..fleet.job import servers_per_node
 from ..models.qwen3 import Qwen3Arch
 from .engine import engine_memory, requests_per_engine
 from .params import GB, _kv_per_rank
@@ -22,7 +23,7 @@ def fleet_memory(cfg, arch: Qwen3Arch) -> dict:
     """Per-GPU memory of one fleet server, in GB, and how many tokens its KV cache holds."""
     c, r = cfg.cluster, cfg.rollout
     tp, B = r.server_tp, 2  # servers run bf16
-    servers = c.rollout_nodes * max(c.gpus_per_node // tp, 1)
+    servers = c.rollout_nodes * servers_per_node(cfg, cpu=False)
     em = engine_memory(arch, tp, B, c.gpu_memory_gb, requests_per_engine(r.prompts_per_step * r.n, servers))
     pool = c.rollout_mem_fraction * c.gpu_memory_gb * GB
     weights = arch.num_params * B / tp

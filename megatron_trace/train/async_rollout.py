@@ -41,7 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.distributed as dist
 
@@ -59,10 +59,7 @@ class Batch:
     metrics: dict
     version: int  # the oldest weight version among its samples
     cursor: int  # the data cursor before its prompts were drawn
-    started: float  # time.perf_counter() when its generation began
-    finished: float
     attempt: int = 0  # regenerations after a drop
-    spans: list = field(default_factory=list)
 
 
 class RolloutProducer:
@@ -129,7 +126,7 @@ class RolloutProducer:
                 cursor = self._busy[1]
                 self._busy = None
                 self._ready[step] = Batch(step, samples, metrics, min(s.weight_version for s in samples), cursor,
-                                          t0, t1, attempt)
+                                          attempt)
                 self.timeline.append(("generate", step, t0, t1))
                 self._cv.notify_all()
 
@@ -175,16 +172,15 @@ class RolloutProducer:
                        "async/dropped": float(dropped), "async/trainer_idle_s": t1 - t0,
                        "async/fleet_idle_s": idle, "async/regenerations": float(batch.attempt)}
 
-    def resume_cursor(self, fallback: int) -> int:
-        """The data cursor of the oldest batch made or being made but not yet taken (what a
-        checkpoint keeps so that a resumed run regenerates them); `fallback` when none is."""
+    def in_flight(self, fallback_cursor: int) -> tuple[list[int], int]:
+        """(the steps whose batches are made or being made but not yet taken, the data cursor of
+        the oldest of them): what a checkpoint keeps so that a resumed run regenerates them. The
+        cursor is `fallback_cursor` when none is in flight."""
         with self._cv:
-            cursors = [b.cursor for b in self._ready.values()] + ([self._busy[1]] if self._busy else [])
-        return min(cursors) if cursors else fallback
-
-    def in_flight_steps(self) -> list[int]:
-        with self._cv:
-            return sorted(list(self._ready) + ([self._busy[0]] if self._busy is not None else []))
+            busy = [self._busy] if self._busy is not None else []
+            steps = sorted(list(self._ready) + [step for step, _ in busy])
+            cursors = [b.cursor for b in self._ready.values()] + [cursor for _, cursor in busy]
+        return steps, (min(cursors) if cursors else fallback_cursor)
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop after the batch in progress (its requests are not cancelled; the thread is a daemon)."""
@@ -235,8 +231,8 @@ class AsyncRollouts:
         """Rank 0: what the trainer state keeps so that a resume regenerates what was in flight."""
         if self.producer is None:
             return {}
-        steps = self.producer.in_flight_steps()
-        return {"cursor": self.producer.resume_cursor(self.run.cursor), "async_in_flight_steps": steps,
+        steps, cursor = self.producer.in_flight(self.run.cursor)
+        return {"cursor": cursor, "async_in_flight_steps": steps,
                 "async_in_flight_samples": len(steps) * self.samples_per_batch}
 
     def resumed(self, state: dict) -> None:

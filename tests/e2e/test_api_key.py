@@ -12,7 +12,6 @@ import secrets
 import sys
 import urllib.error
 import urllib.request
-import zlib
 
 import pytest
 
@@ -21,7 +20,7 @@ from megatron_trace.rollout import SamplingParams
 from megatron_trace.rollout.sglang import EngineRequestError, RemoteSGLangEngine
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fixture_processes import char_task_model, start_fixture_servers, stop_processes  # noqa: E402
+from fixture_processes import char_task_model, pseudo_verify, start_fixture_servers, stop_processes  # noqa: E402
 
 pytestmark = pytest.mark.dist
 
@@ -95,9 +94,6 @@ def test_a_missing_key_variable_is_named():
         load_config("configs/tiny_cpu.yaml", ["rollout.remote.api_key_env=not a name"])
 
 
-def _pseudo_verify(items):
-    return ["correct" if zlib.crc32(text.encode()) % 3 == 0 else "wrong" for text, _ in items]
-
 
 def _keyed_run(rundir, url):
     import logging
@@ -121,7 +117,7 @@ def _keyed_run(rundir, url):
         f'rollout.remote.urls=["{url}"]', f"rollout.remote.api_key_env={KEY_ENV}",
         "rollout.remote.master_address=127.0.0.1", "rollout.remote.backend=gloo", "rollout.request_timeout_s=120"])
     run = setup_run(cfg)
-    run.verify = _pseudo_verify
+    run.verify = pseudo_verify
     history = train(run, steps=2)
     run.close()
     return history, messages

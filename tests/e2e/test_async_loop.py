@@ -16,21 +16,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 import sys
 import threading
 import time
-import zlib
 
 import pytest
 import torch
 
-from megatron_trace.parallel import run_on_ranks
+from megatron_trace.parallel import free_port, run_on_ranks
 from megatron_trace.rollout import HFEngine, SamplingParams
 from megatron_trace.rollout.sglang import EngineRequestError, RemoteSGLangEngine, RemoteWeightGroup
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fixture_processes import char_task_model, start_fixture_servers, stop_processes  # noqa: E402
+from fixture_processes import (  # noqa: E402
+    REPO,
+    char_task_model,
+    pseudo_verify,
+    run_in_session,
+    start_fixture_servers,
+    stop_processes,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -41,16 +46,6 @@ OVERRIDES = ["rollout.max_new_tokens=10", "rollout.prompts_per_step=4", "rollout
              "annotate.max_segment_chars=4", "log.tensorboard=false", "optim.micro_batch_size=4",
              "checkpoint.every=1000", "train.save_records=true", "loss.tis_cap=2.0", f"seed={SEED}"]
 LAYOUT_KEYS = ("time", "seconds", "dispatch/", "memory/", "sync/", "async/")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pseudo_verify(items):
-    return ["correct" if zlib.crc32(text.encode()) % 3 == 0 else "wrong" for text, _ in items]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +114,7 @@ def test_retract_pause_lets_the_update_through_and_resumes_under_new_weights(ser
     after = local.generate_rows(rows, params, seeds)
     assert [s.token_ids for s in before] != [s.token_ids for s in after]
 
-    group = RemoteWeightGroup.connect([eng], "127.0.0.1", _free_port(), backend="gloo", group_name="pause_retract",
+    group = RemoteWeightGroup.connect([eng], "127.0.0.1", free_port(), backend="gloo", group_name="pause_retract",
                                       timeout_s=60)
     group.pause_mode = "retract"
     out: dict = {}
@@ -170,7 +165,7 @@ def test_in_place_pause_refuses_flush_and_abort_pause_ends_requests(servers, ser
     params = [(n, p.detach().clone()) for n, p in HFEngine.from_pretrained(server_hf_dir, device="cpu",
                                                                            dtype=torch.float32).model.named_parameters()]
     out: dict = {}
-    group = RemoteWeightGroup.connect([eng], "127.0.0.1", _free_port(), backend="gloo", group_name="pause_in_place",
+    group = RemoteWeightGroup.connect([eng], "127.0.0.1", free_port(), backend="gloo", group_name="pause_in_place",
                                       timeout_s=60)
     group.pause_mode = "in_place"
     try:
@@ -204,31 +199,19 @@ def test_in_place_pause_refuses_flush_and_abort_pause_ends_requests(servers, ser
 
 def _train_cli(run_dir, url, env=None, steps=5):
     """`megatron-trace train` (one-step-off, checkpoint every step) in its own session, killed as a
-    whole afterwards (see tests/e2e/test_cli.py::_train)."""
+    whole afterwards (`fixture_processes.run_in_session`). Returns (exit code, log, metric rows)."""
     import json
     import shutil
-    import signal
-    import subprocess
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    args = ["train", "--config", os.path.join(repo, "configs", "tiny_cpu.yaml"), f"train.steps={steps}",
+    args = ["train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), f"train.steps={steps}",
             "checkpoint.every=1", "checkpoint.keep_last=10", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
             "log.progress=false", "train.save_records=true", f"run.dir={run_dir}", *_remote([url]),
             "rollout.async.max_age=1"]
     exe = shutil.which("megatron-trace", path=os.path.dirname(sys.executable))
     log = f"{run_dir}.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([exe, *args], stdout=out, stderr=subprocess.STDOUT, cwd=repo,
-                                env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", **(env or {})}, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))] \
-        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
+    rc = run_in_session([exe, *args], log, env={**os.environ, "GLOO_SOCKET_IFNAME": "lo", **(env or {})})
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    rows = [json.loads(x) for x in open(metrics)] if os.path.exists(metrics) else []
     return rc, open(log).read(), rows
 
 
@@ -290,7 +273,7 @@ def _rank(runs):
         run = None
         try:
             run = setup_run(cfg)
-            run.verify = _pseudo_verify
+            run.verify = pseudo_verify
             fleet = run.gen.fleet
             if kill is not None:
                 url, pid, at = kill

@@ -3,13 +3,15 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from fixture_processes import run_in_session  # noqa: E402
 
 
 def _cli(*args, cwd=REPO):
@@ -41,28 +43,15 @@ def test_smoke_runs_end_to_end(tmp_path):
 
 
 def _train(run_dir, env=None, steps=4):
-    """Run `megatron-trace train` in its own session; afterwards kill whatever it left behind.
-
-    A SIGKILLed rank cannot stop the multiprocessing manager that Megatron's checkpoint writer
-    started, and that orphan keeps inherited pipes open; so output goes to files and the whole
-    session is killed once the command returns.
-    """
+    """Run `megatron-trace train` in its own session; afterwards kill whatever it left behind
+    (`fixture_processes.run_in_session`)."""
     args = ["train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), f"train.steps={steps}",
             "checkpoint.every=2", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2", "log.progress=false",
             f"run.dir={run_dir}"]
     exe = shutil.which("megatron-trace", path=os.path.dirname(sys.executable))
     log = f"{run_dir}.log"
     os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "w") as out:
-        proc = subprocess.Popen([exe, *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=600)
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    rc = run_in_session([exe, *args], log, env={**os.environ, **(env or {})})
     return subprocess.CompletedProcess(args, rc, "", open(log).read())
 
 

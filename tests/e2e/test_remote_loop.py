@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import zlib
 
 import pytest
 import torch
@@ -30,7 +29,13 @@ from megatron_trace.rollout import HFEngine, SamplingParams
 from megatron_trace.rollout.sglang import RemoteSGLangEngine
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fixture_processes import char_task_model, start_fixture_servers, start_router, stop_processes  # noqa: E402
+from fixture_processes import (  # noqa: E402
+    char_task_model,
+    pseudo_verify,
+    start_fixture_servers,
+    start_router,
+    stop_processes,
+)
 
 pytestmark = pytest.mark.dist
 
@@ -47,10 +52,6 @@ PROBE_PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 PROBE_SEEDS = [11, 22, 33]
 PROBE_PARAMS = SamplingParams(n=2, temperature=1.0, max_new_tokens=8)
 
-
-def _pseudo_verify(items):
-    # A random policy never solves the task; a text hash gives mixed, deterministic rewards.
-    return ["correct" if zlib.crc32(text.encode()) % 3 == 0 else "wrong" for text, _ in items]
 
 
 class _Records:
@@ -108,7 +109,7 @@ def _rank(runs):
             run = None
             try:
                 run = setup_run(cfg)
-                run.verify = _pseudo_verify
+                run.verify = pseudo_verify
                 fleet = run.gen.fleet
                 if kill is not None:
                     url, pid = kill
@@ -358,7 +359,7 @@ def _tp2_rank(rundir, urls):
     cfg = load_config("configs/tiny_cpu.yaml", [f"run.dir={rundir}", *OVERRIDES, "parallel.tp=2", *_remote(urls),
                                                 "rollout.remote.weight_sync=none"])
     run = setup_run(cfg)
-    run.verify = _pseudo_verify
+    run.verify = pseudo_verify
     history = train(run, steps=1)
     run.close()
     return dist.get_rank(), history

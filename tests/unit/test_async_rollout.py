@@ -104,7 +104,7 @@ def test_a_producer_failure_reaches_the_trainer_with_the_step():
         with pytest.raises(RuntimeError, match="batch of step 1: ConnectionError: every server is down"):
             p.take(1, version=1)
         # a checkpoint now resumes from the failed batch's prompts
-        assert p.resume_cursor(fallback=99) == 2 and p.in_flight_steps() == [1]
+        assert p.in_flight(99) == ([1], 2)
     finally:
         p.close()
 
@@ -116,15 +116,15 @@ def test_resume_cursor_is_that_of_the_oldest_batch_not_trained():
     p = RolloutProducer(fleet.make, start=3, total=6, max_age=1, cursor=lambda: fleet.cursor, poll_s=0.01)
     try:
         deadline = time.monotonic() + 5
-        while p.in_flight_steps() != [3] and time.monotonic() < deadline:
+        while p.in_flight(99)[0] != [3] and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert p.in_flight_steps() == [3] and p.resume_cursor(fallback=99) == 0  # being made
+        assert p.in_flight(99) == ([3], 0)  # being made
         gate.set()
         p.take(3, version=3)
         deadline = time.monotonic() + 5
         while 4 not in p._ready and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert p.in_flight_steps() == [4] and p.resume_cursor(fallback=99) == 2  # made, not taken
+        assert p.in_flight(99) == ([4], 2)  # made, not taken
     finally:
         p.close()
 

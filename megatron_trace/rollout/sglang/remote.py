@@ -301,9 +301,11 @@ class RemoteSGLangEngine:
         """Before the first bucket: the server ends what it still runs (see the module docstring)."""
         self.abort_all()
 
-    def finish_sync(self, version: int) -> None:
-        """Flush the server's cache and record the version (the server's too)."""
-        self.flush_cache()
+    def finish_sync(self, version: int, flush: bool = True) -> None:
+        """Flush the server's cache (unless `flush` is False: SGLang refuses it under requests
+        paused in place) and record the version (the server's too)."""
+        if flush:
+            self.flush_cache()
         self.update_weight_version(version)
         self.weight_version = version
 

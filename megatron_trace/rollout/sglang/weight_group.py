@@ -174,19 +174,15 @@ class RemoteWeightGroup:
 
     def finish_sync(self, version: int) -> None:
         """After the last bucket: flush every server's cache and set its weight version."""
-        if self._paused_at is None:
-            self._on_every_server("finish_sync", "/flush_cache + /update_weight_version", version)
-            self._set_version(version)
-            return
+        flush = self._paused_at is None or self.pause_mode != "in_place"
         try:
-            if self.pause_mode != "in_place":  # SGLang refuses to flush under in-place paused requests
-                self._on_every_server("flush_cache", "/flush_cache")
-            self._on_every_server("update_weight_version", "/update_weight_version", version)
+            self._on_every_server("finish_sync", "/flush_cache + /update_weight_version", version, flush)
             self._set_version(version)
         finally:
-            self._on_every_server("continue_generation", "/continue_generation")
-            self.last_pause_s = time.perf_counter() - self._paused_at
-            self._paused_at = None
+            if self._paused_at is not None:
+                self._on_every_server("continue_generation", "/continue_generation")
+                self.last_pause_s = time.perf_counter() - self._paused_at
+                self._paused_at = None
 
     def _on_every_server(self, method: str, endpoint: str, *args) -> None:
         """engine.method(*args) on every server at once; raises naming every server that failed."""
