@@ -12,8 +12,10 @@ TRACE-FKL, TRACE-RKL and the random-mask ablation (TRACE-FKL's annotated coverag
 random positions) from the same base and seeds, and a comparison table and overlaid plots are
 written. Every variant measures the key-token lift at every step (`train.lift_annotate=true`,
 `train.key_token_lift_every=1`): the change of the actor's log-prob of the teacher's top-1
-token at annotated key positions across the step's update. Step 0's rollouts are the same for
-every variant (same base, same seeds), so its lift compares the variants on the same positions.
+token at annotated key positions across the step's update, and of the token the teacher supports
+most beyond the actor there (argmax of p_teacher - p_actor: the under-allocated token). Step 0's
+rollouts are the same for every variant (same base, same seeds), so its lift compares the
+variants on the same positions.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ VARIANT_OVERRIDES = {"grpo": ["schedule.lambda0=0.0"], "all_token_fkl": ["schedu
 # --compare measures the key-token lift of every variant at every step.
 LIFT_OVERRIDES = ["train.lift_annotate=true", "train.key_token_lift_every=1"]
 LIFT_KEY = "lift/key_teacher"
+LIFT_UNDER_KEY = "lift/key_underallocated"
 
 
 def _per_problem(samples_path: str) -> dict[int, float]:
@@ -147,11 +150,15 @@ def _mean(xs: list[float]) -> float | None:
 
 def _lift_summary(rows: list[dict], kl_end: int) -> dict:
     """The key-token lift (teacher top-1 token, nats) at step 0, its mean over the KL phase (the
-    demo schedule's steps with lambda > 0, whatever the variant's own lambda), and after it."""
+    demo schedule's steps with lambda > 0, whatever the variant's own lambda), and after it; the
+    under-allocated token's lift at step 0 and over the KL phase."""
     at = {r["step"]: r.get(LIFT_KEY) for r in rows}
+    under = {r["step"]: r.get(LIFT_UNDER_KEY) for r in rows}
     return {"lift_step0": _mean([at.get(0)]),
             "lift_kl_phase": _mean([v for s, v in at.items() if s < kl_end]),
             "lift_after": _mean([v for s, v in at.items() if s >= kl_end]),
+            "under_lift_step0": _mean([under.get(0)]),
+            "under_lift_kl_phase": _mean([v for s, v in under.items() if s < kl_end]),
             "span_coverage_kl_phase": _mean([r.get("route/span_coverage") for r in rows if r["step"] < kl_end])}
 
 
@@ -162,17 +169,21 @@ def _fmt(x, spec: str) -> str:
 def format_report(report: dict) -> str:
     lines = [f"held-out problems: {report['num_heldout']} (avg@{report['k']}), wall time {report['wall_seconds']:.0f} s",
              "", "| policy | accuracy | gain [95% CI] | mean length | entropy | exposure | key-token lift: step 0 "
-             "| KL phase | after | span coverage |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+             "| KL phase | after | under-allocated lift: step 0 | KL phase | span coverage |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
              f"| base (SFT) | {100 * report['base_accuracy']:.1f}% | | {report['base_mean_length']:.1f} | "
-             f"{_fmt(report.get('base_entropy'), '.3f')} | | | | | |"]
+             f"{_fmt(report.get('base_entropy'), '.3f')} | | | | | | | |"]
     for v, m in report["variants"].items():
         lo, hi = m["accuracy_gain_ci95"]
         lines.append(f"| {v} | {100 * m['final_accuracy']:.1f}% | {100 * m['accuracy_gain']:+.1f} "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {m['mean_length']:.1f} | {_fmt(m['final_entropy'], '.3f')} | "
                      f"{_fmt(m['exposure'], '.3f')} | {_fmt(m.get('lift_step0'), '+.4f')} | "
                      f"{_fmt(m.get('lift_kl_phase'), '+.4f')} | {_fmt(m.get('lift_after'), '+.4f')} | "
+                     f"{_fmt(m.get('under_lift_step0'), '+.4f')} | {_fmt(m.get('under_lift_kl_phase'), '+.4f')} | "
                      f"{_fmt(m.get('span_coverage_kl_phase'), '.3f')} |")
     lines.append("key-token lift: mean change (nats) of the actor's log-prob of the teacher's top-1 token at annotated "
                  "key positions across one step's update; step 0 is the same rollouts for every variant")
+    lines.append("under-allocated lift: the same for the token the teacher supports most beyond the actor there "
+                 "(argmax of p_teacher - p_actor before the update)")
     lines += ["", f"plots: {report['plots']}"]
     return "\n".join(lines)

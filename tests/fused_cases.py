@@ -134,3 +134,56 @@ def compare(got: dict, want: dict, dtype: torch.dtype, label) -> None:
     real = max(0, min(hi, V) - lo)
     close(got["d_weight"][:real], want["d_weight"][lo:lo + real], "d_weight")
     assert not got["d_weight"][real:].any(), (label, "padding rows got a gradient")
+
+
+# The key-token lift's under-allocated token through `Head.underallocated`: name, temperature,
+# student given as hidden states (fused head) or as logits (the unfused path's key read).
+GAP_CASES = [("plain", 1.0, "hidden"), ("temp", 0.7, "logits"), ("clip_upper", 1.3, "hidden")]
+
+
+def _gap_inputs(name: str):
+    """Student and teacher hidden states `[T, H]` and weights (the teacher's a snapshot)."""
+    hidden, weight, _, _, _, snapshot = inputs(name)
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()) + 1)
+    return hidden, weight, hidden + 0.8 * torch.randn(hidden.shape, generator=g, dtype=torch.float64), snapshot
+
+
+def run_underallocated(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype) -> list:
+    """This rank's (v*, gap) of each GAP_CASES case, from its weight shards (padding rows hold junk
+    that would win if it counted), chunks of 3 rows."""
+    from types import SimpleNamespace
+
+    from megatron_trace.loss import LossConfig
+    from megatron_trace.train.head import Head
+
+    shard = -(-V // tp_size)
+    lo, hi = tp_rank * shard, (tp_rank + 1) * shard
+    out = []
+    for name, temp, student in GAP_CASES:
+        hidden, weight, t_hidden, snapshot = _gap_inputs(name)
+        pad = shard * tp_size - V
+        w = torch.cat([weight, torch.full((pad, H), -0.5, dtype=torch.float64)])[lo:hi].to(dtype)
+        t_w = torch.cat([snapshot, torch.full((pad, H), 0.5, dtype=torch.float64)])[lo:hi].to(dtype)
+        head = Head(SimpleNamespace(tp=tp_group), LossConfig(fused_head=student == "hidden", temperature=temp,
+                                                             head_chunk_tokens=3), V)
+        h = hidden.to(dtype)
+        if student == "logits":
+            out.append(head.underallocated(h @ w.t(), None, t_hidden.to(dtype), t_w))
+        else:
+            out.append(head.underallocated(h, w, t_hidden.to(dtype), t_w))
+    return out
+
+
+def check_underallocated(got: list, dtype: torch.dtype, label) -> None:
+    """Against softmaxes of the full float64 logits: argmax of p_teacher - p_student (ties to the
+    smallest id) and the gap; somewhere v* is not the teacher's top-1."""
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    not_top1 = 0
+    for (name, temp, _), (ids, gap) in zip(GAP_CASES, got):
+        hidden, weight, t_hidden, snapshot = _gap_inputs(name)
+        t_logits = t_hidden @ snapshot.t()
+        d = torch.softmax(t_logits / temp, -1) - torch.softmax(hidden @ weight.t() / temp, -1)
+        assert torch.equal(ids, d.argmax(-1)), (label, name, ids, d.argmax(-1))
+        assert torch.allclose(gap.double(), d.max(-1).values, rtol=0, atol=tol), (label, name)
+        not_top1 += int((ids != t_logits.argmax(-1)).sum())
+    assert not_top1 > 0, label

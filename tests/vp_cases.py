@@ -61,7 +61,12 @@ CASES = [
 
 
 def run_cases(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype, chunk_size: int | None = 4):
-    from megatron_trace.loss import token_argmax, token_divergence, token_logprob_and_entropy
+    from megatron_trace.loss import (
+        token_argmax,
+        token_argmax_prob_gap,
+        token_divergence,
+        token_logprob_and_entropy,
+    )
 
     shard = -(-V // tp_size)
     lo, hi = tp_rank * shard, (tp_rank + 1) * shard
@@ -91,9 +96,14 @@ def run_cases(tp_group, tp_rank: int, tp_size: int, dtype: torch.dtype, chunk_si
         grads = torch.autograd.grad(loss, s, allow_unused=True)[0] if s.shape[0] else torch.zeros_like(s)
         grad_r = (torch.autograd.grad((rkl * g_r.to(rkl.dtype)).sum(), s_r)[0] if s.shape[0]
                   else torch.zeros_like(s_r))
+        # the teacher's padding at 9.0 against the student's 5.0: would dominate p - q if it counted
+        t_junk = torch.cat([t_full, torch.full((t_full.shape[0], pad), 9.0, dtype=t_full.dtype)], 1)[:, lo:hi]
+        gap_kw = dict(temperature=temp, vocab_size=V, chunk_size=chunk_size)
         out.append(dict(case=(name, temp, clip, mode), lp=lp.detach(), ent=ent.detach(), fkl=fkl.detach(),
                         rkl=rkl.detach(), n_clip=n_clip, grad=grads, grad_r=grad_r, lo=lo, hi=hi,
-                        argmax=token_argmax(s.detach(), tp_group, vocab_size=V)))
+                        argmax=token_argmax(s.detach(), tp_group, vocab_size=V),
+                        gap=token_argmax_prob_gap(s.detach(), t_junk.to(dtype), tp_group, **gap_kw),
+                        gap_same=token_argmax_prob_gap(s.detach(), s.detach(), tp_group, **gap_kw)))
     return out
 
 
@@ -137,11 +147,23 @@ def _dense_argmax(name: str) -> torch.Tensor:
     return _case_inputs(name)[0].argmax(-1) if _case_inputs(name)[0].shape[0] else torch.zeros(0, dtype=torch.long)
 
 
+def dense_prob_gap(student: torch.Tensor, teacher: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """v* = argmax_v softmax(teacher / temp) - softmax(student / temp) over the real vocabulary
+    (full float64 logits, no padding), ties to the smallest id, and that gap."""
+    d = torch.softmax(teacher.double() / temp, -1) - torch.softmax(student.double() / temp, -1)
+    if not d.shape[0]:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    gap = d.max(-1).values
+    ids = (d == gap[:, None]).int().argmax(-1)  # the first maximum
+    return ids, gap
+
+
 def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
     """per_rank: run_cases output, or a list of them (one per TP rank)."""
     if isinstance(per_rank, list) and per_rank and isinstance(per_rank[0], dict):
         per_rank = [per_rank]
     tol = 1e-10 if dtype == torch.float64 else 1e-5
+    not_top1 = 0  # positions where v* is not the teacher's top-1: the student's softmax mattered
     for i, (name, temp, clip, mode) in enumerate(CASES):
         want = _reference(name, temp, clip, mode)
         ranks = [r[i] for r in per_rank]
@@ -154,6 +176,15 @@ def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
                 assert err <= tol * scale, f"{(name, temp, clip, mode)} {key} rank {rank}: err {err}"
         for rank, r in enumerate(ranks):  # the padding columns hold 5.0, above most real logits
             assert torch.equal(r["argmax"], _dense_argmax(name)), f"{(name, temp, clip, mode)} argmax rank {rank}"
+        s_full, t_full, _ = _case_inputs(name)
+        want_ids, want_gap = dense_prob_gap(s_full, t_full, temp)
+        not_top1 += int((want_ids != t_full.argmax(-1)).sum()) if want_ids.numel() else 0
+        for rank, r in enumerate(ranks):
+            ids, gap = r["gap"]
+            assert torch.equal(ids, want_ids), f"{(name, temp)} prob-gap argmax rank {rank}: {ids} vs {want_ids}"
+            assert torch.allclose(gap.double(), want_gap, rtol=0, atol=tol), f"{(name, temp)} prob gap rank {rank}"
+            ids, gap = r["gap_same"]  # p = q: every gap is 0 and id 0 wins the tie
+            assert not ids.any() and not gap.any(), f"{(name, temp)} prob gap of identical logits rank {rank}"
         for key in ("grad", "grad_r"):
             full = torch.cat([r[key].double() for r in ranks], dim=1)
             assert torch.all(full[:, V:] == 0), f"{name}: gradient on padded vocab"
@@ -162,3 +193,4 @@ def check_results(per_rank: list | dict, dtype: torch.dtype) -> None:
             scale = 1.0 if dtype == torch.float64 or not full.numel() else max(
                 1.0, want.get("grad_scale", want[key].abs().max().item()))
             assert err <= tol * scale, f"{(name, temp, clip, mode)} {key}: err {err}"
+    assert not_top1 > 0

@@ -14,7 +14,7 @@ from .routed import (
     routed_loss,
 )
 from .schedule import ExposureTracker, KLSchedule
-from .vocab_parallel import token_argmax, token_divergence, token_logprob_and_entropy
+from .vocab_parallel import token_argmax, token_argmax_prob_gap, token_divergence, token_logprob_and_entropy
 
 __all__ = [
     "AGG_MODES",
@@ -33,6 +33,7 @@ __all__ = [
     "tis_weights",
     "TIS_MODES",
     "token_argmax",
+    "token_argmax_prob_gap",
     "token_divergence",
     "token_logprob_and_entropy",
 ]

@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["CLIP_MODES", "DEFAULT_CHUNK_ELEMENTS", "token_argmax", "token_divergence", "token_logprob_and_entropy"]
+__all__ = ["CLIP_MODES", "DEFAULT_CHUNK_ELEMENTS", "token_argmax", "token_argmax_prob_gap", "token_divergence",
+           "token_logprob_and_entropy"]
 
 # About 8 MB of fp32 per [c, V] temporary: a handful of them stay in a server CPU's L3 and are
 # small next to GPU memory, while chunks stay long enough for efficient kernels.
@@ -198,12 +199,54 @@ def token_argmax(logits: torch.Tensor, tp_group=None, *, vocab_size: int | None 
     if logits.dim() != 2:
         raise ValueError(f"expected logits [T, V], got {tuple(logits.shape)}")
     shard = _Shard(logits, tp_group, vocab_size)
-    z = shard.scaled(logits, 1.0, _compute_dtype(logits))
-    local_max, local_idx = z.max(dim=-1)
-    best = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
+    return _global_argmax(shard.scaled(logits, 1.0, _compute_dtype(logits)), shard, tp_group)[0]
+
+
+def _global_argmax(values: torch.Tensor, shard: _Shard, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global id of each row's largest entry of vocab-sharded `[c, V]` values (padding already at
+    -inf), and that value: a MAX all-reduce of the shard maxima, then a MIN all-reduce of the ids
+    that reach it (ties go to the smallest id)."""
+    local_max, local_idx = values.max(dim=-1)
+    best = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, group)
     none = torch.iinfo(torch.long).max
     ids = torch.where(local_max == best, local_idx + shard.start, torch.full_like(local_idx, none))
-    return _all_reduce(ids, dist.ReduceOp.MIN, tp_group)
+    return _all_reduce(ids, dist.ReduceOp.MIN, group), best
+
+
+@torch.no_grad()
+def token_argmax_prob_gap(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tp_group=None, *,
+                          temperature: float = 1.0, vocab_size: int | None = None,
+                          chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token the teacher supports most beyond the student at each row, and by how much:
+    v* = argmax_v p(v) - q(v) and p(v*) - q(v*), `([T], [T])`, with p = softmax(teacher / temperature)
+    and q = softmax(student / temperature) (the key-token lift's under-allocated token).
+
+    Both logits are `[T, V/tp]` shards of the same layout and are never gathered. Per chunk of
+    rows: one MAX and one SUM all-reduce (each side's global log-sum-exp), this shard's p - q,
+    then `token_argmax`'s two-scalar reduction (MAX of the value, MIN of the id that reaches it),
+    so ties go to the smallest id on every TP layout. Padding columns past `vocab_size` are out
+    of both softmaxes and never win. The gap is in fp32 (fp64 when either input is fp64).
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
+        raise ValueError(f"student and teacher logits must both be [T, V/tp], got {tuple(student_logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    shard = _Shard(student_logits, tp_group, vocab_size)
+    cdt = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    T = student_logits.shape[0]
+    ids = torch.empty(T, dtype=torch.long, device=student_logits.device)
+    gap = torch.empty(T, dtype=cdt, device=student_logits.device)
+    for a, b in _chunks(T, shard.width, chunk_size):
+        z = shard.scaled(student_logits[a:b], temperature, cdt)
+        t = shard.scaled(teacher_logits[a:b], temperature, cdt)
+        m = _all_reduce(torch.stack([z.amax(-1), t.amax(-1)], -1), dist.ReduceOp.MAX, tp_group)
+        q, p = z.sub_(m[:, :1]).exp_(), t.sub_(m[:, 1:]).exp_()
+        s = _all_reduce(torch.stack([q.sum(-1), p.sum(-1)], -1), dist.ReduceOp.SUM, tp_group)
+        d = p.div_(s[:, 1:]).sub_(q.div_(s[:, :1]))  # p - q, in p's buffer
+        d[:, shard.valid:] = float("-inf")
+        ids[a:b], gap[a:b] = _global_argmax(d, shard, tp_group)
+    return ids, gap
 
 
 # --------------------------------------------------------------------------- FKL / RKL

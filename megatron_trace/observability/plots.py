@@ -28,6 +28,8 @@ FIGURES: dict[str, list[tuple[str, list[str]]]] = {
     "exposure.png": [("cumulative exposure sum lambda^2 * coverage", ["exposure/lambda2_coverage_cum"]),
                      ("cumulative sum lambda * coverage", ["exposure/lambda_coverage_cum"])],
     "lift.png": [("key-token lift, teacher's top-1 token (nats/step)", ["lift/key_teacher"]),
+                 ("key-token lift, under-allocated token argmax p_T - p_S (nats/step)",
+                  ["lift/key_underallocated"]),
                  ("key-token lift, sampled token (nats/step)", ["lift/key_sampled"]),
                  ("teacher top-1 = sampled token", ["lift/teacher_agrees_with_sample"])],
     "mismatch.png": [("train/rollout |log-prob diff|", ["mismatch/logprob_abs_diff"]),

@@ -4,7 +4,8 @@ A pass's forward returns, at the positions it reads, either the vocab-parallel l
 `[T, V/tp]` (the output layer ran on those rows: span-sparse head) or, with the fused head, the
 final hidden states `[T, H]` (the output layer was bypassed; `model_pass.py`). `Head` turns
 either into the per-token values the step needs: log-probs, entropies, the teacher's top-1
-token, the leakage KL and the routed loss. In fused mode each call goes through
+token and the token it supports beyond the student (the key-token lift), the leakage KL and the
+routed loss. In fused mode each call goes through
 `loss/fused_head.py` with the model's output-weight shard, so no `[T, V/tp]` tensor is formed.
 """
 
@@ -19,6 +20,7 @@ from ..loss import (
     Stats,
     routed_loss,
     token_argmax,
+    token_argmax_prob_gap,
     token_divergence,
     token_logprob_and_entropy,
 )
@@ -52,12 +54,35 @@ class Head:
         return self.logprob_entropy(out, weight, targets)[0]
 
     def argmax(self, out: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """The most likely token id at each row (padding columns excluded); fused: chunk by chunk."""
-        if not self.fused:
+        """The most likely token id at each row (padding columns excluded). `out`: logits, or
+        hidden states when `weight` is given (chunk by chunk, whatever `loss.fused_head`)."""
+        if weight is None:
             return token_argmax(out, self.groups.tp, vocab_size=self.vocab)
         chunk = self.cfg.head_chunk_tokens or auto_chunk_tokens(weight.shape[0])
         return torch.cat([token_argmax(out[a:a + chunk] @ weight.t(), self.groups.tp, vocab_size=self.vocab)
                           for a in range(0, out.shape[0], chunk)]) if out.shape[0] else out.new_zeros(0, dtype=torch.long)
+
+    def underallocated(self, student: torch.Tensor, s_weight: torch.Tensor | None, teacher: torch.Tensor,
+                       t_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher-supported token the student under-allocates at each row, v* = argmax_v
+        p_teacher(v) - p_student(v), and that gap (`token_argmax_prob_gap`, at `loss.temperature`).
+
+        student, teacher: rows aligned, each logits `[T, V/tp]` (weight None) or final hidden
+        states `[T, H]` with its output weight. Hidden states become logits chunk by chunk
+        (`head_chunk_tokens` rows at a time), so no `[T, V/tp]` tensor is formed for them."""
+        def rows(x, w, a):
+            return x[a:a + chunk] if w is None else x[a:a + chunk] @ w.t()
+
+        kw = dict(temperature=self.cfg.temperature, vocab_size=self.vocab, chunk_size=self.cfg.chunk_size)
+        n = student.shape[0]
+        if s_weight is None and t_weight is None:
+            return token_argmax_prob_gap(student, teacher, self.groups.tp, **kw)
+        chunk = self.cfg.head_chunk_tokens or auto_chunk_tokens((s_weight if s_weight is not None else t_weight).shape[0])
+        parts = [token_argmax_prob_gap(rows(student, s_weight, a), rows(teacher, t_weight, a), self.groups.tp, **kw)
+                 for a in range(0, n, chunk)]
+        if not parts:
+            return student.new_zeros(0, dtype=torch.long), student.new_zeros(0, dtype=torch.float32)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def forward_kl(self, student: torch.Tensor, s_weight: torch.Tensor | None, teacher: torch.Tensor,
                    t_weight: torch.Tensor | None) -> torch.Tensor:

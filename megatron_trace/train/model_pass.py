@@ -6,7 +6,9 @@ Every pass goes through Megatron's `get_forward_backward_func` (PP works unchang
 head runs only at the positions a pass reads (span-sparse head: a pre-hook on the output layer
 selects those hidden states, so the [hidden x V/tp] matmul costs one row per token read). With
 `loss.fused_head` the output layer is bypassed: the pass gets those hidden states and the
-output weight (`head_weight`), which `loss/fused_head.py` turns into per-token values.
+output weight (`head_weight`), which `loss/fused_head.py` turns into per-token values. The
+key-token lift's teacher pass bypasses it whatever the setting (`lift.py` keeps those hidden
+states, not `[K, V/tp]` logits).
 """
 
 from __future__ import annotations

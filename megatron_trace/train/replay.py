@@ -18,7 +18,7 @@ import os
 __all__ = ["compare_metrics", "replay_job"]
 
 # Measured after the optimizer update, so they depend on the optimizer state replay does not have.
-POST_UPDATE = ("lift/key_sampled", "lift/key_teacher")
+POST_UPDATE = ("lift/key_sampled", "lift/key_teacher", "lift/key_underallocated")
 
 
 def compare_metrics(got: dict, ref: dict) -> dict:

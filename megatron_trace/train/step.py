@@ -9,7 +9,8 @@
       fwd/bwd    the routed loss; gradients accumulate over chunks; one optimizer step at the end
     lift       key-token lift (any lambda, any variant), on the few rollouts that carry
                `key_positions`: before the old pass, the teacher's top-1 token at each key
-               position and the actor's log-probs; after the updates, the actor's again
+               position, the token it supports most beyond the actor (argmax of p_teacher -
+               p_actor) and the actor's log-probs; after the updates, the actor's again
 
 Every pass goes through Megatron's `get_forward_backward_func` (PP works unchanged), and the LM
 head runs only at the positions a pass reads (`model_pass.py`). What a pass reads there, logits
@@ -129,7 +130,9 @@ class _Step:
         self.t_probe: dict[int, torch.Tensor] = {}  # uid -> at probe positions
         self.t_weight: torch.Tensor | None = None
         self.lift_top1: dict[int, torch.Tensor] = {}  # uid -> the teacher's top-1 token at key positions
-        self.lift_before: dict[int, tuple] = {}  # uid -> the actor's (sampled, top-1) log-probs there
+        # uid -> the token the teacher supports most beyond the actor there, argmax p_T - p_S
+        self.lift_under: dict[int, torch.Tensor] = {}
+        self.lift_before: dict[int, tuple] = {}  # uid -> the actor's (sampled, top-1, under) log-probs there
         self.pre = Stats()  # diagnostics of the passes (last stage only)
         self.layout = Stats()  # padding and micro-batch counts (every rank)
 
@@ -358,7 +361,13 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     before the updates (the LR schedule lives in the loop). key_token_lift: how many rollouts with
     `key_positions` (the first ones in global order, so the number is layout-independent) to
     measure the key-token lift on, whatever lambda and the variant; 0 = off. Its teacher is the
-    step's teacher while lambda > 0, else the actor itself (with the privileged prompt).
+    step's teacher while lambda > 0, else the actor itself (with the privileged prompt). Its
+    metrics (`lift.py`): the mean change across the updates of the actor's log-prob at the key
+    positions of the teacher's top-1 token (`lift/key_teacher`), of the token the teacher
+    supports most beyond the actor, argmax_v p_teacher(v) - p_actor(v) before the updates
+    (`lift/key_underallocated`), and of the sampled token (`lift/key_sampled`); before the
+    updates, the mean of that largest gap (`lift/underallocated_gap`) and the share of positions
+    where the top-1 is the sampled token (`lift/teacher_agrees_with_sample`).
     teacher_tokens: teacher positions (routed + probes) whose logits are
     held at once (0 = a whole mini-batch's). separate_old_pass: compute pi_old for the first
     mini-batch in its own pass too (as before the update provided it; for comparisons).
@@ -386,7 +395,8 @@ def train_step(ddp, optimizer, groups: ParallelGroups, samples: list[TrainSample
     if lam > 0:
         st.pre.mean_of("teacher/leakage_kl_offspan", 0.0, 0.0)
     if lift:
-        for k in ("lift/key_sampled", "lift/key_teacher", "lift/teacher_agrees_with_sample"):
+        for k in ("lift/key_sampled", "lift/key_teacher", "lift/key_underallocated", "lift/underallocated_gap",
+                  "lift/teacher_agrees_with_sample"):
             st.pre.mean_of(k, 0.0, 0.0)
 
     t0 = time.perf_counter()

@@ -81,6 +81,8 @@ def test_fused_head_run_equals_unfused(case, tmp_path):
     assert any(m.get("route/fkl_frac", 0) > 0 for m in ref_hist)
     assert any(not math.isnan(m.get("teacher/leakage_kl_offspan", math.nan)) for m in ref_hist)
     assert any(not math.isnan(m.get("lift/key_teacher", math.nan)) for m in ref_hist)
+    assert any(m.get("lift/key_underallocated", math.nan) != m["lift/key_teacher"] for m in ref_hist
+               if not math.isnan(m.get("lift/key_teacher", math.nan)))
     # the teacher's log-prob and entropy at each routed token (the stage records)
     recorded = 0
     for step in range(3):

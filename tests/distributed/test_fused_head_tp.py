@@ -1,5 +1,6 @@
 """The fused LM head with the vocabulary sharded over 2 and 3 gloo ranks equals the unfused path
-at TP=1 in float64 (values, d(hidden) after its all-reduce, and each rank's weight rows), its
+at TP=1 in float64 (values, d(hidden) after its all-reduce, and each rank's weight rows), the key-token
+lift's under-allocated token from hidden states equals a dense float64 recomputation, its
 cross-entropy equals Megatron's `vocab_parallel_cross_entropy` on the sharded logits, and under
 sequence parallelism (Megatron's gather, d(hidden) left to its reduce-scatter) each rank gets its
 rows of the plain path's gradient."""
@@ -17,8 +18,9 @@ def _rank(tp, dtype):
     from megatron_trace.parallel import initialize
 
     groups = initialize(tp=tp)
-    return [fused_cases.run_fused(case, groups.tp, dist.get_rank(groups.tp), tp, dtype, 3)
-            for case in fused_cases.CASES]
+    rank = dist.get_rank(groups.tp)
+    return ([fused_cases.run_fused(case, groups.tp, rank, tp, dtype, 3) for case in fused_cases.CASES],
+            fused_cases.run_underallocated(groups.tp, rank, tp, dtype))
 
 
 @pytest.mark.dist
@@ -27,9 +29,10 @@ def test_sharded_fused_head_matches_the_unfused_path(tp):
     want = [fused_cases.reference(case) for case in fused_cases.CASES]
     for dtype in (torch.float64, torch.float32):
         per_rank = run_on_ranks(_rank, tp, tp, dtype)
-        for rank, results in enumerate(per_rank):
+        for rank, (results, under) in enumerate(per_rank):
             for case, got, ref in zip(fused_cases.CASES, results, want):
                 fused_cases.compare(got, ref, dtype, (case[0], dtype, tp, rank))
+            fused_cases.check_underallocated(under, dtype, ("underallocated", dtype, tp, rank))
 
 
 def _megatron_ce_rank(tp):

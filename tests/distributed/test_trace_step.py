@@ -44,7 +44,8 @@ def _dense_lp(model, groups, ids):
 
 
 def _reference_diagnostics(ddp, groups, batch, step):
-    """Dense float64 recomputation of the mismatch, leakage and key-token-lift metrics."""
+    """Dense float64 recomputation of the mismatch, leakage and key-token-lift metrics (the
+    under-allocated token included)."""
     from megatron_trace.train.step import probe_positions
 
     diffs, leaks = [], []
@@ -63,26 +64,35 @@ def _reference_diagnostics(ddp, groups, batch, step):
     assert len(lifted) > STEP_KW["key_token_lift"] and any(not any(s.routes) for s in lifted[:2])
     lifted = lifted[:STEP_KW["key_token_lift"]]  # the cap counts in global order
 
-    def key_logprobs(s, top1=None):
+    def key_rows(s):
         ids = torch.tensor([s.prompt_ids + s.response_ids])
-        rows = _dense_lp(ddp, groups, ids)[0, [len(s.prompt_ids) - 1 + i for i in s.key_positions]]
-        sampled = torch.tensor(s.response_ids)[s.key_positions]
-        return rows.gather(1, sampled[:, None])[:, 0], rows.gather(1, top1[:, None])[:, 0]
+        return _dense_lp(ddp, groups, ids)[0, [len(s.prompt_ids) - 1 + i for i in s.key_positions]]
 
-    top1 = []  # the live teacher (the step-start actor) with the privileged prompt, dense argmax
+    def key_logprobs(s, *tokens):  # the actor's log-probs of the sampled token and of `tokens`
+        rows = key_rows(s)
+        return [rows.gather(1, t[:, None])[:, 0] for t in (torch.tensor(s.response_ids)[s.key_positions], *tokens)]
+
+    # The live teacher (the step-start actor) with the privileged prompt: its top-1 (dense argmax)
+    # and the token it supports most beyond the actor, argmax p_T - p_S (ties: the first id)
+    top1, under, gaps = [], [], []
     for s in lifted:
         t_lp = _dense_lp(ddp, groups, torch.tensor([s.teacher_ids]))[0]
-        top1.append(t_lp[[s.teacher_prompt_len - 1 + i for i in s.key_positions]].argmax(-1))
-    before = [key_logprobs(s, t) for s, t in zip(lifted, top1)]
+        t_rows = t_lp[[s.teacher_prompt_len - 1 + i for i in s.key_positions]]
+        top1.append(t_rows.argmax(-1))
+        d = t_rows.exp() - key_rows(s).exp()
+        under.append(d.argmax(-1))
+        gaps.append(d.max(-1).values)
+    assert any((u != t).any() for u, t in zip(under, top1))  # else key_underallocated = key_teacher
+    before = [key_logprobs(s, t, u) for s, t, u in zip(lifted, top1, under)]
     step()
-    after = [key_logprobs(s, t) for s, t in zip(lifted, top1)]
-    d_sampled = torch.cat([a[0] - b[0] for a, b in zip(after, before)])
-    d_teacher = torch.cat([a[1] - b[1] for a, b in zip(after, before)])
+    after = [key_logprobs(s, t, u) for s, t, u in zip(lifted, top1, under)]
+    d_sampled, d_teacher, d_under = (torch.cat([a[j] - b[j] for a, b in zip(after, before)]) for j in range(3))
     agree = torch.cat([t == torch.tensor(s.response_ids)[s.key_positions] for s, t in zip(lifted, top1)])
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {"mismatch/logprob_abs_diff": mean(diffs), "mismatch/logprob_abs_diff_max": max(diffs),
             "teacher/leakage_kl_offspan": mean(leaks), "lift/key_sampled": d_sampled.mean().item(),
-            "lift/key_teacher": d_teacher.mean().item(), "lift/teacher_agrees_with_sample": agree.double().mean().item()}
+            "lift/key_teacher": d_teacher.mean().item(), "lift/teacher_agrees_with_sample": agree.double().mean().item(),
+            "lift/key_underallocated": d_under.mean().item(), "lift/underallocated_gap": torch.cat(gaps).mean().item()}
 
 
 def _rank(hf_dir, tp, pp, lam, nan_at=None, with_reference=False, mini_batches=2, **extra):
@@ -191,6 +201,7 @@ def test_step_diagnostics_equal_dense_float64_recomputation(hf_dir, mini_batches
         assert math.isclose(metrics[k], v, rel_tol=1e-4, abs_tol=1e-6), (k, metrics[k], v)
     assert ref.get("teacher/leakage_kl_offspan", 1.0) > 0 and ref["lift/key_teacher"] != 0
     assert ref["lift/key_sampled"] != ref["lift/key_teacher"]
+    assert ref["lift/key_underallocated"] != ref["lift/key_teacher"] and ref["lift/underallocated_gap"] > 0
     assert metrics["time/teacher"] > 0 and metrics["time/key_token_lift"] > 0
 
 
@@ -201,7 +212,8 @@ def test_lambda_zero_skips_teacher_but_still_measures_the_lift(hf_dir):
     metrics, ref = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.0, None, True, 1)[0]
     assert metrics["time/teacher"] == 0.0 and metrics["loss/kl"] == 0.0
     assert "teacher/leakage_kl_offspan" not in metrics and metrics["time/key_token_lift"] > 0
-    for k in ("lift/key_sampled", "lift/key_teacher", "lift/teacher_agrees_with_sample"):
+    for k in ("lift/key_sampled", "lift/key_teacher", "lift/teacher_agrees_with_sample", "lift/key_underallocated",
+              "lift/underallocated_gap"):
         assert math.isclose(metrics[k], ref[k], rel_tol=1e-4, abs_tol=1e-6), (k, metrics[k], ref[k])
     off, _, _, _ = run_on_ranks(_rank, 1, hf_dir, 1, 1, 0.0, key_token_lift=0)[0]
     assert off["time/key_token_lift"] == 0.0 and "lift/key_teacher" not in off

@@ -70,3 +70,9 @@ def test_auto_chunk_follows_the_memory_target():
 def test_bad_inputs_are_refused(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         fused_head(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, dtype=torch.long), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_underallocated_token_from_hidden_states(dtype):
+    """`Head.underallocated` at TP=1 (TP=2/3: tests/distributed/test_fused_head_tp.py)."""
+    fused_cases.check_underallocated(fused_cases.run_underallocated(None, 0, 1, dtype), dtype, dtype)
