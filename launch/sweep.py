@@ -4,11 +4,17 @@
     # the scaling ablation over the Qwen3 recipes (configs/qwen3_<size>_<variant>.yaml)
     python launch/sweep.py --sizes 0p6b,1p7b,8b --variants grpo,trace_fkl,trace_rkl,all_token_fkl \\
         --partition P [--account A] --container-image IMG [--mounts ...] [--seeds 1,2] [--wait] [key=value ...]
+    # the paper's ablations and baselines as recipe sets (see ABLATIONS)
+    python launch/sweep.py --ablation localisation --partition P --container-image IMG [--seeds 1,2]
     # the variants of any one config (configs/base/variant_<variant>.yaml merged over it)
     python launch/sweep.py --config configs/tiny_cpu.yaml --variants grpo,trace_fkl --partition batch \\
         --gpus-per-node 0 --no-container --wait train.steps=2 run.dir=/shared/runs/tiny
 
-With --sizes, each job trains configs/qwen3_<size>_<variant>.yaml; nodes, GPUs, TP/PP and time
+With --ablation, each job trains one recipe of the named set: localisation (the 1.7B mask
+ablation: all-token, random 25%, inverted 25% and annotated spans, RKL, annealed), baselines
+(8B: GRPO, TRACE-FKL and the self-OPD family: all-token FKL/RKL, OPSD, SRPO-like) or teacher
+(1.7B TRACE-RKL with the teacher's default context, type only, and student NoThink / teacher
+Think). With --sizes, each job trains configs/qwen3_<size>_<variant>.yaml; nodes, GPUs, TP/PP and time
 come from the size's config (configs/base/size_<size>.yaml). With --config, each job is that
 config with configs/base/variant_<variant>.yaml on top, and run.dir / run.name get a
 _<variant> suffix. Overrides and the cluster flags (see launch/slurm.py) apply to every job;
@@ -47,7 +53,15 @@ from jobs import (  # noqa: E402
 )
 
 SIZES = ("0p6b", "1p7b", "4b", "8b", "14b", "32b")
-VARIANTS = ("grpo", "trace_fkl", "trace_rkl", "all_token_fkl")
+VARIANTS = ("grpo", "trace_fkl", "trace_rkl", "all_token_fkl", "all_token_rkl", "opsd", "srpo_like")
+# --ablation NAME: the recipes (configs/<name>.yaml) each set submits
+ABLATIONS = {
+    "localisation": ("qwen3_1p7b_ablation_all_token", "qwen3_1p7b_ablation_random25",
+                     "qwen3_1p7b_ablation_inverted25", "qwen3_1p7b_ablation_trace_rkl"),
+    "baselines": ("qwen3_8b_grpo", "qwen3_8b_trace_fkl", "qwen3_8b_all_token_fkl", "qwen3_8b_all_token_rkl",
+                  "qwen3_8b_opsd", "qwen3_8b_srpo_like"),
+    "teacher": ("qwen3_1p7b_trace_rkl", "qwen3_1p7b_teacher_type_only", "qwen3_1p7b_teacher_nothink"),
+}
 
 
 def _split(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -77,7 +91,9 @@ def main(argv=None) -> int:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sizes", help=f"comma-separated, from {','.join(SIZES)}: the Qwen3 recipes")
     what.add_argument("--config", help="one config whose variants to sweep")
-    p.add_argument("--variants", required=True, help=f"comma-separated, from {','.join(VARIANTS)}")
+    what.add_argument("--ablation", choices=sorted(ABLATIONS), help="a set of the paper's ablation/baseline recipes")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated, from {','.join(VARIANTS)} (with --sizes or --config)")
     p.add_argument("--seeds", default="", help="comma-separated seeds (default: the configs' seed)")
     add_cluster_flags(p)
     p.add_argument("--out", default=os.path.join("launch_out", "sweep"),
@@ -87,12 +103,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     split_mounts(args)
 
-    variants = _split(args.variants, VARIANTS, "--variants")
+    if args.ablation and args.variants:
+        raise SystemExit(f"error: --variants {args.variants}: --ablation {args.ablation} sets its own recipes")
+    if not args.ablation and not args.variants:
+        raise SystemExit("error: --variants is required with --sizes and --config")
+    variants = [] if args.ablation else _split(args.variants, VARIANTS, "--variants")
     seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
     absolute_env("sweep")
-    if args.sizes:
+    if args.ablation:
+        plan = [(os.path.join(REPO, "configs", f"{name}.yaml"), [], "") for name in ABLATIONS[args.ablation]]
+    elif args.sizes:
         sizes = _split(args.sizes, SIZES, "--sizes")
         plan = [(os.path.join(REPO, "configs", f"qwen3_{size}_{v}.yaml"), [], "") for size in sizes for v in variants]
+        missing = [os.path.basename(c) for c, _, _ in plan if not os.path.exists(c)]
+        if missing:
+            raise SystemExit(f"error: --sizes {args.sizes} --variants {args.variants}: no recipe {', '.join(missing)} "
+                             "(the self-OPD baselines all_token_rkl, opsd, srpo_like exist at 8b; use --config "
+                             "configs/qwen3_<size>_grpo.yaml --variants ... for another size)")
     else:
         plan = [(args.config, variant_overrides(v), f"_{v}") for v in variants]
     common_over = [*args.overrides, *cluster_overrides(args)]
@@ -113,7 +140,10 @@ def main(argv=None) -> int:
     names = [cfg.run.name for cfg, *_ in specs]
     if len(set(names)) < len(names):
         raise SystemExit(f"error: two jobs would share a run name ({', '.join(names)}); give each its own")
-    title = args.title or ("mt-scaling" if args.sizes else f"mt-{resolve(args.config, common_over)[0].run.name}-sweep")
+    if args.ablation:
+        title = args.title or f"mt-ablation-{args.ablation}"
+    else:
+        title = args.title or ("mt-scaling" if args.sizes else f"mt-{resolve(args.config, common_over)[0].run.name}-sweep")
     if args.dry_run:
         out = os.path.abspath(args.out)
         job_dir = os.path.join(out, "nemo_jobs")

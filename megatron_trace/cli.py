@@ -156,6 +156,8 @@ def _cmd_eval(args) -> int:
     report = run_eval(cfg, ckpt=args.ckpt, hf_dir=args.hf_dir, out_dir=args.out, name=args.name)
     print(comparison_table([report]), end="")
     out = args.out or os.path.join(cfg.run.dir, "eval", os.path.basename(os.path.normpath(args.ckpt or args.hf_dir)))
+    if args.ckpt and os.path.realpath(args.ckpt) != os.path.abspath(args.ckpt):  # checkpoints/best
+        print(f"[eval] --ckpt {args.ckpt} is {report['checkpoint']}")
     print(f"[eval] eval.json, eval.md and samples.jsonl in {out}")
     return 0
 

@@ -1,5 +1,9 @@
 """Annotator backed by any OpenAI-compatible Chat Completions endpoint.
 
+- One key switches to a self-hosted model: with `base_url` pointing anywhere but OpenAI and
+  `model` unset, the model is the first one the server lists at `GET {base_url}/models`, and no
+  key is sent unless `api_key_env` names one. On OpenAI's URL the defaults are gpt-4o-mini and
+  OPENAI_API_KEY.
 - The API key is read, at call time, from the environment variable whose *name* is configured
   (`api_key_env`). The key itself is never stored on the object, put in a repr, a config dump,
   a log line or an error message (messages are passed through `_redact`).
@@ -34,11 +38,17 @@ __all__ = ["ApiAnnotator", "ApiAnnotatorConfig"]
 log = logging.getLogger(__name__)
 
 
+OPENAI_URL = "https://api.openai.com/v1"
+OPENAI_DEFAULTS = {"model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY"}
+
+
 @dataclass(frozen=True)
 class ApiAnnotatorConfig:
-    base_url: str = "https://api.openai.com/v1"
-    model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"  # the variable's NAME; the key never enters the config
+    base_url: str = OPENAI_URL
+    model: str | None = None  # None: gpt-4o-mini on OpenAI, else the one the server lists
+    # The variable's NAME; the key never enters the config. None: OPENAI_API_KEY on OpenAI, else
+    # no key. A name given explicitly must be set (a missing key is a counted failure).
+    api_key_env: str | None = None
     max_concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 3
@@ -47,6 +57,16 @@ class ApiAnnotatorConfig:
     max_tokens: int = 256
     cache_dir: str | None = None
     coverage_cap: float = 0.25
+
+    @property
+    def on_openai(self) -> bool:
+        return "api.openai.com" in self.base_url
+
+    @property
+    def key_env(self) -> str | None:
+        if self.api_key_env:
+            return self.api_key_env
+        return OPENAI_DEFAULTS["api_key_env"] if self.on_openai else None
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1 or self.max_retries < 0 or self.timeout_s <= 0:
@@ -69,24 +89,47 @@ class ApiAnnotator:
         self.config = config
         self.counters: Counter = Counter()
         self._lock = threading.Lock()
+        self._model = config.model or (OPENAI_DEFAULTS["model"] if config.on_openai else None)
         if config.cache_dir:
             os.makedirs(config.cache_dir, exist_ok=True)
 
     def __repr__(self) -> str:  # never shows the key (it is not even stored)
         c = self.config
-        return f"ApiAnnotator(base_url={c.base_url!r}, model={c.model!r}, api_key_env={c.api_key_env!r})"
+        return f"ApiAnnotator(base_url={c.base_url!r}, model={self._model or c.model!r}, api_key_env={c.key_env!r})"
 
     # ------------------------------------------------------------------ helpers
 
-    def _key(self) -> str:
-        key = os.environ.get(self.config.api_key_env, "")
+    def _headers(self) -> dict:
+        """Content type, and the bearer key when the config names a variable (it must be set)."""
+        env = self.config.key_env
+        if env is None:
+            return {"Content-Type": "application/json"}
+        key = os.environ.get(env, "")
         if not key:
-            raise _Retryable("http_error", f"environment variable {self.config.api_key_env} is not set")
-        return key
+            raise _Retryable("http_error", f"environment variable {env} is not set")
+        return {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
 
     def _redact(self, text: str) -> str:
-        key = os.environ.get(self.config.api_key_env)
+        key = os.environ.get(self.config.key_env) if self.config.key_env else None
         return text.replace(key, "***") if key else text
+
+    def model(self) -> str:
+        """The model to ask: the configured one, or the first the server lists (asked once)."""
+        with self._lock:
+            if self._model:
+                return self._model
+            url = self.config.base_url.rstrip("/") + "/models"
+            try:
+                request = urllib.request.Request(url, headers=self._headers(), method="GET")
+                with urllib.request.urlopen(request, timeout=self.config.timeout_s) as resp:
+                    self._model = json.loads(resp.read())["data"][0]["id"]
+            except _Retryable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure here is "the server did not say"
+                raise _Retryable("http_error", f"annotate.api.model is unset and GET {url} did not name a model "
+                                               f"({type(exc).__name__}); set annotate.api.model") from None
+            log.info("annotator: %s serves %s", self.config.base_url, self._model)
+            return self._model
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -94,7 +137,7 @@ class ApiAnnotator:
 
     def _body(self, req: AnnotationRequest) -> dict:
         return {
-            "model": self.config.model,
+            "model": self.model(),
             "messages": build_messages(req, self.config.coverage_cap),
             "temperature": self.config.temperature,
             "max_tokens": self.config.max_tokens,
@@ -112,7 +155,7 @@ class ApiAnnotator:
         request = urllib.request.Request(
             url,
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._key()}"},
+            headers=self._headers(),
             method="POST",
         )
         self._count("calls")
@@ -147,7 +190,11 @@ class ApiAnnotator:
     def _one(self, req: AnnotationRequest) -> Annotation:
         if not req.segments:
             return Annotation.failed("no_segments")
-        body = self._body(req)
+        try:
+            body = self._body(req)
+        except _Retryable as exc:  # the model could not be discovered (or the key is missing)
+            log.warning("annotation request failed: %s", self._redact(str(exc)))
+            return Annotation.failed(exc.kind)
         path = self._cache_path(body)
         if path and os.path.exists(path):
             try:

@@ -143,10 +143,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 
 def check_teacher_data(cfg: Config) -> None:
-    """Refuse a variant that distils from the privileged teacher when its data has no reference
-    solutions: the teacher would then see the problem and a one-word diagnostic only, nearly the
-    student's own context, and the KL would carry almost nothing. `data.answer_only_teacher=true`
-    opts in (the teacher gets the gold answer instead).
+    """Refuse a variant that distils from the privileged teacher when `teacher.context` shows a
+    reference solution and the data has none: the teacher would then see the problem and at most
+    a one-word diagnostic, and the KL would carry almost nothing. `teacher.context=type_only` or
+    `answer_and_type` need no solutions; `data.answer_only_teacher=true` keeps the solution
+    contexts and shows the gold answer where a row has no solution.
 
     Called by `megatron-trace train` (and --dry-run), not by `load_config`: it reads the data.
     Only the first PEEK_ROWS rows of a local file are read. A hub name is not refused (its rows
@@ -159,16 +160,18 @@ def check_teacher_data(cfg: Config) -> None:
 
     variant = cfg.loss.variant
     uses_teacher = ROUTE_VARIANTS[variant].mask is not None and cfg.schedule.lambda0 > 0
+    needs_solution = cfg.teacher.context in ("solution_and_type", "solution")
     # train_only replays saved records, whose teacher inputs were built when they were recorded.
-    if not uses_teacher or cfg.data.answer_only_teacher or cfg.train.mode == "train_only":
+    if not uses_teacher or not needs_solution or cfg.data.answer_only_teacher or cfg.train.mode == "train_only":
         return
     if peek_has_solution(cfg.data.source, PEEK_ROWS) is False:
         raise ConfigError(
-            f"loss.variant={variant} distils from a teacher that sees a reference solution, but data.source "
-            f"{cfg.data.source} has none (no non-empty 'solution' in its first {PEEK_ROWS} rows). Make data with "
-            "solutions with tools/prepare_data.py (python tools/prepare_data.py --source "
-            "open-thoughts/OpenThoughts-114k --out DIR, then data.source=DIR/train.jsonl), or set "
-            "data.answer_only_teacher=true to train on this data with the gold answer in the teacher's context")
+            f"loss.variant={variant} with teacher.context={cfg.teacher.context} shows the teacher a reference "
+            f"solution, but data.source {cfg.data.source} has none (no non-empty 'solution' in its first {PEEK_ROWS} "
+            "rows). Make data with solutions with tools/prepare_data.py (python tools/prepare_data.py --source "
+            "open-thoughts/OpenThoughts-114k --out DIR, then data.source=DIR/train.jsonl); or set "
+            "teacher.context=type_only (the diagnostic type alone) or answer_and_type (the gold answer and the "
+            "type); or data.answer_only_teacher=true (the gold answer where a row has no solution)")
 
 
 def dump_config(cfg: Config) -> str:

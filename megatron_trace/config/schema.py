@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..loss.routed import ROUTE_VARIANTS
 from ..models.qwen3 import QWEN3_SIZES
 from .checks import check as _check
 from .checks import one_of as _one_of
@@ -277,5 +278,19 @@ class Config:
             raise ValueError("config key 'rollout.remote.urls': value [] is not allowed; expected at least one "
                              "server URL (or rollout.remote.router_url) when rollout.placement=remote, or a fleet "
                              "started in the job (cluster.rollout_nodes)")
+        v = ROUTE_VARIANTS[self.loss.variant]
+        if (self.teacher.context == "type_only" and v.mask is not None and not v.uses_spans
+                and self.schedule.lambda0 > 0):
+            raise ValueError(f"config key 'teacher.context'=type_only with loss.variant={self.loss.variant}: that "
+                             "variant annotates no spans, so its teacher would get no diagnostic type and see "
+                             "nothing the student does not; use solution_and_type, answer_and_type or solution")
         if self.model.hf_dir and self.model.ckpt:
             raise ValueError("config keys 'model.hf_dir' and 'model.ckpt' are exclusive: set one of them")
+        if self.checkpoint.keep_best:
+            if self.eval.every == 0:
+                raise ValueError("config key 'checkpoint.keep_best': value True needs the in-loop evaluation to "
+                                 "select on; set eval.every > 0 (got 0) or checkpoint.keep_best=false")
+            if self.checkpoint.best_metric is not None:  # one the in-loop evaluation logs
+                benches = ["val"] if self.eval.in_loop_source else self.eval.benchmarks
+                _one_of("checkpoint.best_metric", self.checkpoint.best_metric,
+                        {"eval/average"} | {f"eval/{b}/{m}" for b in benches for m in ("avg@k", "ci95_low")})

@@ -148,9 +148,15 @@ class RewardConfig:
 
 @dataclass
 class ApiAnnotatorSection:
+    # Any OpenAI-compatible Chat Completions server. Switching to a self-hosted model is this one
+    # key: the model then defaults to the one the server lists (GET {base_url}/models) and no key
+    # is sent. The default annotator (OpenAI, gpt-4o-mini) is a cost choice: the paper shows that
+    # annotator strength matters (README "Annotator").
     base_url: str = "https://api.openai.com/v1"
-    model: str = "gpt-4o-mini"
-    api_key_env: str = "OPENAI_API_KEY"  # the NAME of the variable; keys never go in configs
+    model: str | None = None  # null: gpt-4o-mini on OpenAI's URL, else the server's first model
+    # The NAME of the variable holding the key (keys never go in configs); null: OPENAI_API_KEY on
+    # OpenAI's URL, else no key. A name given here must be set.
+    api_key_env: str | None = None
     max_concurrency: int = 8
     timeout_s: float = 60.0
     max_retries: int = 3

@@ -4,8 +4,10 @@ loop, SFT and checkpoints (see `schema.py` for the rules every section follows).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..loss.routed import AGG_MODES, ROUTE_VARIANTS
+from ..teacher.context import TEACHER_CONTEXTS
 from .checks import check as _check
 from .checks import one_of as _one_of
 
@@ -25,9 +27,20 @@ class TeacherConfig:
     # right before each chunk of micro-batches whose routed + probe positions fit. 0 = a whole
     # mini-batch's at once.
     max_resident_tokens: int = 16384
+    # What the privileged prompt shows (teacher/context.py): solution_and_type (the reference
+    # solution and the annotator's coarse diagnostic type; the default, README "Teacher context"),
+    # type_only (the type alone: the abstract's "only a coarse diagnostic type"; needs no
+    # solutions in the data), answer_and_type (the gold answer and the type) or solution (no type).
+    # The span text is never shown, and the annotator's inputs do not depend on this.
+    context: str = "solution_and_type"
+    # Qwen3 thinking mode of the teacher's prompt; null = the student's (data.thinking). The
+    # paper's asymmetric ablation (student NoThink, teacher Think) is data.thinking=false with
+    # teacher.thinking=true.
+    thinking: bool | None = None
 
     def __post_init__(self) -> None:
         _one_of("teacher.mode", self.mode, {"live", "snapshot"})
+        _one_of("teacher.context", self.context, set(TEACHER_CONTEXTS))
         _check(self.sync_every >= 1, "teacher.sync_every", self.sync_every, "an integer >= 1")
         _check(self.probe_tokens >= 0, "teacher.probe_tokens", self.probe_tokens, "an integer >= 0")
         _check(self.max_resident_tokens >= 0, "teacher.max_resident_tokens", self.max_resident_tokens,
@@ -52,6 +65,10 @@ class LossSection:
     # (error spans of incorrect ones) or both. With random_mask / inverted_mask it picks the
     # ablation's spans, e.g. loss.variant=random_mask loss.action=rkl for the 1.7B RKL ablation.
     action: str | None = None
+    # random_mask / inverted_mask only: how many tokens they route. matched: as many as the
+    # rollout's annotated span (a control at TRACE's own coverage); a fraction f in (0, 1]:
+    # round(f |y|) tokens of every eligible rollout (the paper's localisation ablation uses 0.25).
+    mask_coverage: Any = "matched"
     kl_ref_coef: float = 0.0
     entropy_coef: float = 0.0
     # Importance weights pi_old / pi_behaviour (the engine's per-token log-probs) on the GRPO and
@@ -78,6 +95,13 @@ class LossSection:
         _check(self.routed_grpo in (None, "anneal", "full", "none"), "loss.routed_grpo", self.routed_grpo,
                "null, anneal, full or none")
         _check(self.action in (None, "fkl", "rkl", "both"), "loss.action", self.action, "null, fkl, rkl or both")
+        mc = self.mask_coverage
+        _check(mc == "matched" or (isinstance(mc, (int, float)) and not isinstance(mc, bool) and 0 < mc <= 1),
+               "loss.mask_coverage", mc, "matched or a fraction in (0, 1]")
+        _check(mc == "matched" or self.variant in ("random_mask", "inverted_mask"), "loss.mask_coverage", mc,
+               f"matched with loss.variant={self.variant} (a fraction applies to random_mask and inverted_mask)")
+        _check(not (self.variant == "srpo_like" and self.action == "both"), "loss.action", self.action,
+               "fkl or rkl with loss.variant=srpo_like (it distils incorrect rollouts only)")
         _check(self.kl_ref_coef >= 0, "loss.kl_ref_coef", self.kl_ref_coef, "a float >= 0")
         _check(self.entropy_coef >= 0, "loss.entropy_coef", self.entropy_coef, "a float >= 0")
         _check(self.tis_cap is None or self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "null or a float > 0")
@@ -157,7 +181,8 @@ class TrainConfig:
     save_records: bool = False  # write each step's stage records to <run.dir>/records/
     records_dir: str | None = None  # train_only: the records to train on
     # Key-token lift: the change of the actor's log-prob, across the step's updates, at the key
-    # spans of this many correct rollouts (of the teacher's top-1 token there and of the sampled
+    # spans of this many correct rollouts, picked across prompts (of the token the teacher supports
+    # most beyond the actor, argmax p_teacher - p_actor; of the teacher's top-1; of the sampled
     # token); 0 = off. Measured at every step while lambda > 0, and every key_token_lift_every
     # steps otherwise (0 = never). It needs key spans: where the loss does not annotate (GRPO,
     # all-token variants, lambda = 0) they come from the annotator only with lift_annotate,
@@ -207,6 +232,13 @@ class SFTConfig:
 class CheckpointConfig:
     every: int = 10  # steps between checkpoints
     keep_last: int = 3
+    # Keep the best checkpoint on the in-loop evaluation outside the keep_last rotation: an eval
+    # that improves `best_metric` (strictly; NaN never) saves that step's checkpoint if the cadence
+    # does not, and `checkpoints/best` (+ best.json) names it. Needs eval.every > 0.
+    keep_best: bool = False
+    # The flat in-loop eval metric to maximise: eval/average or eval/<benchmark>/avg@k (or
+    # .../ci95_low). null = eval/val/avg@k when eval.in_loop_source is set, else eval/average.
+    best_metric: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, "checkpoint.every", self.every, "an integer >= 1")

@@ -214,12 +214,33 @@ def format_choices(question: str, choices: list[str]) -> str:
     return "\n".join(lines)
 
 
+GPQA_HOW_TO = (
+    "GPQA-Diamond is not redistributed (its authors ask that the questions stay out of plain text): get "
+    "gpqa_diamond.csv from the authors' release (https://github.com/idavidrein/gpqa, dataset.zip; the password "
+    "is in that README) and pass its path with the env var MT_GPQA_CSV=/path/gpqa_diamond.csv or the key "
+    "eval.gpqa_csv=/path/gpqa_diamond.csv")
+
+
+def gpqa_csv_problem(benchmarks, gpqa_csv: str | None, *, where: str = "eval.benchmarks") -> str | None:
+    """Why GPQA-Diamond cannot be evaluated, or None: checked before any model is loaded, so an
+    evaluation never runs for hours and then stops, and never drops the benchmark silently."""
+    if "gpqa_diamond" not in benchmarks:
+        return None
+    path = gpqa_csv or os.environ.get("MT_GPQA_CSV", "")
+    if path and os.path.isfile(path):
+        return None
+    others = [b for b in benchmarks if b != "gpqa_diamond"]
+    found = f"{path!r} does not exist" if path else "neither eval.gpqa_csv nor MT_GPQA_CSV is set"
+    return (f"{where} includes gpqa_diamond, but {found}. {GPQA_HOW_TO}. Or evaluate without it: "
+            f"benchmarks=[{','.join(others)}] (the paper's headline averages the math benchmarks and GPQA-Diamond, "
+            "so say so when you report a number without it)")
+
+
 def load_gpqa_csv(path: str, seed: int = 0) -> list[dict]:
     """GPQA (official CSV) as multiple-choice rows; choices shuffled per row from `seed`."""
     if not path or not os.path.exists(path):
         raise FileNotFoundError(
-            f"GPQA-Diamond CSV not found at {path!r}: it is not redistributed; download the official "
-            "gpqa_diamond.csv and pass its path (eval.gpqa_csv, the env var MT_GPQA_CSV, or grade --gpqa-csv)")
+            f"GPQA-Diamond CSV not found at {path!r}. {GPQA_HOW_TO} (or grade --gpqa-csv)")
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in GPQA_COLUMNS if c not in (reader.fieldnames or [])]

@@ -8,15 +8,25 @@ __all__ = ["run_eval"]
 
 
 def _hf_dir_for(ckpt: str, out_dir: str) -> str:
-    """An HF export of a megatron-trace checkpoint (a run checkpoint or a model checkpoint)."""
+    """An HF export of a megatron-trace checkpoint (a run checkpoint or a model checkpoint). The
+    export records the checkpoint it came from (`source.txt`): a link such as checkpoints/best
+    that names another checkpoint since is refused rather than evaluated from the old export."""
     from ..models.jobs import convert_megatron_to_hf
 
     model_dir = os.path.join(ckpt, "model") if os.path.isdir(os.path.join(ckpt, "model")) else ckpt
     if not os.path.exists(os.path.join(model_dir, "megatron_trace.json")):
         raise FileNotFoundError(f"--ckpt {ckpt}: no megatron-trace checkpoint there (expected megatron_trace.json)")
-    hf_dir = os.path.join(out_dir, "hf_export")
+    hf_dir, real = os.path.join(out_dir, "hf_export"), os.path.realpath(model_dir)
+    source = os.path.join(hf_dir, "source.txt")
+    if os.path.exists(source):
+        was = open(source).read().strip()
+        if was.split(os.sep)[-2:] != real.split(os.sep)[-2:]:  # step_N/model: the run dir may have moved
+            raise ValueError(f"{out_dir} holds an evaluation of {was}, but --ckpt {ckpt} is {real} now; use "
+                             "another --out or delete it")
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
         convert_megatron_to_hf(model_dir, hf_dir, device="cpu")
+        with open(source, "w") as f:
+            f.write(real + "\n")
     return hf_dir
 
 
@@ -69,21 +79,34 @@ def _engines(cfg, hf_dir: str, tokenizer):
 
 def run_eval(cfg, *, ckpt: str | None = None, hf_dir: str | None = None, out_dir: str | None = None,
              name: str | None = None) -> dict:
+    from ..data.problems import gpqa_csv_problem
     from .harness import evaluate, settings_from_config
+    from .report import write_reports
 
     if bool(ckpt) == bool(hf_dir):
         raise ValueError("eval needs exactly one of --ckpt CKPT or --hf-dir DIR")
+    problem = gpqa_csv_problem(cfg.eval.benchmarks, cfg.eval.gpqa_csv)
+    if problem:
+        raise FileNotFoundError(problem)
     src = ckpt or hf_dir
     if not os.path.exists(src):
         raise FileNotFoundError(f"{'--ckpt' if ckpt else '--hf-dir'} {src} does not exist")
     out_dir = out_dir or os.path.join(cfg.run.dir, "eval", os.path.basename(os.path.normpath(src)))
     os.makedirs(out_dir, exist_ok=True)
+    base = os.path.basename(os.path.normpath(src))
+    real = os.path.realpath(src)
+    if ckpt and os.path.basename(real) != base:  # a link (checkpoints/best): name the step it is
+        base = f"{base} ({os.path.basename(real)})"
     if ckpt:
         hf_dir = _hf_dir_for(ckpt, out_dir)
     tokenizer = _tokenizer_for(cfg, hf_dir)
     engine = _engines(cfg, hf_dir, tokenizer)
     try:
-        return evaluate(engine, tokenizer, settings_from_config(cfg), out_dir=out_dir,
-                        model=name or os.path.basename(os.path.normpath(src)), progress=cfg.log.progress)
+        report = evaluate(engine, tokenizer, settings_from_config(cfg), out_dir=out_dir, model=name or base,
+                          progress=cfg.log.progress)
     finally:
         engine.shutdown()
+    if ckpt:  # the checkpoint evaluated, links resolved
+        report["checkpoint"] = real
+        write_reports(report, out_dir)
+    return report

@@ -23,9 +23,11 @@ independent of DP size and micro-batching:
 The trainer must therefore *sum* (not average) gradients over DP ranks.
 
 How this differs from the paper's equations: the paper does not state how the GRPO part is
-aggregated over the batch (we default to token-mean, the DAPO recipe default), nor the direction
-of the per-entry KL clip (we clip each entry from above, see vocab_parallel). The optional k3 KL
-to a reference policy and the entropy bonus are off by default, as in the paper's recipe.
+aggregated over the batch (we default to token-mean, the DAPO recipe default), nor how its
+per-entry KL clip at 0.05 applies. `loss.entry_clip_mode` offers upper (each entry capped from
+above, the schema default), abs, grad and none (vocab_parallel); the Qwen3 recipes use none,
+measured to be the only mode that keeps the key-token lift (README "Entry clip"). The optional
+k3 KL to a reference policy and the entropy bonus are off by default, as in the paper's recipe.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ class Route(IntEnum):
 
 @dataclass(frozen=True)
 class RouteVariant:
-    mask: str | None  # annotator | all | random | inverted | None (no routing)
+    # annotator (annotated spans) | all (every token) | failed (every token of incorrect
+    # rollouts) | random | inverted (the localisation ablation) | None (no routing)
+    mask: str | None
     action: str | None  # fkl | rkl | both
     routed_grpo: str  # anneal | full | none: GRPO weight on routed tokens
 
@@ -76,8 +80,16 @@ ROUTE_VARIANTS: dict[str, RouteVariant] = {
     "trace_fkl": RouteVariant("annotator", "fkl", "anneal"),
     "trace_rkl": RouteVariant("annotator", "rkl", "anneal"),
     "trace_both": RouteVariant("annotator", "both", "anneal"),
+    # The all-token self-OPD family (the paper's baselines; recipes run them at constant lambda):
+    # KL on every token with GRPO kept on all of them (all_token_*); distillation alone on every
+    # token, no GRPO (opsd, the OPSD/SDPO objective); GRPO on correct rollouts and distillation
+    # alone on every token of incorrect ones, routed per sample (srpo_like: SRPO's routing, without
+    # its entropy-aware weights; reverse KL, the SDPO direction).
     "all_token_fkl": RouteVariant("all", "fkl", "full"),
     "all_token_rkl": RouteVariant("all", "rkl", "full"),
+    "opsd": RouteVariant("all", "fkl", "none"),
+    "srpo_like": RouteVariant("failed", "rkl", "none"),
+    # The localisation ablation: TRACE's schedule and spans' count, other tokens (loss.mask_coverage).
     "random_mask": RouteVariant("random", "fkl", "anneal"),
     "inverted_mask": RouteVariant("inverted", "fkl", "anneal"),
 }
@@ -110,45 +122,66 @@ def build_routes(
     seed: int = 0,
     step: int = 0,
     rollout_uids: torch.Tensor | None = None,
+    coverage: float | None = None,
 ) -> torch.Tensor:
     """Per-token routes `[T]` (int8 `Route`) from rollout correctness and annotated span masks.
 
     correct: `[B]` bool. key_mask / error_mask: `[T]` bool, the annotator's key spans (meaningful
     on correct rollouts) and error spans (on incorrect ones), already under the coverage cap.
     action overrides the variant's (fkl: key spans of correct rollouts; rkl: error spans of
-    incorrect ones; both). The ablation masks keep each rollout's annotated coverage and change
-    only *which* tokens are routed: `random` routes as many random tokens of the rollout as its
-    span has, `inverted` as many tokens from outside its span (all of them when fewer remain).
-    A rollout without a span (annotation failed or found nothing) routes nothing in either.
+    incorrect ones; both). `all` routes every token (both: FKL on correct rollouts, RKL on
+    incorrect ones); `failed` every token of incorrect rollouts (fkl or rkl, not both).
+
+    The ablation masks change only *which* tokens of an eligible rollout are routed. coverage
+    None (`loss.mask_coverage: matched`) keeps each rollout's annotated coverage: `random`
+    routes as many random tokens of the rollout as its span has, `inverted` as many tokens from
+    outside its span (all of them when fewer remain), and a rollout without a span routes
+    nothing. A fraction f routes round(f |y|) tokens (at least one) of every eligible rollout:
+    `random` anywhere in it, annotated or not; `inverted` from outside its span, only on
+    rollouts that have one (without a span nothing marks which tokens are "not key").
     Random choices depend only on (seed, step, rollout uid), never on the DP layout.
     """
     v = _variant(variant)
     act = action or v.action
     if act not in (None, "fkl", "rkl", "both"):
         raise ValueError(f"loss.action must be fkl, rkl or both, got {act!r}")
+    if coverage is not None and not 0 < coverage <= 1:
+        raise ValueError(f"loss.mask_coverage must be matched or a fraction in (0, 1], got {coverage!r}")
     T = seq_ids.numel()
     routes = torch.zeros(T, dtype=torch.int8)
     if v.mask is None or T == 0:
         return routes
     tok_correct = correct.bool()[seq_ids]
+    route_of = torch.where(tok_correct, int(Route.FKL), int(Route.RKL)).to(torch.int8)
     if v.mask == "all":
         routes[:] = Route.FKL if act == "fkl" else Route.RKL
         if act == "both":
-            routes[:] = torch.where(tok_correct, int(Route.FKL), int(Route.RKL)).to(torch.int8)
+            routes[:] = route_of
+        return routes
+    if v.mask == "failed":
+        if act == "both":
+            raise ValueError(f"loss.action=both is not defined for loss.variant={variant} (it distils only "
+                             "incorrect rollouts): choose fkl or rkl")
+        routes[~tok_correct] = Route.FKL if act == "fkl" else Route.RKL
         return routes
     want_fkl = act in ("fkl", "both")
     want_rkl = act in ("rkl", "both")
     # The span each token would be routed on, and the route it would take.
     eligible = (tok_correct & want_fkl) | (~tok_correct & want_rkl)
     span = torch.where(tok_correct, key_mask.bool(), error_mask.bool()) & eligible
-    route_of = torch.where(tok_correct, int(Route.FKL), int(Route.RKL)).to(torch.int8)
     if v.mask == "annotator":
         routes[span] = route_of[span]
         return routes
     uids = rollout_uids if rollout_uids is not None else torch.arange(int(seq_ids.max()) + 1)
     for b in torch.unique(seq_ids).tolist():
         pos = torch.nonzero(seq_ids == b)[:, 0]
-        k = int(span[pos].sum())  # the rollout's annotated coverage (0 unless eligible)
+        spanned = int(span[pos].sum())  # the rollout's annotated coverage (0 unless eligible)
+        if coverage is None:
+            k = spanned
+        elif not bool(eligible[pos[0]]) or (v.mask == "inverted" and spanned == 0):
+            k = 0
+        else:
+            k = max(1, round(coverage * pos.numel()))
         if k == 0:
             continue
         rseed = ((seed * 1_000_003 + step) * 1_000_033 + int(uids[b])) % (2**31 - 1)

@@ -89,7 +89,11 @@ def _routed_share(cfg) -> float:
     if cfg.schedule.lambda0 <= 0:
         return 0.0
     mask = ROUTE_VARIANTS[cfg.loss.variant].mask
-    return {None: 0.0, "annotator": cfg.annotate.coverage_cap, "random": cfg.annotate.coverage_cap}.get(mask, 1.0)
+    if mask in ("random", "inverted") and cfg.loss.mask_coverage != "matched":
+        return float(cfg.loss.mask_coverage)
+    # "all" and "failed" (every token of a rollout) are planned as every token
+    return {None: 0.0, "annotator": cfg.annotate.coverage_cap, "random": cfg.annotate.coverage_cap,
+            "inverted": cfg.annotate.coverage_cap}.get(mask, 1.0)
 
 
 def _runtime_note(g: _Gpu, trainer_groups: list[str], em: EngineMemory | None) -> str:

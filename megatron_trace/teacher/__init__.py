@@ -1,5 +1,5 @@
-"""The privileged teacher: prompt building and position alignment (forward lands with the trainer)."""
+"""The privileged teacher: what it sees (`teacher.context`), prompt building and position alignment."""
 
-from .context import DEFAULT_TEMPLATE, TeacherInput, build_teacher_input, privileged_prompt
+from .context import DEFAULT_TEMPLATE, TEACHER_CONTEXTS, TeacherInput, build_teacher_input, privileged_prompt
 
-__all__ = ["DEFAULT_TEMPLATE", "TeacherInput", "build_teacher_input", "privileged_prompt"]
+__all__ = ["DEFAULT_TEMPLATE", "TEACHER_CONTEXTS", "TeacherInput", "build_teacher_input", "privileged_prompt"]

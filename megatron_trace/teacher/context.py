@@ -1,10 +1,15 @@
 """The privileged teacher context: what the teacher sees, and where its logits line up.
 
-The teacher is the policy itself, prompted with privileged information: the problem, the
-reference solution (when there is one; with `data.answer_only_teacher` and no solution, the gold
-answer in its place) and the annotator's coarse diagnostic type, but never the annotated span
-text (the builder does not even receive it). The student's response tokens follow
-unchanged, so the teacher scores exactly the tokens the student produced.
+The teacher is the policy itself, prompted with privileged information. What it sees is
+`teacher.context` (the paper agrees only on the diagnostic type, so each reading is a setting):
+  solution_and_type  the reference solution and the annotator's coarse diagnostic type (default)
+  type_only          the diagnostic type alone (no solution: runs on answer-only data)
+  answer_and_type    the verified final answer and the diagnostic type
+  solution           the reference solution alone
+It never sees the annotated span text (the builder does not even receive it), and the
+annotator's own inputs do not depend on this setting. With `data.answer_only_teacher` a row
+without a solution shows its gold answer in the solution's place. The student's response tokens
+follow unchanged, so the teacher scores exactly the tokens the student produced.
 
 Alignment: with a prompt of P tokens, response token i sits at teacher position P + i and is
 predicted by the logits at position P + i - 1 (for the student, S + i - 1 with its own prompt
@@ -15,7 +20,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_TEMPLATE", "TeacherInput", "build_teacher_input", "privileged_prompt"]
+__all__ = ["DEFAULT_TEMPLATE", "TEACHER_CONTEXTS", "TeacherInput", "build_teacher_input", "privileged_prompt"]
+
+# teacher.context: what the privileged prompt shows (see the module docstring).
+TEACHER_CONTEXTS = ("solution_and_type", "type_only", "answer_and_type", "solution")
 
 DEFAULT_TEMPLATE = (
     "{problem}\n\n"
@@ -54,41 +62,50 @@ class TeacherInput:
 
 
 def privileged_prompt(problem: str, solution: str | None, diagnostic: str | None, correct: bool,
-                      template: str = DEFAULT_TEMPLATE, kind: str = "math", answer: str | None = None) -> str:
+                      template: str = DEFAULT_TEMPLATE, kind: str = "math", answer: str | None = None,
+                      context: str = "solution_and_type") -> str:
     """The teacher's user turn (before the chat template). kind="arith": the compact form.
 
-    answer: the gold answer, shown in the solution block's place only when there is no solution
-    (the caller passes it only under data.answer_only_teacher)."""
+    context: `teacher.context`. answer: the gold answer; shown by answer_and_type, and by the
+    solution contexts in the solution's place when the row has none (the caller passes it there
+    only under data.answer_only_teacher)."""
+    if context not in TEACHER_CONTEXTS:
+        raise ValueError(f"teacher.context: unknown {context!r}; choose one of {list(TEACHER_CONTEXTS)}")
     arith = kind == "arith"
     if arith and template == DEFAULT_TEMPLATE:
         template = ARITH_TEMPLATE
     sol_block = ARITH_SOLUTION_BLOCK if arith else SOLUTION_BLOCK
     ans_block = ARITH_ANSWER_BLOCK if arith else ANSWER_BLOCK
     diag_blocks = ARITH_DIAGNOSTIC_BLOCKS if arith else DIAGNOSTIC_BLOCKS
-    if solution and solution.strip():
-        privileged = sol_block.format(solution=solution.strip())
-    elif answer is not None and str(answer).strip():
+    has_answer = answer is not None and str(answer).strip()
+    privileged = ""
+    if context in ("solution_and_type", "solution"):
+        if solution and solution.strip():
+            privileged = sol_block.format(solution=solution.strip())
+        elif has_answer:
+            privileged = ans_block.format(answer=str(answer).strip())
+    elif context == "answer_and_type" and has_answer:
         privileged = ans_block.format(answer=str(answer).strip())
-    else:
-        privileged = ""
+    show_type = diagnostic and context != "solution"
     try:
         return template.format(
             problem=problem.strip(),
             solution_block=privileged,
-            diagnostic_block=diag_blocks[bool(correct)].format(diagnostic=diagnostic) if diagnostic else "",
+            diagnostic_block=diag_blocks[bool(correct)].format(diagnostic=diagnostic) if show_type else "",
         )
     except KeyError as exc:
-        raise ValueError(f"teacher.template uses an unknown field {exc}; available: problem, solution_block, "
-                         "diagnostic_block") from None
+        raise ValueError(f"the teacher prompt template uses an unknown field {exc}; available: problem, "
+                         "solution_block, diagnostic_block") from None
 
 
 def build_teacher_input(tokenizer, problem: str, solution: str | None, diagnostic: str | None, correct: bool,
                         response_ids: list[int], *, thinking: bool = True,
                         template: str = DEFAULT_TEMPLATE, kind: str = "math",
-                        answer: str | None = None) -> TeacherInput:
+                        answer: str | None = None, context: str = "solution_and_type") -> TeacherInput:
     """Token ids of the privileged prompt (chat-templated like the student's, except for the
-    compact synthetic-task form, kind="arith") + the response. answer: see `privileged_prompt`."""
-    content = privileged_prompt(problem, solution, diagnostic, correct, template, kind, answer)
+    compact synthetic-task form, kind="arith") + the response. thinking: `teacher.thinking`
+    (the teacher's own switch; by default the student's). answer, context: see `privileged_prompt`."""
+    content = privileged_prompt(problem, solution, diagnostic, correct, template, kind, answer, context)
     if kind != "arith" and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=thinking)

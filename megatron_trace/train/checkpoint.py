@@ -1,4 +1,5 @@
-"""Run checkpoints: save every `checkpoint.every` steps, resume from the latest, keep the last K.
+"""Run checkpoints: save every `checkpoint.every` steps, resume from the latest, keep the last K
+(and, with `checkpoint.keep_best`, the best on the in-loop evaluation).
 
 Layout of `<run.dir>/checkpoints/`:
   step_000004/                  one checkpoint (the number is the next step to run)
@@ -11,6 +12,16 @@ Layout of `<run.dir>/checkpoints/`:
     trainer_state.json          step, data cursor, exposure sums, weight version, annotator cache,
                                 the layout and optimizer it was written with
   latest                        the name of the newest complete checkpoint
+  best -> step_000002           checkpoint.keep_best: a relative symlink to the checkpoint whose
+                                in-loop eval gave the best `checkpoint.best_metric` so far
+  best.json                     its record: step, checkpoint, metric, value and the history of
+                                improvements (a resumed run continues from it)
+
+Best checkpoint: an in-loop eval at weights step s whose metric is strictly greater than the
+recorded best (ties keep the first; NaN never counts) makes step_s the best, saving it then if
+the `checkpoint.every` cadence does not. Pruning to the last `keep_last` never removes the
+checkpoint that best.json or `best` names; a former best goes once it is outside the last
+keep_last. `megatron-trace eval --ckpt RUN/checkpoints/best` evaluates it.
 
 Resharding: the optimizer state goes through `dist_checkpointing` by the optimizer's own
 `sharded_state_dict` (DESIGN section 11). The standard optimizer keys every state tensor like its
@@ -20,21 +31,24 @@ TP/PP. RNG streams are per rank: they are restored only at the layout they were 
 (otherwise the freshly seeded ones stay, with a warning).
 
 Atomicity: a checkpoint is written into `step_N.tmp/` and renamed to `step_N/` only when every
-rank has finished; `latest` is then replaced atomically (write + os.replace). A crash at any
-point leaves `latest` naming a complete checkpoint.
+rank has finished; best.json, `best` (symlink `best.tmp` + os.replace) and then `latest` are
+replaced atomically (write + os.replace). A crash at any point leaves `latest` and best.json
+naming complete checkpoints (a resume re-points `best` at best.json's should they disagree).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["find_latest", "load_run_checkpoint", "save_run_checkpoint"]
+__all__ = ["best_metric", "find_latest", "load_run_checkpoint", "mark_best", "new_best", "read_best", "restore_best",
+           "save_run_checkpoint", "to_prune"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +69,82 @@ def find_latest(run_dir: str) -> str | None:
     name = open(path).read().strip()
     full = os.path.join(_ckpt_root(run_dir), name)
     return full if os.path.isdir(full) else None
+
+
+def best_metric(cfg) -> str:
+    """The in-loop eval metric that `checkpoint.keep_best` maximises."""
+    return cfg.checkpoint.best_metric or ("eval/val/avg@k" if cfg.eval.in_loop_source else "eval/average")
+
+
+def new_best(best: dict | None, metric: str, value, next_step: int) -> dict | None:
+    """best.json's record if `value` (the eval of the weights at `next_step`) beats `best`, else
+    None: strictly greater (ties keep the first best), never NaN/inf or a missing value. A best
+    recorded for another metric does not count (the history restarts)."""
+    if value is None or not math.isfinite(value):
+        return None
+    same = best is not None and best.get("metric") == metric
+    if same and not value > best["value"]:
+        return None
+    history = best.get("history", []) if same else []
+    return {"step": next_step, "checkpoint": f"step_{next_step:06d}", "metric": metric, "value": float(value),
+            "history": [*history, {"step": next_step, "value": float(value)}]}
+
+
+def to_prune(names, keep_last: int, keep=()) -> list[str]:
+    """The complete checkpoints (step_N names) that fall outside the last `keep_last`, less `keep`."""
+    done = sorted(n for n in names if n.startswith("step_") and not n.endswith(".tmp"))
+    return [n for n in done[:-keep_last] if n not in set(keep)]
+
+
+def read_best(run_dir: str) -> dict | None:
+    path = os.path.join(_ckpt_root(run_dir), "best.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _replace_json(path: str, obj) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _point_best(root: str, name: str) -> None:
+    link, tmp = os.path.join(root, "best"), os.path.join(root, "best.tmp")
+    if os.path.lexists(tmp):
+        os.remove(tmp)  # leftover of a crash
+    os.symlink(name, tmp)  # relative: the run directory may move
+    os.replace(tmp, link)
+
+
+def mark_best(root: str, record: dict) -> None:
+    """Rank 0: best.json <- record, then `best` -> its checkpoint, each replaced atomically."""
+    _replace_json(os.path.join(root, "best.json"), record)
+    _point_best(root, record["checkpoint"])
+
+
+def _best_names(root: str) -> set[str]:
+    """The checkpoints best.json and the `best` symlink name (pruning keeps both)."""
+    names = set()
+    best = read_best(os.path.dirname(root))
+    if best is not None:
+        names.add(best["checkpoint"])
+    link = os.path.join(root, "best")
+    if os.path.islink(link):
+        names.add(os.path.basename(os.path.normpath(os.readlink(link))))
+    return names
+
+
+def restore_best(run_dir: str) -> dict | None:
+    """Rank 0 on (re)start: best.json's record; `best` re-pointed at it if a crash left them apart."""
+    root = _ckpt_root(run_dir)
+    best = read_best(run_dir)
+    if best is not None and os.path.isdir(os.path.join(root, best["checkpoint"])):
+        link = os.path.join(root, "best")
+        if not os.path.islink(link) or os.readlink(link) != best["checkpoint"]:
+            _point_best(root, best["checkpoint"])
+    return best
 
 
 def _rng_state() -> dict:
@@ -195,8 +285,9 @@ def _mkdir_collective(path: str) -> None:
     dist.barrier()
 
 
-def save_run_checkpoint(run, next_step: int, trainer_state: dict, *, crash_hook=None) -> str:
-    """Collective. Writes checkpoint `step_{next_step}` atomically; prunes to `checkpoint.keep_last`."""
+def save_run_checkpoint(run, next_step: int, trainer_state: dict, *, crash_hook=None, best: dict | None = None) -> str:
+    """Collective. Writes checkpoint `step_{next_step}` atomically; marks it best (best: its
+    best.json record, `new_best`); prunes to `checkpoint.keep_last` and the best."""
     from megatron.core import dist_checkpointing
 
     from ..models.checkpoint import save_checkpoint
@@ -227,12 +318,13 @@ def save_run_checkpoint(run, next_step: int, trainer_state: dict, *, crash_hook=
             json.dump({**trainer_state, **extra, "next_step": next_step, **_layout(run)}, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        if best is not None:
+            mark_best(root, best)
         latest_tmp = os.path.join(root, "latest.tmp")
         with open(latest_tmp, "w") as f:
             f.write(name)
         os.replace(latest_tmp, os.path.join(root, "latest"))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
-        for old in done[: -run.cfg.checkpoint.keep_last]:
+        for old in to_prune(os.listdir(root), run.cfg.checkpoint.keep_last, keep=_best_names(root)):
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()
     return final

@@ -37,7 +37,14 @@ from ..loss import ExposureTracker, LossConfig
 from ..rollout import SamplingParams, prompt_seed
 from ..types import TrainSample
 from .async_rollout import AsyncRollouts
-from .checkpoint import find_latest, load_run_checkpoint, save_run_checkpoint
+from .checkpoint import (
+    best_metric,
+    find_latest,
+    load_run_checkpoint,
+    new_best,
+    restore_best,
+    save_run_checkpoint,
+)
 from .setup_run import Run
 from .stages import build_train_samples, score_groups
 from .step import train_step
@@ -95,7 +102,9 @@ def make_batch(run: Run, step: int, lam: float, local: bool = False) -> tuple[li
             uid_offset=step * cfg.rollout.prompts_per_step * cfg.rollout.n * cfg.train.dynamic_max_rounds,
             thinking=cfg.data.thinking, prompt_kind=run.prompt_kind, action=cfg.loss.action,
             lift_rollouts=cfg.train.key_token_lift if lift_step(cfg, step, lam) else 0,
-            lift_annotate=cfg.train.lift_annotate, answer_only_teacher=cfg.data.answer_only_teacher)
+            lift_annotate=cfg.train.lift_annotate, answer_only_teacher=cfg.data.answer_only_teacher,
+            teacher_context=cfg.teacher.context, teacher_thinking=cfg.teacher.thinking,
+            mask_coverage=None if cfg.loss.mask_coverage == "matched" else float(cfg.loss.mask_coverage))
         metrics.update(m)
     if not local:
         samples, metrics = run.gen.broadcast((samples, metrics))
@@ -240,6 +249,8 @@ def train(run: Run, steps: int | None = None) -> list[dict]:
 def _steps(run: Run, loss_cfg: LossConfig, exposure: ExposureTracker, total: int, rollouts) -> list[dict]:
     cfg, mode = run.cfg, run.cfg.train.mode
     history = []
+    # checkpoint.keep_best: rank 0 keeps the best eval so far (best.json's, across resumes)
+    best = restore_best(cfg.run.dir) if cfg.checkpoint.keep_best and dist.get_rank() == 0 else None
     for step in range(run.start_step, total):
         t0 = time.perf_counter()
         lam = run.schedule.lam(step)
@@ -273,28 +284,38 @@ def _steps(run: Run, loss_cfg: LossConfig, exposure: ExposureTracker, total: int
                 merged = _gather_to_rank0(run, outputs)
                 if dist.get_rank() == 0:
                     save_record(cfg.run.dir, step, lam, samples, rollout_metrics, merged)
-        if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and mode == "full":
+        evaluated = cfg.eval.every and (step + 1) % cfg.eval.every == 0 and mode == "full"
+        if evaluated:
             metrics.update(evaluate_in_loop(run, step + 1))  # every rank: each replica's engine generates
         if dist.get_rank() == 0:
             metrics.update({"kl/lambda": lam, "time/step": time.perf_counter() - t0})
             metrics.update(exposure.update(lam, metrics.get("route/span_coverage", 0.0)))
             run.log(step, metrics)
         history.append(metrics)
-        if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total:
-            _checkpoint(run, step + 1, exposure, rollouts, reoffload=step + 1 < total)
+        improved = None  # a new best eval: its step is checkpointed (once) and named `best`
+        if evaluated and cfg.checkpoint.keep_best:
+            name = best_metric(cfg)
+            improved = run.gen.broadcast(new_best(best, name, metrics.get(name), step + 1)
+                                         if dist.get_rank() == 0 else None)
+        if (step + 1) % cfg.checkpoint.every == 0 or step + 1 == total or improved is not None:
+            _checkpoint(run, step + 1, exposure, rollouts, reoffload=step + 1 < total, best=improved)
+        best = improved or best
     return history
 
 
-def _checkpoint(run: Run, next_step: int, exposure: ExposureTracker, rollouts, reoffload: bool = False) -> None:
+def _checkpoint(run: Run, next_step: int, exposure: ExposureTracker, rollouts, reoffload: bool = False,
+                best: dict | None = None) -> None:
     """Every rank: save the run at `next_step` (asynchronous: with the data cursor of the oldest
-    batch not yet trained, so that a resume regenerates what was in flight)."""
+    batch not yet trained, so that a resume regenerates what was in flight); best: mark it the
+    best checkpoint (`checkpoint.new_best`'s record)."""
     if run.offload is not None:
         run.offload.reload()  # the checkpoint holds the optimizer state
     state = {"cursor": run.cursor, "exposure": exposure.state_dict(), "weight_version": next_step,
              "annotator_cache": run.cfg.annotate.cache_dir}
     if rollouts is not None:
         state.update(rollouts.checkpoint_state())
-    save_run_checkpoint(run, next_step, state, crash_hook=lambda n=next_step: _fault("MT_FAULT_KILL_DURING_SAVE", n))
+    save_run_checkpoint(run, next_step, state, crash_hook=lambda n=next_step: _fault("MT_FAULT_KILL_DURING_SAVE", n),
+                        best=best)
     _fault("MT_FAULT_KILL_AFTER_SAVE", next_step)
     if run.offload is not None and reoffload:
         run.offload.offload()

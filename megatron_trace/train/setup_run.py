@@ -339,6 +339,12 @@ def setup_run(cfg: Config, *, write_run_dir: bool = True) -> Run:
         raise ValueError(f"config key 'parallel.dp'={cfg.parallel.dp} but {dist.get_world_size()} ranks at "
                          f"tp={cfg.parallel.tp}, pp={cfg.parallel.pp} give dp={groups.dp_size}")
     _check_memory(cfg, groups)
+    if cfg.eval.every and not cfg.eval.in_loop_source:  # the in-loop eval runs eval.benchmarks
+        from ..data.problems import gpqa_csv_problem
+
+        problem = gpqa_csv_problem(cfg.eval.benchmarks, cfg.eval.gpqa_csv, where="the in-loop eval (eval.every > 0)")
+        if problem:
+            raise FileNotFoundError(problem)
     tok_dir = cfg.model.hf_dir or (os.path.join(cfg.model.ckpt, "tokenizer") if cfg.model.ckpt else None)
     tokenizer, problems, verify, closers = _load_data(cfg, tok_dir)
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32

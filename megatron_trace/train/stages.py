@@ -5,6 +5,7 @@ routes, teacher inputs. Pure Python/torch on the rank that owns the data; no Meg
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from ..rollout import RolloutGroup
 from ..teacher import build_teacher_input
 from ..types import TrainSample
 
-__all__ = ["ScoredGroup", "build_train_samples", "group_advantages", "response_offsets", "score_groups"]
+__all__ = ["ScoredGroup", "build_train_samples", "group_advantages", "response_offsets", "score_groups",
+           "spread_order"]
 
 
 @dataclass
@@ -61,23 +63,50 @@ def response_offsets(tokenizer, token_ids: Sequence[int]) -> list[tuple[int, int
     return offs
 
 
+def spread_order(scored: list[ScoredGroup], seed: int, step: int, keep=None) -> list[int]:
+    """The flat indices of the rollouts `keep(index)` accepts (all by default), spread across
+    prompts: the prompts in a seeded order, then one kept rollout of each in turn (each prompt's
+    own in a seeded order too). The first few therefore come from as many prompts as have one,
+    not from the first one or two."""
+    rng = random.Random(f"lift-{seed}-{step}")
+    starts = [0]
+    for sg in scored:
+        starts.append(starts[-1] + len(sg.group.samples))
+    order = list(range(len(scored)))
+    rng.shuffle(order)
+    queues = []
+    for g in order:
+        n = len(scored[g].group.samples)
+        queues.append([starts[g] + j for j in rng.sample(range(n), n) if keep is None or keep(starts[g] + j)])
+    return [q[r] for r in range(max((len(q) for q in queues), default=0)) for q in queues if r < len(q)]
+
+
 def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, annotator, lam: float,
                         coverage_cap: float, segment_mode: str, max_segment_chars: int, seed: int, step: int,
                         uid_offset: int = 0, thinking: bool = False, prompt_kind: str = "math",
                         action: str | None = None, lift_rollouts: int = 0,
-                        lift_annotate: bool = False,
-                        answer_only_teacher: bool = False) -> tuple[list[TrainSample], dict[str, float]]:
+                        lift_annotate: bool = False, answer_only_teacher: bool = False,
+                        teacher_context: str = "solution_and_type", teacher_thinking: bool | None = None,
+                        mask_coverage: float | None = None) -> tuple[list[TrainSample], dict[str, float]]:
     """Annotate, build routes and teacher inputs; returns samples + metrics.
 
     The annotator sees every rollout while lambda > 0 for the variants whose masks come from
     spans: TRACE, and the random/inverted ablations (so their teacher keeps the diagnostic and
-    their masks keep each rollout's annotated coverage). action: `loss.action` (null = the
-    variant's). lift_rollouts: mark the first that many correct rollouts with key spans for the
-    key-token lift metric (`TrainSample.key_positions`, with a teacher input). Where the loss
-    does not annotate (GRPO, all-token, any step at lambda = 0), `lift_annotate` annotates the
-    first 2 x lift_rollouts correct rollouts for the metric alone; without it there is no lift.
-    answer_only_teacher (`data.answer_only_teacher`): the teacher sees the row's gold answer where
-    the row has no solution.
+    their masks keep each rollout's annotated coverage, or `mask_coverage` of its tokens).
+    action: `loss.action` (null = the variant's).
+
+    Key-token lift: `lift_rollouts` correct rollouts with key spans, spread across prompts
+    (`spread_order`, seeded), carry `TrainSample.key_positions` and a teacher input. Where the
+    loss does not annotate (GRPO, the all-token variants, any step at lambda = 0),
+    `lift_annotate` annotates 2 x lift_rollouts correct rollouts, in the same order, for the
+    metric alone; without it there is no lift. Annotation made for the metric never enters a
+    loss input: a rollout the loss distils keeps the teacher prompt the loss would give it (no
+    diagnostic type), and routes never read the metric's spans.
+
+    teacher_context (`teacher.context`) and teacher_thinking (`teacher.thinking`, None = the
+    student's `thinking`) shape the teacher prompt (teacher/context.py); the annotator's
+    requests do not depend on them. answer_only_teacher (`data.answer_only_teacher`): the gold
+    answer where a row has no solution. The gold answer is passed for answer_and_type too.
     """
     flat = [(sg, j) for sg in scored for j in range(len(sg.group.samples))]
     counter = FailureCounter()
@@ -86,10 +115,14 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
     diagnostics: list[str | None] = [None] * len(flat)
     # Only variants whose masks come from annotated spans pay for the annotator.
     loss_annotates = lam > 0 and ROUTE_VARIANTS[variant].uses_spans
+    def is_correct(i: int) -> bool:
+        return flat[i][0].rewards[flat[i][1]] > 0
+
+    correct_order = spread_order(scored, seed, step, is_correct) if lift_rollouts else []
     if loss_annotates:
         todo = list(range(len(flat)))
     elif lift_rollouts and lift_annotate:
-        todo = [i for i, (sg, j) in enumerate(flat) if sg.rewards[j] > 0][:2 * lift_rollouts]
+        todo = sorted(correct_order[:2 * lift_rollouts])
     else:
         todo = []
     t_ann = 0.0
@@ -112,20 +145,31 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
             (key_masks if req.correct else err_masks)[i] = mask
             diagnostics[i] = ann.diagnostic
         counter.add(final)
-    lift = set([i for i, (sg, j) in enumerate(flat) if sg.rewards[j] > 0 and any(key_masks[i])][:lift_rollouts])
+    lift = set(spread_order(scored, seed, step, lambda i: is_correct(i) and any(key_masks[i]))[:lift_rollouts]
+               if lift_rollouts else [])
+    no_span = [False] * max((len(m) for m in key_masks), default=0)
+    show_answer = answer_only_teacher or teacher_context == "answer_and_type"
     samples = []
     for i, (sg, j) in enumerate(flat):
         s = sg.group.samples[j]
+        n = len(s.token_ids)
         correct = torch.tensor([sg.rewards[j] > 0])
-        routes = build_routes(variant, correct, torch.tensor(key_masks[i], dtype=torch.bool),
-                              torch.tensor(err_masks[i], dtype=torch.bool), torch.zeros(len(s.token_ids), dtype=torch.long),
-                              action=action, seed=seed, step=step,
-                              rollout_uids=torch.tensor([uid_offset + i])).tolist() if lam > 0 else [0] * len(s.token_ids)
+        # The loss reads spans only when it annotated them itself.
+        key, err = (key_masks[i], err_masks[i]) if loss_annotates else (no_span[:n], no_span[:n])
+        routes = build_routes(variant, correct, torch.tensor(key, dtype=torch.bool),
+                              torch.tensor(err, dtype=torch.bool), torch.zeros(n, dtype=torch.long),
+                              action=action, seed=seed, step=step, coverage=mask_coverage,
+                              rollout_uids=torch.tensor([uid_offset + i])).tolist() if lam > 0 else [0] * n
+        distilled = any(r != Route.GRPO for r in routes)
         teacher_ids, p_len = None, 0
-        if i in lift or any(r != Route.GRPO for r in routes):
-            t = build_teacher_input(tokenizer, sg.group.meta["problem"], sg.group.meta.get("solution"), diagnostics[i],
-                                    sg.rewards[j] > 0, s.token_ids, thinking=thinking, kind=prompt_kind,
-                                    answer=sg.group.meta.get("answer") if answer_only_teacher else None)
+        if i in lift or distilled:
+            # A rollout the loss distils sees the diagnostic only if the loss annotated it.
+            diagnostic = diagnostics[i] if loss_annotates or not distilled else None
+            t = build_teacher_input(tokenizer, sg.group.meta["problem"], sg.group.meta.get("solution"), diagnostic,
+                                    sg.rewards[j] > 0, s.token_ids,
+                                    thinking=thinking if teacher_thinking is None else teacher_thinking,
+                                    kind=prompt_kind, answer=sg.group.meta.get("answer") if show_answer else None,
+                                    context=teacher_context)
             teacher_ids, p_len = t.input_ids, t.prompt_len
         keys = [t for t, k in enumerate(key_masks[i]) if k] if i in lift else None
         samples.append(TrainSample(list(sg.group.prompt_ids), list(s.token_ids), sg.advantages[j], routes,

@@ -25,6 +25,7 @@ DESIGN_METRICS = [
     "route/span_coverage", "annotate/ok", "annotate/invalid_json", "kl/lambda", "exposure/lambda2_coverage_cum",
     "exposure/lambda_coverage_cum", "kl/fkl_mean", "kl/rkl_mean", "kl/entry_clip_frac", "ppo/clip_frac_low",
     "ppo/clip_frac_high", "mismatch/logprob_abs_diff", "mismatch/k3_kl", "lift/key_teacher", "lift/key_sampled",
+    "lift/key_underallocated",
     "teacher/leakage_kl_offspan", "time/rollout", "time/reward", "time/annotate", "time/teacher",
     "time/old_logprobs", "time/fwd_bwd", "time/optimizer", "time/step", "optim/grad_norm", "optim/lr",
 ]
@@ -177,3 +178,25 @@ def test_records_train_only_and_replay_under_tp2(tmp_path):
     # rollout-only: records, no training
     ro, _ = _go(tmp_path / "ro", ["train.mode=rollout_only"], steps=1)
     assert (tmp_path / "ro" / "records" / "step_000000.pt").exists() and "loss/total" not in ro[0]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("variant", [["loss.variant=all_token_fkl", "schedule.kind=constant"],
+                                     ["loss.variant=grpo", "schedule.lambda0=0.0"]], ids=["all_token_fkl", "grpo"])
+def test_metric_annotation_leaves_the_experiment_unchanged(tmp_path, variant):
+    """train.lift_annotate annotates rollouts for the key-token lift only: 3 steps with and
+    without it give the same weights and the same loss metrics, and only the run with it has the
+    lift."""
+    over = [*variant, "train.key_token_lift=2", "train.key_token_lift_every=1"]
+    h_on, w_on = _go(tmp_path / "on", [*over, "train.lift_annotate=true"], steps=3)
+    h_off, w_off = _go(tmp_path / "off", [*over, "train.lift_annotate=false"], steps=3)
+    assert all((w_on[k] == w_off[k]).all() for k in w_off)
+    loss_keys = ("loss/", "kl/", "route/", "ppo/", "reward/", "entropy/", "optim/grad_norm")
+    for on, off in zip(h_on, h_off):
+        for k, v in off.items():
+            if k.startswith(loss_keys):
+                assert (math.isnan(v) and math.isnan(on[k])) or on[k] == v, (k, on[k], v)
+        assert "lift/key_teacher" not in off and math.isfinite(on["lift/key_teacher"])
+    assert any(on["lift/rollouts"] > 0 for on in h_on)
+    if "all_token_fkl" in variant[0]:
+        assert h_off[0]["loss/kl"] > 0  # the loss does distil: its teacher input is what must not change

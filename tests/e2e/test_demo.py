@@ -66,8 +66,10 @@ def test_demo_compare_reports_the_lift_of_every_variant(out):
         assert step0[v]["lift/rollouts"] > 0 and isinstance(step0[v]["lift/key_teacher"], float), v
         lift = report["variants"][v]["lift_step0"]
         assert lift == step0[v]["lift/key_teacher"] and f"{lift:+.4f}" in table[v], (v, table.get(v))
+        under = report["variants"][v]["under_lift_step0"]  # the under-allocated token's lift
+        assert under == step0[v]["lift/key_underallocated"] and f"{under:+.4f}" in table[v], (v, table.get(v))
     # The ablation routes TRACE-FKL's annotated coverage, from the annotator, on other tokens.
     assert step0["random_mask"]["route/fkl_frac"] == step0["trace_fkl"]["route/fkl_frac"] > 0
     assert step0["random_mask"]["annotate/ok"] == step0["trace_fkl"]["annotate/ok"] > 0
     assert step0["all_token_fkl"]["kl/lambda"] == rows["all_token_fkl"][-1]["kl/lambda"] > 0  # constant
-    assert "key-token lift" in proc.stdout and (out / "plots" / "lift.png").stat().st_size > 1000
+    assert "key-token lift" in proc.stdout and "under-allocated lift" in proc.stdout and (out / "plots" / "lift.png").stat().st_size > 1000

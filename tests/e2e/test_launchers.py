@@ -269,20 +269,59 @@ def test_local_launch_trains_under_torchrun(tmp_path, layout, expect):
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "qwen3_*.yaml")))
 
 
+# Recipes beyond the size x variant grid: the 8B self-OPD baselines, the 1.7B localisation
+# ablation and the teacher-context ablations (launch/sweep.py --ablation), name -> loss.variant.
+EXTRA_RECIPES = {"qwen3_8b_all_token_rkl": "all_token_rkl", "qwen3_8b_opsd": "opsd", "qwen3_8b_srpo_like": "srpo_like",
+                 "qwen3_1p7b_ablation_all_token": "all_token_rkl", "qwen3_1p7b_ablation_random25": "random_mask",
+                 "qwen3_1p7b_ablation_inverted25": "inverted_mask", "qwen3_1p7b_ablation_trace_rkl": "trace_rkl",
+                 "qwen3_1p7b_teacher_type_only": "trace_rkl", "qwen3_1p7b_teacher_nothink": "trace_rkl"}
+
+
+@pytest.mark.parametrize("ablation, n", [("localisation", 4), ("baselines", 6), ("teacher", 3)])
+def test_sweep_ablation_renders_its_set(tmp_path, ablation, n):
+    """--ablation NAME submits the recipes of its set, each resolved with its own variant."""
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    from sweep import ABLATIONS
+
+    out = _launch("sweep.py", "--ablation", ablation, "--partition", "batch", "--container-image", IMG, "--dry-run",
+                  "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    names = sorted(os.path.basename(f)[:-len("_sbatch.sh")] for f in glob.glob(str(tmp_path / "*_sbatch.sh")))
+    assert names == sorted(ABLATIONS[ablation]) and len(names) == n
+    for name in names:
+        c = load_config(str(tmp_path / f"{name}.resolved.yaml"))
+        assert c.loss.variant == (EXTRA_RECIPES.get(name) or name[len("qwen3_"):].split("_", 1)[1])
+    bad = _launch("sweep.py", "--ablation", ablation, "--variants", "grpo", "--partition", "batch", "--dry-run")
+    assert bad.returncode != 0 and "--ablation" in bad.stderr
+
+
 def test_every_size_has_every_variant():
     names = {os.path.basename(p) for p in RECIPES}
-    assert names == {f"qwen3_{s}_{v}.yaml" for s in SIZES for v in VARIANTS}
+    assert names == {f"qwen3_{s}_{v}.yaml" for s in SIZES for v in VARIANTS} | {f"{n}.yaml" for n in EXTRA_RECIPES}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_recipes_carry_the_paper_defaults(path):
     c = load_config(path)
-    variant = os.path.basename(path)[len("qwen3_"):-len(".yaml")].split("_", 1)[1]
+    name = os.path.basename(path)[:-len(".yaml")]
+    variant = EXTRA_RECIPES.get(name) or name[len("qwen3_"):].split("_", 1)[1]
     assert c.loss.variant == variant
     assert (c.loss.eps_low, c.loss.eps_high, c.loss.entry_clip, c.annotate.coverage_cap) == (0.2, 0.28, 0.05, 0.25)
     assert c.schedule.lambda0 == (0.0 if variant == "grpo" else 0.5)
     assert (c.schedule.warmup_steps, c.schedule.decay_steps) == (10, 30)
-    assert c.schedule.kind == ("constant" if variant.startswith("all_token") else "anneal")
+    distil_throughout = variant.startswith("all_token") or variant in ("opsd", "srpo_like")
+    assert c.schedule.kind == ("constant" if distil_throughout and "ablation" not in name else "anneal")
+    # the paper's evaluation: four math benchmarks and GPQA-Diamond (out of domain)
+    assert c.eval.benchmarks == ["math500", "aime24", "aime25", "amc23", "gpqa_diamond"]
+    assert c.checkpoint.keep_best and c.checkpoint.best_metric is None  # eval/val/avg@k, the validation split
+    assert c.annotate.api.model is None and c.annotate.api.base_url == "https://api.openai.com/v1"
+    assert c.loss.mask_coverage == (0.25 if variant in ("random_mask", "inverted_mask") else "matched")
+    if "ablation" in name:  # every arm distils with the RKL action
+        from megatron_trace.loss import ROUTE_VARIANTS
+
+        assert (c.loss.action or ROUTE_VARIANTS[variant].action) == "rkl"
+    assert c.teacher.context == ("type_only" if name.endswith("type_only") else "solution_and_type")
+    assert (c.data.thinking, c.teacher.thinking) == ((False, True) if name.endswith("nothink") else (True, None))
     assert c.loss.entry_clip_mode == "none"  # measured: the only mode that keeps the lift above GRPO's
     assert (c.train.key_token_lift, c.train.lift_annotate) == (4, True)  # the lift for every variant
     assert (c.teacher.mode, c.teacher.sync_every) == ("snapshot", 10)

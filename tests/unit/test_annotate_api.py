@@ -26,6 +26,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
+    def do_GET(self):  # the OpenAI-compatible model list a self-hosted server answers
+        with self.server.lock:
+            self.server.auth.add(self.headers.get("Authorization"))
+        if self.path.rstrip("/").endswith("/v1/models"):
+            return self._send(200, json.dumps({"object": "list", "data": [{"id": "served/qwen3-32b"}]}).encode())
+        self._send(404, b"{}")
+
     def do_POST(self):
         srv = self.server
         length = int(self.headers.get("Content-Length", 0))
@@ -33,6 +40,7 @@ class _Handler(BaseHTTPRequestHandler):
         with srv.lock:
             srv.requests += 1
             srv.auth.add(self.headers.get("Authorization"))
+        srv.models.add(body["model"])
         problem = re.search(r"## Problem\n(.*?)\n", body["messages"][1]["content"]).group(1)
         mode, _, arg = problem.partition(" ")
         with srv.lock:
@@ -66,6 +74,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.lock, srv.requests, srv.auth, srv.seen, srv.fuzz = threading.Lock(), 0, set(), {}, []
+    srv.models = set()
     srv.replies = {
         "OK": '{"segments": [1, 2], "type": "key_computation"}',
         "FENCED": '```json\n{"segments": [1], "type": "key_insight"}\n```',
@@ -122,6 +131,27 @@ def test_missing_key_is_a_counted_failure_without_the_key_name_leaking_a_value(s
     monkeypatch.delenv("MT_TEST_ANNOTATOR_KEY")
     (a,) = annotator.annotate([req("OK")])
     assert a.failure == "http_error" and server.requests == 0
+
+
+def test_a_self_hosted_model_is_one_key(server, tmp_path, monkeypatch):
+    """annotate.api.base_url alone: the model is the one the server lists, and no key is sent
+    (not even OPENAI_API_KEY when it is set); OpenAI's URL keeps gpt-4o-mini and its key."""
+    from megatron_trace.config import load_config
+
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    cfg = load_config(None, ["annotate.kind=api", f"annotate.api.base_url={url}"]).annotate.api
+    ann = ApiAnnotator(ApiAnnotatorConfig(base_url=cfg.base_url, model=cfg.model, api_key_env=cfg.api_key_env,
+                                          max_retries=0, cache_dir=str(tmp_path)))
+    (a,) = ann.annotate([req("OK")])
+    assert a.ok and server.models == {"served/qwen3-32b"} and server.auth == {None}
+    assert "served/qwen3-32b" in repr(ann)
+    default = ApiAnnotatorConfig()
+    assert (ApiAnnotator(default)._model, default.key_env) == ("gpt-4o-mini", "OPENAI_API_KEY")
+    # a server that lists nothing: a counted failure naming the key to set, never an exception
+    dead = ApiAnnotator(ApiAnnotatorConfig(base_url=url + "/nothing", max_retries=0))
+    (b,) = dead.annotate([req("OK")])
+    assert b.failure == "http_error"
 
 
 def _fuzz_reply(rng: random.Random, n_segments: int, correct: bool):

@@ -54,6 +54,9 @@ def test_defaults_follow_the_paper():
     ("rollout.hf_batch_prompts=0", ["'rollout.hf_batch_prompts'", "value 0", "auto or an integer >= 1"]),
     ("rollout.hf_batch_prompts=most", ["'rollout.hf_batch_prompts'", "'most'", "auto"]),
     ("rollout.hf_max_batch_tokens=0", ["'rollout.hf_max_batch_tokens'", "value 0", "integer >= 1"]),
+    ("teacher.context=everything", ["'teacher.context'", "'everything'", "type_only", "solution_and_type"]),
+    ("loss.mask_coverage=0.25", ["'loss.mask_coverage'", "0.25", "random_mask and inverted_mask"]),
+    ("loss.mask_coverage=most", ["'loss.mask_coverage'", "'most'", "matched or a fraction in (0, 1]"]),
 ])
 def test_bad_values_name_key_value_and_allowed(override, needles):
     with pytest.raises(ConfigError) as err:
@@ -72,6 +75,34 @@ def test_cross_field_rules_and_file_errors(tmp_path):
     (tmp_path / "typo.yaml").write_text("trian:\n  steps: 3\n")
     with pytest.raises(ConfigError, match="unknown config key 'trian'"):
         load_config(str(tmp_path / "typo.yaml"))
+
+
+def test_teacher_context_and_the_new_variants():
+    tiny = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+    assert (load_config(tiny).teacher.context, load_config(tiny).teacher.thinking) == ("solution_and_type", None)
+    for variant in ("all_token_fkl", "opsd", "srpo_like"):  # no annotation: a type-only teacher sees nothing
+        with pytest.raises(ConfigError) as err:
+            load_config(tiny, [f"loss.variant={variant}", "teacher.context=type_only"])
+        assert "'teacher.context'=type_only" in str(err.value) and variant in str(err.value)
+    assert load_config(tiny, ["loss.variant=grpo", "schedule.lambda0=0", "teacher.context=type_only"])
+    c = load_config(tiny, ["loss.variant=inverted_mask", "loss.mask_coverage=0.25", "loss.action=rkl"])
+    assert c.loss.mask_coverage == 0.25
+    with pytest.raises(ConfigError, match="srpo_like"):
+        load_config(tiny, ["loss.variant=srpo_like", "loss.action=both"])
+
+
+def test_keep_best_needs_the_in_loop_eval_and_a_metric_it_logs():
+    tiny = os.path.join(REPO, "configs", "tiny_cpu.yaml")
+    assert not load_config(tiny).checkpoint.keep_best  # the schema's default
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny, ["checkpoint.keep_best=true", "eval.every=0"])
+    assert "'checkpoint.keep_best'" in str(err.value) and "eval.every > 0" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(tiny, ["checkpoint.keep_best=true", "checkpoint.best_metric=eval/val/avg@k"])
+    assert "'checkpoint.best_metric'" in str(err.value) and "eval/arith/avg@k" in str(err.value)
+    ok = load_config(tiny, ["checkpoint.keep_best=true", "eval.in_loop_source=val.jsonl",
+                            "checkpoint.best_metric=eval/val/avg@k"])
+    assert ok.checkpoint.best_metric == "eval/val/avg@k"
 
 
 def test_dump_round_trips(tmp_path):

@@ -84,7 +84,7 @@ def test_teacher_context_alignment_and_no_span_text():
     prompt = tok.decode(t.input_ids[: t.prompt_len])
     assert "arithmetic_error" in prompt and "reference solution" in prompt and prompt.endswith("</think>\n\n")
     assert "Answer: 19" not in privileged_prompt("p", None, "copy_error", False)
-    with pytest.raises(ValueError, match="teacher.template"):
+    with pytest.raises(ValueError, match="teacher prompt template"):
         privileged_prompt("p", None, None, True, template="{nope}")
 
 
@@ -172,3 +172,26 @@ def test_self_annotator_runs_on_the_real_hf_engine():
     req = AnnotationRequest("Start with 1. Add 1.", None, True, response, tuple(segment_text(response)))
     (ann,) = SelfAnnotator(engine, tok, SamplingParams(temperature=0.0, max_new_tokens=8)).annotate([req])
     assert ann.failure == "invalid_json"  # a random policy does not write JSON: counted, not raised
+
+
+def test_gpqa_is_never_dropped_silently(tmp_path, monkeypatch):
+    """The paper's evaluation includes GPQA-Diamond: without its CSV, `megatron-trace eval` stops
+    before any model is loaded and says how to get the file and how to run without it."""
+    from megatron_trace.config import load_config
+    from megatron_trace.data.problems import gpqa_csv_problem
+    from megatron_trace.eval.job import run_eval
+
+    monkeypatch.delenv("MT_GPQA_CSV", raising=False)
+    cfg = load_config(None, ["eval.benchmarks=[math500,aime24,aime25,amc23,gpqa_diamond]"])
+    with pytest.raises(FileNotFoundError) as err:
+        run_eval(cfg, hf_dir=str(tmp_path / "no_model"))  # the GPQA check comes before the model's
+    msg = str(err.value)
+    for needle in ("gpqa_diamond", "MT_GPQA_CSV", "eval.gpqa_csv", "github.com/idavidrein/gpqa",
+                   "benchmarks=[math500,aime24,aime25,amc23]"):
+        assert needle in msg, (needle, msg)
+    assert "does not exist" in gpqa_csv_problem(["gpqa_diamond"], str(tmp_path / "nope.csv"))
+    csv_path = tmp_path / "gpqa_diamond.csv"
+    csv_path.write_text("Question\n")
+    monkeypatch.setenv("MT_GPQA_CSV", str(csv_path))
+    assert gpqa_csv_problem(["math500", "gpqa_diamond"], None) is None
+    assert gpqa_csv_problem(["math500"], None) is None

@@ -214,6 +214,18 @@ def test_opt_in_grpo_and_lambda0_zero_pass(answer_only, tmp_path):
     _check(str(mixed), "loss.variant=trace_fkl")
 
 
+def test_contexts_without_a_solution_train_on_answer_only_data(answer_only):
+    """teacher.context type_only / answer_and_type need no solutions: accepted with no refusal
+    (the dry-run too); the solution contexts are still refused on such data."""
+    for ctx in ("type_only", "answer_and_type"):
+        _check(answer_only, "loss.variant=trace_fkl", f"teacher.context={ctx}")
+    with pytest.raises(ConfigError) as err:
+        _check(answer_only, "loss.variant=trace_rkl", "teacher.context=solution")
+    assert "teacher.context=solution" in str(err.value) and "type_only" in str(err.value)
+    proc = _dry_run(f"data.source={answer_only}", "teacher.context=type_only")
+    assert proc.returncode == 0 and "context: type_only" in proc.stdout, proc.stderr[-2000:]
+
+
 def test_parquet_without_solutions_is_refused(tmp_path):
     import datasets
 

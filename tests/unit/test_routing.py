@@ -104,8 +104,41 @@ def test_ablation_masks_have_the_annotated_per_rollout_token_counts(variant, act
         assert not (got[seq == 0] != 0).any()
 
 
+def test_self_opd_baselines():
+    """opsd: every token distilled (FKL), GRPO off there; srpo_like: every token of the incorrect
+    rollout distilled (RKL), the correct ones left to GRPO; both against hand-built masks."""
+    assert routes("opsd") == [F] * 20 and routes("opsd", action="rkl") == [R] * 20
+    assert ROUTE_VARIANTS["opsd"].routed_grpo == "none" and ROUTE_VARIANTS["all_token_rkl"].routed_grpo == "full"
+    assert routes("srpo_like") == [G] * 8 + [R] * 8 + [G] * 4
+    assert routes("srpo_like", action="fkl") == [G] * 8 + [F] * 8 + [G] * 4
+    assert ROUTE_VARIANTS["srpo_like"].routed_grpo == "none"
+    with pytest.raises(ValueError, match="loss.action=both"):
+        routes("srpo_like", action="both")
+    for v in ("opsd", "srpo_like", "all_token_rkl"):
+        assert not ROUTE_VARIANTS[v].uses_spans  # no annotator calls for the loss
+
+
+def test_mask_coverage_fraction_hand_built():
+    """loss.mask_coverage=0.25: round(0.25 |y|) tokens of every eligible rollout, spanned or not
+    (random); from outside the span, only where there is one (inverted)."""
+    r = routes("random_mask", seed=4, coverage=0.25)
+    f = positions(r, F)
+    assert len([i for i in f if i < 8]) == 2 and len([i for i in f if i >= 16]) == 1  # 0.25 x 8, 0.25 x 4
+    assert not [i for i in f if 8 <= i < 16] and positions(r, R) == []  # incorrect: not FKL-eligible
+    inv = routes("inverted_mask", seed=4, coverage=0.25)
+    assert positions(inv, F) and all(i < 8 and i not in (2, 3) for i in positions(inv, F))
+    assert len(positions(inv, F)) == 2  # rollout 2 has no span: nothing marks its "non-key" tokens
+    rkl = routes("inverted_mask", seed=4, coverage=0.5, action="rkl")
+    assert len(positions(rkl, R)) == 4 and all(8 <= i < 16 and i not in (10, 11, 12) for i in positions(rkl, R))
+    big = routes("inverted_mask", seed=4, coverage=1.0, action="rkl")  # capped by what lies outside
+    assert positions(big, R) == [8, 9, 13, 14, 15]
+    assert routes("random_mask", seed=4, coverage=None) == routes("random_mask", seed=4)
+    with pytest.raises(ValueError, match="mask_coverage"):
+        routes("random_mask", coverage=1.5)
+
+
 def test_unknown_variant():
     with pytest.raises(ValueError, match="loss.variant"):
         routes("trace_magic")
     assert set(ROUTE_VARIANTS) >= {"grpo", "trace_fkl", "trace_rkl", "trace_both", "all_token_fkl",
-                                   "all_token_rkl", "random_mask", "inverted_mask"}
+                                   "all_token_rkl", "random_mask", "inverted_mask", "opsd", "srpo_like"}
