@@ -37,8 +37,30 @@ def _cmd_models(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import format_report, run_demo
 
+    variants = [v for v in (args.variants or "").split(",") if v] or None
+    if (variants or args.seeds) and not args.compare:
+        raise SystemExit("error: --variants and --seeds go with --compare")
+    if variants:
+        from .loss.routed import ROUTE_VARIANTS
+
+        bad = [v for v in variants if v not in ROUTE_VARIANTS]
+        if bad:
+            raise SystemExit(f"error: --variants {args.variants}: unknown {bad}; choose from {sorted(ROUTE_VARIANTS)}")
+    if args.seeds:
+        from .demo_study import format_study, run_study
+
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s]
+        except ValueError:
+            raise SystemExit(f"error: --seeds {args.seeds!r}: comma-separated integers") from None
+        study = run_study(args.out, seeds=seeds, config=args.config, sft_config=args.sft_config,
+                          overrides=args.overrides, variants=variants)
+        print(format_study(study))
+        print(f"[demo] report: {os.path.join(os.path.abspath(args.out), 'compare_report.json')}; "
+              f"forest plot: {study['forest_plot']}")
+        return 0
     report = run_demo(args.out, config=args.config, sft_config=args.sft_config, overrides=args.overrides,
-                      compare=args.compare)
+                      compare=args.compare, variants=variants)
     print(format_report(report))
     print(f"[demo] report: {os.path.join(os.path.abspath(args.out), 'demo_report.json')}")
     return 0
@@ -171,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default=os.path.join(_CONFIGS, "tiny_cpu_demo.yaml"), help="the RL config")
     d.add_argument("--sft-config", default=os.path.join(_CONFIGS, "tiny_cpu_sft.yaml"), help="the base's SFT config")
     d.add_argument("--compare", action="store_true", help="GRPO, all-token FKL, TRACE-FKL, TRACE-RKL and random_mask from one base, with the key-token lift")
+    d.add_argument("--variants", default=None,
+                   help="with --compare: comma-separated loss.variant names (default grpo,all_token_fkl,trace_fkl,"
+                        "trace_rkl,random_mask)")
+    d.add_argument("--seeds", default=None,
+                   help="with --compare: comma-separated seeds; each gets its own SFT base and run of every "
+                        "variant (<out>/seed_<s>), pooled into compare_report.json and forest.png")
     d.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
     d.set_defaults(fn=_cmd_demo)
     sm = sub.add_parser("smoke", help="CPU smoke run of the Megatron/Qwen3 foundation (convert, parity, export)")

@@ -1,6 +1,6 @@
 """The embedded demo: SFT base -> TRACE RL -> held-out evaluation, end to end on CPU.
 
-    megatron-trace demo [--out runs/demo] [--compare] [key=value ...]
+    megatron-trace demo [--out runs/demo] [--compare [--variants a,b] [--seeds 1,2,3]] [key=value ...]
 
 1. base: `megatron-trace sft` with configs/tiny_cpu_sft.yaml (cached in <out>/sft);
 2. RL: `megatron-trace train` with configs/tiny_cpu_demo.yaml from that base (hf engine, oracle
@@ -15,7 +15,8 @@ written. Every variant measures the key-token lift at every step (`train.lift_an
 token at annotated key positions across the step's update, and of the token the teacher supports
 most beyond the actor there (argmax of p_teacher - p_actor: the under-allocated token). Step 0's
 rollouts are the same for every variant (same base, same seeds), so its lift compares the
-variants on the same positions.
+variants on the same positions. `--variants` picks the compared variants; `--seeds` runs the
+whole comparison once per seed, each with its own SFT base, and pools them (`demo_study.py`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,17 @@ LIFT_KEY = "lift/key_teacher"
 LIFT_UNDER_KEY = "lift/key_underallocated"
 
 
-def _per_problem(samples_path: str) -> dict[int, float]:
-    by: dict[int, list[bool]] = {}
+def _per_problem_correct(samples_path: str) -> dict[int, list[bool]]:
+    """Each held-out problem's sample correctness, in sample order."""
+    by: dict[int, list[tuple[int, bool]]] = {}
     for line in open(samples_path):
         r = json.loads(line)
-        by.setdefault(r["index"], []).append(r["correct"])
-    return {i: sum(v) / len(v) for i, v in by.items()}
+        by.setdefault(r["index"], []).append((r["sample"], bool(r["correct"])))
+    return {i: [c for _, c in sorted(v)] for i, v in by.items()}
+
+
+def _per_problem(samples_path: str) -> dict[int, float]:
+    return {i: sum(v) / len(v) for i, v in _per_problem_correct(samples_path).items()}
 
 
 def _eval(cfg, out_dir: str, name: str, *, hf_dir: str | None = None, ckpt: str | None = None) -> dict:
@@ -51,6 +57,7 @@ def _eval(cfg, out_dir: str, name: str, *, hf_dir: str | None = None, ckpt: str 
     rows = [json.loads(x) for x in open(os.path.join(out_dir, "samples.jsonl"))]
     return {"accuracy": b["avg@k"], "ci95": b["ci95"], "mean_length": b["mean_length"],
             "scores": _per_problem(os.path.join(out_dir, "samples.jsonl")), "num": b["num_problems"],
+            "correct": _per_problem_correct(os.path.join(out_dir, "samples.jsonl")),
             "no_answer_rate": b["no_answer_rate"], "samples": len(rows)}
 
 
@@ -69,7 +76,10 @@ def _metrics_rows(run_dir: str) -> list[dict]:
     return [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
 
 
-def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], compare: bool = False) -> dict:
+def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], compare: bool = False,
+             variants: list[str] | None = None) -> dict:
+    """One base, one seed: the demo (or, with compare, every variant of `variants`, default
+    VARIANTS_COMPARE). The report keeps each policy's per-problem held-out correctness."""
     from tqdm.auto import tqdm
 
     from .config import load_config
@@ -84,7 +94,9 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
     t0 = time.time()
     out = os.path.abspath(out)
     sft_cfg = load_config(sft_config, [f"run.dir={os.path.join(out, 'sft')}", *overrides])
-    variants = VARIANTS_COMPARE if compare else (load_config(config, overrides).loss.variant,)
+    if variants and not compare:
+        raise ValueError("--variants needs --compare")
+    variants = tuple(variants or VARIANTS_COMPARE) if compare else (load_config(config, overrides).loss.variant,)
     stages = ["SFT base (cached after the first run)", "evaluate the base"]
     for v in variants:
         stages += [f"RL: {v}", f"evaluate {v}"]
@@ -122,6 +134,7 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
     idx = sorted(base["scores"])
     report = {"base_accuracy": base["accuracy"], "num_heldout": base["num"], "k": common.eval.k,
               "base_mean_length": base["mean_length"], "sft": {k: sft[k] for k in sft if k != "samples"},
+              "base_correct": {str(i): base["correct"][i] for i in idx},
               "variants": {}, "plots": os.path.join(out, "plots"), "plot_files": sorted(plots)}
     for v, f in finals.items():
         gain_ci = paired_bootstrap_ci([f["scores"][i] for i in idx], [base["scores"][i] for i in idx],
@@ -133,8 +146,9 @@ def run_demo(out: str, *, config: str, sft_config: str, overrides: list[str], co
                                  "accuracy_gain_ci95": list(gain_ci), "mean_length": f["mean_length"],
                                  "final_entropy": last.get("entropy/all"),
                                  "exposure": last.get("exposure/lambda2_coverage_cum"), "run_dir": runs[v],
+                                 "correct": {str(i): f["correct"][i] for i in idx},
                                  **_lift_summary(rows, kl_end)}
-    main = variants[-1] if not compare else "trace_fkl"
+    main = "trace_fkl" if compare and "trace_fkl" in variants else variants[-1]
     m = report["variants"][main]
     report.update({"variant": main, "final_accuracy": m["final_accuracy"], "accuracy_gain_ci95": m["accuracy_gain_ci95"],
                    "wall_seconds": time.time() - t0})

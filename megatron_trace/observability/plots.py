@@ -2,7 +2,8 @@
 
 One file per figure; each figure has named panels (the keys of FIGURES), and every run is a line
 in every panel. `plot_runs` returns, per file, the panel titles it drew and the metrics found,
-and writes that manifest to `plots.json` next to the PNGs.
+and writes that manifest to `plots.json` next to the PNGs. `forest_plot` draws estimates with
+their confidence intervals, one row each (the multi-seed demo study's differences).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import math
 import os
 
-__all__ = ["FIGURES", "load_metrics", "plot_runs"]
+__all__ = ["FIGURES", "forest_plot", "load_metrics", "plot_runs"]
 
 # file -> [(panel title, [metric keys])]
 FIGURES: dict[str, list[tuple[str, list[str]]]] = {
@@ -106,3 +107,37 @@ def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = N
     with open(os.path.join(out_dir, "plots.json"), "w") as f:
         json.dump({"runs": labels, "colors": colors, "files": manifest}, f, indent=1)
     return manifest
+
+
+def forest_plot(rows: list[tuple[str, float, float, float]], path: str, *, title: str = "", scale: float = 100.0,
+                unit: str = "points") -> str:
+    """One row per (label, estimate, ci_low, ci_high), top to bottom in order, with a line at
+    zero; rows whose CI excludes zero are drawn solid, the rest hollow. Values are multiplied by
+    `scale` (fractions -> points). Returns `path`."""
+    from ..extras import require
+
+    matplotlib = require("matplotlib", "plots", "plotting a forest plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("forest_plot: no rows to draw")
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.2))
+    for k, (_label, est, lo, hi) in enumerate(rows):
+        y = len(rows) - 1 - k
+        clear = lo > 0 or hi < 0
+        ax.plot([scale * lo, scale * hi], [y, y], color="tab:blue", lw=2)
+        ax.plot([scale * est], [y], "o", color="tab:blue", mfc="tab:blue" if clear else "white", ms=7)
+    ax.axvline(0.0, color="grey", lw=1, ls="--")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r[0] for r in reversed(rows)], fontsize=8)
+    ax.set_xlabel(f"difference ({unit}); filled: 95% CI excludes 0", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -4,6 +4,7 @@ both on the same problems, the report with a paired CI, plots; a rerun reuses ev
 tests share one output folder, so --compare reuses the first test's base and TRACE-FKL run."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,33 @@ def test_demo_compare_reports_the_lift_of_every_variant(out):
     assert step0["random_mask"]["annotate/ok"] == step0["trace_fkl"]["annotate/ok"] > 0
     assert step0["all_token_fkl"]["kl/lambda"] == rows["all_token_fkl"][-1]["kl/lambda"] > 0  # constant
     assert "key-token lift" in proc.stdout and "under-allocated lift" in proc.stdout and (out / "plots" / "lift.png").stat().st_size > 1000
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_demo_compare_over_seeds_pools_them(tmp_path):
+    """--compare --seeds 1,2: one SFT base per seed, every variant from it, and compare_report.json
+    with the per-problem correctness, the pooled gains and the pairwise differences; a rerun reuses
+    every stage."""
+    out = tmp_path / "study"
+    small = [*TINY, "sft.steps=40", "train.steps=1", "checkpoint.every=1", "train.key_token_lift=0"]
+    cmd = [sys.executable, "-m", "megatron_trace.cli", "demo", "--compare", "--seeds", "1,2", "--variants",
+           "grpo,trace_fkl", "--out", str(out), *small]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "compare_report.json").read_text())
+    assert report["seeds"] == ["1", "2"] and report["variants"] == ["grpo", "trace_fkl"]
+    for s in ("1", "2"):
+        seed_report = json.loads((out / f"seed_{s}" / "demo_report.json").read_text())
+        sft_seed = re.search(r"^seed: (\d+)$", (out / f"seed_{s}" / "sft" / "config.yaml").read_text(), re.M)
+        assert sft_seed and sft_seed.group(1) == s  # each seed has its own base
+        per = report["per_seed"][s]
+        assert len(per["base"]) == 6 and all(len(c) == 2 for c in per["base"].values())  # 6 problems x k=2
+        assert per["variants"]["trace_fkl"] == seed_report["variants"]["trace_fkl"]["correct"]
+    for v in ("grpo", "trace_fkl"):
+        g = report["gains"][v]
+        assert g["ci95"][0] <= g["mean"] <= g["ci95"][1] and set(g["per_seed"]) == {"1", "2"}
+    assert set(report["pairs"]) == {"trace_fkl - grpo"}
+    assert (out / "forest.png").stat().st_size > 1000 and "| trace_fkl - grpo |" in proc.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # every stage cached
+    assert again.returncode == 0 and json.loads((out / "compare_report.json").read_text())["gains"] == report["gains"]

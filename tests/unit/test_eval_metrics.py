@@ -12,6 +12,7 @@ from megatron_trace.eval import (
     paired_bootstrap_ci,
     pass_at_k,
     pass_at_k_mean,
+    pooled_paired_bootstrap,
     summarize,
 )
 
@@ -82,3 +83,55 @@ def test_summarize_rates():
     assert s["avg@k"] == 0.25 and s["pass@2"] == 0.5 and s["pass@1"] == 0.25 and s["num_problems"] == 2
     assert s["mean_length"] == 25 and s["truncation_rate"] == 0.25 and s["no_answer_rate"] == 0.25
     assert s["timeout_rate"] == 0.25 and s["ci95"][0] <= 0.25 <= s["ci95"][1]
+
+
+def _slow_pooled(after, before, num_samples, confidence, seed):
+    """The pooled bootstrap written out loop by loop, on the same draws (one randint per seed)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    draws = [torch.randint(len(a), (num_samples, len(a)), generator=gen).tolist() for a in after]
+    reps = []
+    for r in range(num_samples):
+        per_seed = []
+        for s, (a, b) in enumerate(zip(after, before)):
+            picks = draws[s][r]
+            per_seed.append(sum(a[i] - b[i] for i in picks) / len(picks))
+        reps.append(sum(per_seed) / len(per_seed))
+    reps.sort()
+    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    return _np_quantile(reps, lo_q), _np_quantile(reps, hi_q)
+
+
+def _np_quantile(xs, q):
+    import numpy as np
+
+    return float(np.quantile(np.asarray(xs), q))
+
+
+def test_pooled_paired_bootstrap_against_direct_computation():
+    """The pooled gain is the mean over seeds of each seed's mean paired difference (exactly);
+    its CI equals a slow reference bootstrap on the same draws, and resamples within seeds."""
+    import random
+
+    rng = random.Random(3)
+    after = [[rng.choice([0.0, 0.25, 0.5, 0.75, 1.0]) for _ in range(n)] for n in (30, 45, 20)]
+    before = [[rng.choice([0.0, 0.25, 0.5]) for _ in a] for a in after]
+    mean, (lo, hi) = pooled_paired_bootstrap(after, before, num_samples=700, seed=11)
+    direct = sum(sum(x - y for x, y in zip(a, b)) / len(a) for a, b in zip(after, before)) / 3
+    assert mean == pytest.approx(direct, abs=1e-15)
+    ref_lo, ref_hi = _slow_pooled(after, before, 700, 0.95, 11)
+    assert (lo, hi) == (pytest.approx(ref_lo, abs=1e-12), pytest.approx(ref_hi, abs=1e-12))
+    assert lo < mean < hi
+    # Each seed weighs the same: a seed with a constant difference pulls the mean by 1/3 of it.
+    shifted = [[x + 0.3 for x in after[0]], after[1], after[2]]
+    assert pooled_paired_bootstrap(shifted, before, num_samples=50)[0] == pytest.approx(direct + 0.1)
+    # One seed: the same point estimate as the single-seed paired mean, CI close to paired_bootstrap_ci's.
+    one, (l1, h1) = pooled_paired_bootstrap(after[:1], before[:1], num_samples=4000, seed=1)
+    pl, ph = paired_bootstrap_ci(after[0], before[0], num_samples=4000, seed=1)
+    assert one == pytest.approx(sum(a - b for a, b in zip(after[0], before[0])) / 30)
+    assert abs(l1 - pl) < 0.03 and abs(h1 - ph) < 0.03
+    with pytest.raises(ValueError, match="seed #1"):
+        pooled_paired_bootstrap([[1.0], [1.0, 0.0]], [[1.0], [1.0]])
+    with pytest.raises(ValueError, match="same number"):
+        pooled_paired_bootstrap([[1.0]], [])
