@@ -31,6 +31,10 @@ def _scores(correct: dict[str, list[bool]], order: list[str]) -> list[float]:
     return [sum(correct[i]) / len(correct[i]) for i in order]
 
 
+def _accuracy(correct: dict[str, list[bool]], order: list[str]) -> float:
+    return sum(_scores(correct, order)) / len(order)
+
+
 def study_statistics(per_seed: dict[str, dict], *, num_samples: int = 4000, seed: int = 0) -> dict:
     """Pooled gains and pairwise differences from per-seed correctness (pure; no training).
 
@@ -51,16 +55,15 @@ def study_statistics(per_seed: dict[str, dict], *, num_samples: int = 4000, seed
         after = [_scores(a_of(s), order[s]) for s in seeds]
         before = [_scores(b_of(s), order[s]) for s in seeds]
         mean, (lo, hi) = pooled_paired_bootstrap(after, before, num_samples=num_samples, seed=seed)
-        per = [sum(a) / len(a) - sum(b) / len(b) for a, b in zip(after, before)]
+        per = [(sum(a) - sum(b)) / len(a) for a, b in zip(after, before)]
         return {"mean": mean, "ci95": [lo, hi], "per_seed": dict(zip(seeds, per))}
 
     gains = {v: pooled(lambda s, v=v: per_seed[s]["variants"][v], lambda s: per_seed[s]["base"]) for v in variants}
     for v in variants:
-        gains[v]["accuracy_per_seed"] = {s: sum(_scores(per_seed[s]["variants"][v], order[s])) / len(order[s])
-                                         for s in seeds}
+        gains[v]["accuracy_per_seed"] = {s: _accuracy(per_seed[s]["variants"][v], order[s]) for s in seeds}
     pairs = {f"{a} - {b}": pooled(lambda s, a=a: per_seed[s]["variants"][a], lambda s, b=b: per_seed[s]["variants"][b])
              for a, b in PAIRS if a in variants and b in variants}
-    base = {s: sum(_scores(per_seed[s]["base"], order[s])) / len(order[s]) for s in seeds}
+    base = {s: _accuracy(per_seed[s]["base"], order[s]) for s in seeds}
     return {"seeds": seeds, "variants": variants, "base_accuracy": base, "gains": gains, "pairs": pairs,
             "num_problems": {s: len(order[s]) for s in seeds}}
 

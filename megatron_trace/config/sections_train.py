@@ -83,6 +83,11 @@ class LossSection:
     fused_head: bool = False
     head_chunk_tokens: int = 0  # tokens per fused-head chunk; 0 = from a 128 MiB target per chunk
 
+    @property
+    def coverage_fraction(self) -> float | None:
+        """loss.mask_coverage as `build_routes` takes it: None for matched, else the fraction."""
+        return None if self.mask_coverage == "matched" else float(self.mask_coverage)
+
     def __post_init__(self) -> None:
         _one_of("loss.variant", self.variant, set(ROUTE_VARIANTS))
         _one_of("loss.agg", self.agg, set(AGG_MODES))

@@ -91,10 +91,9 @@ def run_eval(cfg, *, ckpt: str | None = None, hf_dir: str | None = None, out_dir
     src = ckpt or hf_dir
     if not os.path.exists(src):
         raise FileNotFoundError(f"{'--ckpt' if ckpt else '--hf-dir'} {src} does not exist")
-    out_dir = out_dir or os.path.join(cfg.run.dir, "eval", os.path.basename(os.path.normpath(src)))
+    base, real = os.path.basename(os.path.normpath(src)), os.path.realpath(src)
+    out_dir = out_dir or os.path.join(cfg.run.dir, "eval", base)
     os.makedirs(out_dir, exist_ok=True)
-    base = os.path.basename(os.path.normpath(src))
-    real = os.path.realpath(src)
     if ckpt and os.path.basename(real) != base:  # a link (checkpoints/best): name the step it is
         base = f"{base} ({os.path.basename(real)})"
     if ckpt:

@@ -89,8 +89,8 @@ def _routed_share(cfg) -> float:
     if cfg.schedule.lambda0 <= 0:
         return 0.0
     mask = ROUTE_VARIANTS[cfg.loss.variant].mask
-    if mask in ("random", "inverted") and cfg.loss.mask_coverage != "matched":
-        return float(cfg.loss.mask_coverage)
+    if mask in ("random", "inverted") and cfg.loss.coverage_fraction is not None:
+        return cfg.loss.coverage_fraction
     # "all" and "failed" (every token of a rollout) are planned as every token
     return {None: 0.0, "annotator": cfg.annotate.coverage_cap, "random": cfg.annotate.coverage_cap,
             "inverted": cfg.annotate.coverage_cap}.get(mask, 1.0)

@@ -31,6 +31,11 @@ from ..parallel import ParallelGroups
 __all__ = ["Head"]
 
 
+def _rows(x: torch.Tensor, weight: torch.Tensor | None, a: int, chunk: int) -> torch.Tensor:
+    """Rows a..a+chunk of `x` as logits: as they are (weight None), or hidden states @ weight^T."""
+    return x[a:a + chunk] if weight is None else x[a:a + chunk] @ weight.t()
+
+
 class Head:
     """Per-token reads of a pass's output `out` (logits, or hidden states with `weight`)."""
 
@@ -53,13 +58,17 @@ class Head:
     def logprobs(self, out: torch.Tensor, weight: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
         return self.logprob_entropy(out, weight, targets)[0]
 
+    def _chunk(self, weight: torch.Tensor) -> int:
+        """Rows of hidden states turned into logits at once (`loss.head_chunk_tokens`, or auto)."""
+        return self.cfg.head_chunk_tokens or auto_chunk_tokens(weight.shape[0])
+
     def argmax(self, out: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """The most likely token id at each row (padding columns excluded). `out`: logits, or
         hidden states when `weight` is given (chunk by chunk, whatever `loss.fused_head`)."""
         if weight is None:
             return token_argmax(out, self.groups.tp, vocab_size=self.vocab)
-        chunk = self.cfg.head_chunk_tokens or auto_chunk_tokens(weight.shape[0])
-        return torch.cat([token_argmax(out[a:a + chunk] @ weight.t(), self.groups.tp, vocab_size=self.vocab)
+        chunk = self._chunk(weight)
+        return torch.cat([token_argmax(_rows(out, weight, a, chunk), self.groups.tp, vocab_size=self.vocab)
                           for a in range(0, out.shape[0], chunk)]) if out.shape[0] else out.new_zeros(0, dtype=torch.long)
 
     def underallocated(self, student: torch.Tensor, s_weight: torch.Tensor | None, teacher: torch.Tensor,
@@ -70,16 +79,13 @@ class Head:
         student, teacher: rows aligned, each logits `[T, V/tp]` (weight None) or final hidden
         states `[T, H]` with its output weight. Hidden states become logits chunk by chunk
         (`head_chunk_tokens` rows at a time), so no `[T, V/tp]` tensor is formed for them."""
-        def rows(x, w, a):
-            return x[a:a + chunk] if w is None else x[a:a + chunk] @ w.t()
-
         kw = dict(temperature=self.cfg.temperature, vocab_size=self.vocab, chunk_size=self.cfg.chunk_size)
         n = student.shape[0]
         if s_weight is None and t_weight is None:
             return token_argmax_prob_gap(student, teacher, self.groups.tp, **kw)
-        chunk = self.cfg.head_chunk_tokens or auto_chunk_tokens((s_weight if s_weight is not None else t_weight).shape[0])
-        parts = [token_argmax_prob_gap(rows(student, s_weight, a), rows(teacher, t_weight, a), self.groups.tp, **kw)
-                 for a in range(0, n, chunk)]
+        chunk = self._chunk(s_weight if s_weight is not None else t_weight)
+        parts = [token_argmax_prob_gap(_rows(student, s_weight, a, chunk), _rows(teacher, t_weight, a, chunk),
+                                       self.groups.tp, **kw) for a in range(0, n, chunk)]
         if not parts:
             return student.new_zeros(0, dtype=torch.long), student.new_zeros(0, dtype=torch.float32)
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

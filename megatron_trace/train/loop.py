@@ -104,7 +104,7 @@ def make_batch(run: Run, step: int, lam: float, local: bool = False) -> tuple[li
             lift_rollouts=cfg.train.key_token_lift if lift_step(cfg, step, lam) else 0,
             lift_annotate=cfg.train.lift_annotate, answer_only_teacher=cfg.data.answer_only_teacher,
             teacher_context=cfg.teacher.context, teacher_thinking=cfg.teacher.thinking,
-            mask_coverage=None if cfg.loss.mask_coverage == "matched" else float(cfg.loss.mask_coverage))
+            mask_coverage=cfg.loss.coverage_fraction)
         metrics.update(m)
     if not local:
         samples, metrics = run.gen.broadcast((samples, metrics))

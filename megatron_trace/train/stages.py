@@ -147,7 +147,6 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         counter.add(final)
     lift = set(spread_order(scored, seed, step, lambda i: is_correct(i) and any(key_masks[i]))[:lift_rollouts]
                if lift_rollouts else [])
-    no_span = [False] * max((len(m) for m in key_masks), default=0)
     show_answer = answer_only_teacher or teacher_context == "answer_and_type"
     samples = []
     for i, (sg, j) in enumerate(flat):
@@ -155,7 +154,7 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         n = len(s.token_ids)
         correct = torch.tensor([sg.rewards[j] > 0])
         # The loss reads spans only when it annotated them itself.
-        key, err = (key_masks[i], err_masks[i]) if loss_annotates else (no_span[:n], no_span[:n])
+        key, err = (key_masks[i], err_masks[i]) if loss_annotates else ([False] * n, [False] * n)
         routes = build_routes(variant, correct, torch.tensor(key, dtype=torch.bool),
                               torch.tensor(err, dtype=torch.bool), torch.zeros(n, dtype=torch.long),
                               action=action, seed=seed, step=step, coverage=mask_coverage,
