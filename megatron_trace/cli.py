@@ -22,6 +22,9 @@ import sys
 import time
 
 _CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# `megatron-trace demo --task NAME`: the RL and SFT configs of each embedded task.
+DEMO_CONFIGS = {"arith": ("tiny_cpu_demo.yaml", "tiny_cpu_sft.yaml"),
+                "product_chain": ("tiny_cpu_demo_product_chain.yaml", "tiny_cpu_sft_product_chain.yaml")}
 
 
 def _cmd_models(args) -> int:
@@ -35,7 +38,16 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from .config import load_config
     from .demo import format_report, run_demo
+
+    rl_default, sft_default = DEMO_CONFIGS[args.task]
+    args.config = args.config or os.path.join(_CONFIGS, rl_default)
+    args.sft_config = args.sft_config or os.path.join(_CONFIGS, sft_default)
+    for flag, path in (("--config", args.config), ("--sft-config", args.sft_config)):
+        task = load_config(path, args.overrides).data.task
+        if task != args.task:
+            raise SystemExit(f"error: {flag} {path} trains data.task={task}, but --task is {args.task}")
 
     variants = [v for v in (args.variants or "").split(",") if v] or None
     if (variants or args.seeds) and not args.compare:
@@ -190,8 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="the embedded demo: SFT base -> TRACE RL -> held-out eval, on CPU")
     d.add_argument("--out", default="runs/demo", help="directory for everything (default: runs/demo)")
-    d.add_argument("--config", default=os.path.join(_CONFIGS, "tiny_cpu_demo.yaml"), help="the RL config")
-    d.add_argument("--sft-config", default=os.path.join(_CONFIGS, "tiny_cpu_sft.yaml"), help="the base's SFT config")
+    d.add_argument("--task", default="arith", choices=sorted(DEMO_CONFIGS),
+                   help="the embedded task (data.task): arith, the short default, or product_chain, a long chain "
+                        "whose one product decides (configs/tiny_cpu_{demo,sft}_product_chain.yaml)")
+    d.add_argument("--config", default=None, help="the RL config (default: the task's, configs/tiny_cpu_demo*.yaml)")
+    d.add_argument("--sft-config", default=None, help="the base's SFT config (default: the task's, configs/tiny_cpu_sft*.yaml)")
     d.add_argument("--compare", action="store_true", help="GRPO, all-token FKL, TRACE-FKL, TRACE-RKL and random_mask from one base, with the key-token lift")
     d.add_argument("--variants", default=None,
                    help="with --compare: comma-separated loss.variant names (default grpo,all_token_fkl,trace_fkl,"

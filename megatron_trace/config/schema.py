@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ..loss.routed import ROUTE_VARIANTS
 from ..models.qwen3 import QWEN3_SIZES
+from ..tasks import TASKS
 from .checks import check as _check
 from .checks import one_of as _one_of
 from .sections_rollout import (
@@ -119,7 +120,10 @@ class ArithTaskConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "arith"  # arith | a .jsonl/.parquet path | a hub dataset name
+    source: str = "arith"  # arith (an embedded synthetic task, see data.task) | a .jsonl/.parquet path | a hub name
+    # The embedded task when data.source=arith: arith (short arithmetic) | product_chain (a long
+    # chain of easy steps around one decisive multiplication; data.arith.num_ops is its length).
+    task: str = "arith"
     max_problems: int | None = None
     shuffle: bool = True
     arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
@@ -136,6 +140,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.max_problems is None or self.max_problems >= 1, "data.max_problems", self.max_problems,
                "null or an integer >= 1")
+        _one_of("data.task", self.task, set(TASKS))
+        _check(self.task == "arith" or self.source == "arith", "data.task", self.task,
+               f"'arith' unless data.source=arith (an embedded task needs the synthetic source, got {self.source!r})")
+        _check(self.task != "product_chain" or self.arith.num_ops >= 2, "data.arith.num_ops", self.arith.num_ops,
+               "an integer >= 2 for data.task=product_chain (the product and at least one easy step)")
 
 
 @dataclass

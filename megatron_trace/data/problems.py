@@ -280,7 +280,8 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 def load_benchmark(name: str, *, gpqa_csv: str | None = None, arith_n: int = 200, arith_seed: int = 0,
-                   arith_ops: int = 3, arith_digits: int = 2, arith_operators: str = "+-*") -> tuple[Benchmark, list[dict]]:
+                   arith_ops: int = 3, arith_digits: int = 2, arith_operators: str = "+-*",
+                   arith_task: str = "arith") -> tuple[Benchmark, list[dict]]:
     if name not in BENCHMARKS:
         raise ValueError(f"--benchmark: unknown {name!r}; choose one of {sorted(BENCHMARKS)}")
     b = BENCHMARKS[name]
@@ -289,10 +290,10 @@ def load_benchmark(name: str, *, gpqa_csv: str | None = None, arith_n: int = 200
     elif b.source == "gpqa_csv":
         rows = load_gpqa_csv(gpqa_csv or os.environ.get("MT_GPQA_CSV", ""))
     else:
-        from ..tasks.arith import generate
+        from ..tasks import task_rows
 
-        rows = [p.to_row() for p in generate(arith_n, split="heldout", seed=arith_seed, num_ops=arith_ops,
-                                             digits=arith_digits, ops=arith_operators)]
+        rows = task_rows(arith_task, arith_n, split="heldout", seed=arith_seed, num_ops=arith_ops,
+                         digits=arith_digits, ops=arith_operators)
     return b, rows
 
 

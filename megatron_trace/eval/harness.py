@@ -65,7 +65,7 @@ def _load(name: str, s: EvalSettings) -> tuple[str, list[dict]]:
     a = s.arith
     b, rows = load_benchmark(name, gpqa_csv=s.gpqa_csv, arith_n=a.get("n", 200), arith_seed=a.get("seed", 0),
                              arith_ops=a.get("num_ops", 3), arith_digits=a.get("digits", 2),
-                             arith_operators=a.get("ops", "+-*"))
+                             arith_operators=a.get("ops", "+-*"), arith_task=a.get("task", "arith"))
     kind = "arith" if b.source == "arith" else b.kind
     return kind, rows[: s.limit] if s.limit else rows
 
@@ -204,7 +204,9 @@ def settings_from_config(cfg, *, limit: int | None = None, in_loop: bool = False
                         seed=cfg.seed, batch_prompts=e.batch_prompts, bootstrap_samples=e.bootstrap_samples,
                         gpqa_csv=e.gpqa_csv,
                         arith={"n": e.arith_n, "seed": cfg.seed, "num_ops": a.num_ops, "digits": a.digits,
-                               "ops": a.ops})
+                               "ops": a.ops,
+                               # only when not the default, so that existing eval states keep their fingerprint
+                               **({"task": cfg.data.task} if cfg.data.task != "arith" else {})})
 
 
 def eval_metrics(report: dict) -> dict[str, float]:

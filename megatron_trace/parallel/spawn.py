@@ -79,14 +79,15 @@ def run_on_ranks(
     fn: Callable[..., Any],
     world_size: int,
     *args: Any,
-    timeout_s: float = 600.0,
+    timeout_s: float | None = 600.0,
     **kwargs: Any,
 ) -> list[Any]:
     """Spawn `world_size` processes running `fn(*args, **kwargs)`; return their results by rank.
 
     Each child sees RANK/WORLD_SIZE and `MT_INIT_METHOD` (a file:// rendezvous, so there are no
     port races); `megatron_trace.parallel.initialize` picks those up. Raises `RankFailure` with
-    every failing rank's traceback if any rank raises, dies or exceeds `timeout_s`.
+    every failing rank's traceback if any rank raises, dies or exceeds `timeout_s` (None: no
+    wall-clock limit; a rank stuck in a collective still fails by the group's own time-out).
     """
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="mt_ranks_") as tmp:
@@ -98,7 +99,7 @@ def run_on_ranks(
         for p in procs:
             p.start()
         failures: list[str] = []
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else float("inf")
         first_failure_at: float | None = None
         # Poll instead of joining in order: when one rank dies, its peers usually block in a
         # collective forever, so give them a short grace period and then kill them.
@@ -155,7 +156,9 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -
             f"this layout needs {world_size} GPU ranks: run it under "
             f"`torchrun --nproc-per-node {world_size} ...` (CPU runs spawn their own gloo ranks)"
         )
-    return run_on_ranks(fn, world_size, *args, **kwargs)
+    # No wall-clock limit: a CPU training run (a demo's SFT on a slow laptop, a CPU sweep cell)
+    # may take hours; a hung collective still fails by parallel.wait_timeout_minutes.
+    return run_on_ranks(fn, world_size, *args, timeout_s=None, **kwargs)
 
 
 def _under_torchrun() -> bool:

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 _OPS = {"+": ("Add", lambda a, b: a + b), "-": ("Subtract", lambda a, b: a - b), "*": ("Multiply by", lambda a, b: a * b)}
-_LINE = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+_LINE = re.compile(r"^\s*(?:[a-z](?:[+\-*]\d+)?\s+)?(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 

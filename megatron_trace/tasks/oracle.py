@@ -1,4 +1,5 @@
-"""Rule-based annotator for the synthetic arithmetic task (exact, free, deterministic).
+"""Rule-based annotator for the embedded tasks, `arith` and `product_chain` (exact, free,
+deterministic).
 
 Incorrect response: the first line that departs from the reference is the error span, typed
   copy_error        the left operand is not the previous (correct) result
@@ -8,7 +9,8 @@ Incorrect response: the first line that departs from the reference is the error 
   incomplete        all steps right but too few, or the answer line disagrees with the last step
 Correct response: key spans are the hardest lines (multiplications, then additions with a carry
 or subtractions with a borrow), highest first, up to the coverage cap in characters (the task's
-tokenizer is character-level, so characters are tokens).
+tokenizer is character-level, so characters are tokens). With decisive_only (product_chain)
+only the hardest lines are key: there, the one product line.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def _difficulty(step: Step) -> int:
 class OracleAnnotator:
     name = "oracle"
 
-    def __init__(self, coverage_cap: float = 0.25):
+    def __init__(self, coverage_cap: float = 0.25, *, decisive_only: bool = False):
         self.coverage_cap = coverage_cap
+        self.decisive_only = decisive_only
 
     def annotate(self, requests: Sequence[AnnotationRequest]) -> list[Annotation]:
         out = []
@@ -68,6 +71,9 @@ class OracleAnnotator:
         steps = [(i, s) for i, s in lines if s is not None]
         if req.correct:
             ranked = sorted(steps, key=lambda x: -_difficulty(x[1]))
+            if self.decisive_only and ranked:
+                top = _difficulty(ranked[0][1])
+                ranked = [x for x in ranked if _difficulty(x[1]) == top]
             budget = self.coverage_cap * len(req.response)
             ids, used = [], 0
             for i, s in ranked:

@@ -111,12 +111,12 @@ def _arith_verify(items):
 def _load_data(cfg: Config, tokenizer_dir: str | None):
     """(tokenizer, problems, verify, closers) for `data.source`."""
     if cfg.data.source == "arith":
-        from ..tasks.arith import generate
+        from ..tasks import task_rows
         from ..tasks.tokenizer import build_char_tokenizer
 
         a = cfg.data.arith
-        problems = [p.to_row() for p in generate(a.num_train, seed=cfg.seed, num_ops=a.num_ops, digits=a.digits,
-                                                 ops=a.ops)]
+        problems = task_rows(cfg.data.task, a.num_train, split="train", seed=cfg.seed, num_ops=a.num_ops,
+                             digits=a.digits, ops=a.ops)
         return build_char_tokenizer(), problems, _arith_verify, []
     from transformers import AutoTokenizer
 
@@ -147,7 +147,7 @@ def _build_annotator(cfg: Config, engine, tokenizer):
             raise ValueError("annotate.kind=oracle only knows the synthetic task (data.source=arith); use api or self")
         from ..tasks.oracle import OracleAnnotator
 
-        return OracleAnnotator(cfg.annotate.coverage_cap)
+        return OracleAnnotator(cfg.annotate.coverage_cap, decisive_only=cfg.data.task == "product_chain")
     if kind == "api":
         from ..annotate.api import ApiAnnotator, ApiAnnotatorConfig
 

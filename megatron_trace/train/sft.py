@@ -221,11 +221,11 @@ def run_sft(cfg: Config) -> dict | None:
         log.close()
         save_hf_checkpoint(stream, hf_dir, arch.to_hf_dict(), total=len(hf_param_names(arch)))
         tokenizer.save_pretrained(hf_dir)
-        from ..tasks.arith import generate
+        from ..tasks import task_rows
 
         a = cfg.data.arith
-        heldout = [p.to_row() for p in generate(s.heldout, split="heldout", seed=cfg.seed, num_ops=a.num_ops,
-                                                digits=a.digits, ops=a.ops)] if s.heldout else []
+        heldout = task_rows(cfg.data.task, s.heldout, split="heldout", seed=cfg.seed, num_ops=a.num_ops,
+                            digits=a.digits, ops=a.ops) if s.heldout else []
         report = {"config_key": key, "steps": s.steps, "train_seconds": train_seconds,
                   "params": arch.num_params, "hf_dir": hf_dir,
                   "first_loss": first_loss, "final_loss": m["sft/loss"]}

@@ -43,6 +43,25 @@ def test_failure_is_reported_and_peers_are_killed():
     assert time.time() - t0 < 60
 
 
+def _sleep_then_answer(seconds):
+    time.sleep(seconds)
+    return "done"
+
+
+def test_a_deadline_is_the_callers_choice(monkeypatch):
+    """run_on_ranks kills past its deadline; `launch` (training, SFT, the demo) sets none, so a
+    CPU run longer than the old 600 s default is not killed (a demo's SFT under load was)."""
+    import megatron_trace.parallel.spawn as spawn
+
+    with pytest.raises(RankFailure, match="rank 0: timed out after 2s"):
+        run_on_ranks(_sleep_then_answer, 1, 30, timeout_s=2)
+    assert run_on_ranks(_sleep_then_answer, 1, 0.1, timeout_s=None) == ["done"]
+    seen = {}
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(spawn, "run_on_ranks", lambda fn, ws, *a, **kw: seen.update(kw) or ["ok"])
+    assert spawn.launch(_sleep_then_answer, 1, 0) == ["ok"] and seen == {"timeout_s": None}
+
+
 def _cpu_mode_rank():
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

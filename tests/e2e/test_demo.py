@@ -104,3 +104,27 @@ def test_demo_compare_over_seeds_pools_them(tmp_path):
     assert (out / "forest.png").stat().st_size > 1000 and "| trace_fkl - grpo |" in proc.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # every stage cached
     assert again.returncode == 0 and json.loads((out / "compare_report.json").read_text())["gains"] == report["gains"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_demo_task_product_chain(tmp_path):
+    """`demo --task product_chain` with a tiny budget (a 2-step chain): the base and the RL run
+    train on the decisive-step task, and the oracle marks spans on its rollouts (trace_both: key
+    spans of correct ones, error spans of incorrect ones)."""
+    drop = ("data.arith.num_ops", "rollout.max_new_tokens", "eval.max_new_tokens")
+    tiny = [x for x in TINY if not x.startswith(drop)] + [
+        "data.arith.num_ops=2", "sft.steps=150", "rollout.max_new_tokens=48", "eval.max_new_tokens=48",
+        "loss.variant=trace_both"]
+    out = tmp_path / "pc"
+    proc = subprocess.run([sys.executable, "-m", "megatron_trace.cli", "demo", "--task", "product_chain",
+                           "--out", str(out), *tiny], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = (out / "trace_both" / "config.yaml").read_text()
+    assert re.search(r"task: product_chain", cfg) and re.search(r"task: product_chain", (out / "sft" / "config.yaml").read_text())
+    rows = [json.loads(x) for x in (out / "eval_base" / "samples.jsonl").read_text().splitlines()]
+    lines = [line for r in rows for line in r["response"].split("\n")[:2]]
+    # the base writes the task's labelled lines ("a+3 14+3=17", "b*6 17*6=102")
+    assert sum(bool(re.match(r"[ab][+*-]\d \d+[+*-]\d=\d+$", line)) for line in lines) >= len(lines) // 2, lines
+    metrics = [json.loads(x) for x in (out / "trace_both" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all(m["route/span_coverage"] > 0 for m in metrics)
