@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ArithProblem",
+    "STEP_LINE",
     "Step",
     "extract_answer",
     "grade_arith",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 _OPS = {"+": ("Add", lambda a, b: a + b), "-": ("Subtract", lambda a, b: a - b), "*": ("Multiply by", lambda a, b: a * b)}
-_LINE = re.compile(r"^\s*(?:[a-z](?:[+\-*]\d+)?\s+)?(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
+STEP_LINE = re.compile(r"^\s*(?:[a-z](?:[+\-*]\d+)?\s+)?(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)")
 
 
@@ -143,6 +144,6 @@ def parse_steps(response: str) -> list[tuple[int, Step | None]]:
     """(line index, parsed step or None) for each line of the response."""
     out = []
     for i, line in enumerate(response.split("\n")):
-        m = _LINE.match(line)
+        m = STEP_LINE.match(line)
         out.append((i, Step(int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))) if m else None))
     return out

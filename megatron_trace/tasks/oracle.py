@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from ..annotate.base import Annotation, AnnotationRequest
 from .arith import Step, parse_steps
 
-__all__ = ["OracleAnnotator"]
+__all__ = ["OracleAnnotator", "difficulty"]
 
 
 def _has_carry(a: int, b: int, op: str) -> bool:
@@ -33,7 +33,7 @@ def _has_carry(a: int, b: int, op: str) -> bool:
     return False
 
 
-def _difficulty(step: Step) -> int:
+def difficulty(step: Step) -> int:
     if step.op == "*":
         return 3 + len(str(abs(step.b)))
     return 2 if _has_carry(step.a, step.b, step.op) else 1
@@ -70,10 +70,10 @@ class OracleAnnotator:
         lines = parse_steps(req.response)
         steps = [(i, s) for i, s in lines if s is not None]
         if req.correct:
-            ranked = sorted(steps, key=lambda x: -_difficulty(x[1]))
+            ranked = sorted(steps, key=lambda x: -difficulty(x[1]))
             if self.decisive_only and ranked:
-                top = _difficulty(ranked[0][1])
-                ranked = [x for x in ranked if _difficulty(x[1]) == top]
+                top = difficulty(ranked[0][1])
+                ranked = [x for x in ranked if difficulty(x[1]) == top]
             budget = self.coverage_cap * len(req.response)
             ids, used = [], 0
             for i, s in ranked:

@@ -19,8 +19,8 @@ from collections import Counter
 
 import torch
 
-from .arith import _LINE, parse_steps
-from .oracle import _difficulty
+from .arith import STEP_LINE, parse_steps
+from .oracle import difficulty
 
 __all__ = ["decisive_line", "first_error_place", "probe_errors", "probe_teacher", "result_positions"]
 
@@ -28,7 +28,7 @@ __all__ = ["decisive_line", "first_error_place", "probe_errors", "probe_teacher"
 def decisive_line(solution: str) -> int:
     """Index (among the step lines) of the reference's hardest step; the first of equals."""
     steps = [s for _, s in parse_steps(solution) if s is not None]
-    return max(range(len(steps)), key=lambda i: (_difficulty(steps[i]), -i))
+    return max(range(len(steps)), key=lambda i: (difficulty(steps[i]), -i))
 
 
 def first_error_place(response: str, solution: str) -> str:
@@ -49,7 +49,7 @@ def result_positions(solution: str) -> tuple[set[int], set[int]]:
     k_dec = decisive_line(solution)
     decisive, other, start, k = set(), set(), 0, 0
     for line in solution.split("\n"):
-        m = _LINE.match(line)
+        m = STEP_LINE.match(line)
         if m:
             (decisive if k == k_dec else other).update(range(start + m.start(3), start + len(line.rstrip())))
             k += 1

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from .arith import Step, split_of
 
-__all__ = ["ChainProblem", "decisive_index", "generate"]
+__all__ = ["ChainProblem", "generate"]
 
 LABELS = "abcdefghijklmnopqrstuvwxyz"
 # The start value's range. Before the product the value keeps its tens digit, so the product is a
@@ -55,7 +55,7 @@ class ChainProblem:
 
     @property
     def problem(self) -> str:
-        at = decisive_index(self.steps)
+        at = next(i for i, s in enumerate(self.steps) if s.op == "*")
         return f"{self.start} +{self.up}-{self.down} {LABELS[at]}*{self.steps[at].b}"
 
     @property
@@ -65,11 +65,6 @@ class ChainProblem:
 
     def to_row(self) -> dict:
         return {"problem": self.problem, "answer": self.answer, "solution": self.solution}
-
-
-def decisive_index(steps) -> int | None:
-    """Index of the product step in `steps` (a sequence of `Step`), or None."""
-    return next((i for i, s in enumerate(steps) if s is not None and s.op == "*"), None)
 
 
 def _draw(rng: random.Random, num_ops: int, lo: int, hi: int) -> ChainProblem | None:
