@@ -181,7 +181,9 @@ def _fmt(x, spec: str) -> str:
 
 
 def format_report(report: dict) -> str:
+    digest = report.get("sft", {}).get("weights_sha256")
     lines = [f"held-out problems: {report['num_heldout']} (avg@{report['k']}), wall time {report['wall_seconds']:.0f} s",
+             *([f"base weights sha256 {digest[:16]} (equal digests: the same base, bit for bit)"] if digest else []),
              "", "| policy | accuracy | gain [95% CI] | mean length | entropy | exposure | key-token lift: step 0 "
              "| KL phase | after | under-allocated lift: step 0 | KL phase | span coverage |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -115,7 +115,8 @@ def run_study(out: str, *, seeds: list[int], config: str, sft_config: str, overr
                        title=f"pooled held-out differences, seeds {', '.join(map(str, seeds))} (95% CI)")
     report = {**stats, "per_seed": per_seed, "forest_plot": plot,
               "seed_reports": {s: os.path.join(out, f"seed_{s}", "demo_report.json") for s in reports},
-              "wall_seconds": {s: r["wall_seconds"] for s, r in reports.items()}}
+              "wall_seconds": {s: r["wall_seconds"] for s, r in reports.items()},
+              "base_weights_sha256": {s: r["sft"].get("weights_sha256") for s, r in reports.items()}}
     with open(os.path.join(out, "compare_report.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     return report

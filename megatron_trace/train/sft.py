@@ -35,6 +35,17 @@ def _config_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def weights_digest(hf_dir: str) -> str:
+    """sha256 over the exported safetensors files (sorted by name): equal digests mean bit-equal
+    bases, so two runs' studies can be told apart by their base at a glance."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(hf_dir) if n.endswith(".safetensors")):
+        with open(os.path.join(hf_dir, name), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def sft_examples(problems: list[dict], tokenizer, *, privileged_frac: float, seed: int,
                  thinking: bool = False, kind: str = "arith") -> list[TrainSample]:
     """One example per problem: plain prompt, or (privileged_frac of them) the teacher's prompt."""
@@ -227,7 +238,7 @@ def run_sft(cfg: Config) -> dict | None:
         heldout = task_rows(cfg.data.task, s.heldout, split="heldout", seed=cfg.seed, num_ops=a.num_ops,
                             digits=a.digits, ops=a.ops) if s.heldout else []
         report = {"config_key": key, "steps": s.steps, "train_seconds": train_seconds,
-                  "params": arch.num_params, "hf_dir": hf_dir,
+                  "params": arch.num_params, "hf_dir": hf_dir, "weights_sha256": weights_digest(hf_dir),
                   "first_loss": first_loss, "final_loss": m["sft/loss"]}
         if heldout:
             report.update(_evaluate(hf_dir, tokenizer, heldout, verify, cfg.data.thinking, cfg.rollout.max_new_tokens,

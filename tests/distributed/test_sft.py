@@ -1,6 +1,7 @@
 """SFT on the Megatron machinery: TP=2, PP=2 and DP=2 equal one process; the export, the held-out
 report and the cache."""
 
+import hashlib
 import json
 import math
 
@@ -41,6 +42,7 @@ def test_sft_learns_exports_and_reports(single):
     assert (d / "hf" / "config.json").exists() and (d / "hf" / "tokenizer.json").exists()
     assert report["num_heldout"] == 8 and 0.0 <= report["heldout_accuracy"] <= 1.0
     assert math.isfinite(report["ref_logprob_student"]) and math.isfinite(report["ref_logprob_teacher"])
+    assert report["weights_sha256"] == hashlib.sha256((d / "hf" / "model.safetensors").read_bytes()).hexdigest()
     again = run_on_ranks(_rank, 1, str(d), 1, 1, 8)[0]  # same config: reused, not retrained
     assert again["cached"] and again["config_key"] == report["config_key"]
 
@@ -81,7 +83,6 @@ def test_sft_is_bit_reproducible_across_processes_and_load(tmp_path):
     """The demo's base must not depend on what else the machine does: the same short SFT in two
     fresh processes, the second while another process keeps both cores busy with matmuls, gives
     bitwise-identical weights and loss curves."""
-    import hashlib
     import subprocess
     import sys
 

@@ -3,6 +3,7 @@ both on the same problems, the report with a paired CI, plots; a rerun reuses ev
 (The full-budget demo and its measured gain are in README/LOG; this checks the mechanics.) Both
 tests share one output folder, so --compare reuses the first test's base and TRACE-FKL run."""
 
+import hashlib
 import json
 import re
 import subprocess
@@ -97,6 +98,9 @@ def test_demo_compare_over_seeds_pools_them(tmp_path):
         per = report["per_seed"][s]
         assert len(per["base"]) == 6 and all(len(c) == 2 for c in per["base"].values())  # 6 problems x k=2
         assert per["variants"]["trace_fkl"] == seed_report["variants"]["trace_fkl"]["correct"]
+        weights = (out / f"seed_{s}" / "sft" / "hf" / "model.safetensors").read_bytes()
+        assert report["base_weights_sha256"][s] == hashlib.sha256(weights).hexdigest()
+    assert report["base_weights_sha256"]["1"] != report["base_weights_sha256"]["2"]
     for v in ("grpo", "trace_fkl"):
         g = report["gains"][v]
         assert g["ci95"][0] <= g["mean"] <= g["ci95"][1] and set(g["per_seed"]) == {"1", "2"}
