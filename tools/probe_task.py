@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--problems", type=int, default=200)
     p.add_argument("--samples", type=int, default=4, help="sampled responses per problem")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (the demo's rollouts: 1.0)")
-    p.add_argument("--max-new-tokens", type=int, default=110)
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="the demo configs' rollout.max_new_tokens; product_chain solutions reach 122 characters")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
     args = p.parse_args(argv)
 
