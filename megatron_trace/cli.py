@@ -196,6 +196,20 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from .report import build_report
+
+    rep = build_report(args.paths, args.out, baseline=args.baseline, metric=args.metric, eval_tag=args.eval)
+    md = open(os.path.join(args.out, "report.md")).read().split("\n## ")
+    print("## " + md[1].rstrip() if len(md) > 1 else md[0])
+    bad = [r for r in rep["runs"] if r["status"] != "ok"]
+    for r in bad:
+        print(f"[report] {r['name']}: {r['status']}: {r['reason']}")
+    print(f"[report] {len(rep['runs'])} runs, {len(bad)} without an evaluation; report.md, report.html, report.json "
+          f"and {len(rep['plots'])} PNGs in {os.path.abspath(args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*",
                    help="key=value overrides; benchmarks=[...], k=8, limit=N are short for eval.*")
     e.set_defaults(fn=_cmd_eval)
+    r = sub.add_parser("report", help="a sweep's runs -> tables, paired differences, compute and plots")
+    r.add_argument("paths", nargs="+", help="sweep directories (searched for runs; sweep.json names the expected "
+                                            "cells) or run directories")
+    r.add_argument("--out", required=True, help="where report.md, report.html, report.json and the PNGs go")
+    r.add_argument("--baseline", default="grpo", help="the variant every other is paired against (default grpo)")
+    r.add_argument("--metric", default="avg@k", choices=["avg@k", "pass@k"], help="the benchmark metric")
+    r.add_argument("--eval", default="best", help="which evaluation of each run: eval/<this>/eval.json (default best)")
+    r.set_defaults(fn=_cmd_report)
     m = sub.add_parser("models", help="list the Qwen3 sizes")
     m.set_defaults(fn=_cmd_models)
     return p
