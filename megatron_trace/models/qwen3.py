@@ -87,6 +87,17 @@ QWEN3_SIZES: dict[str, Qwen3Arch] = {
     "demo": Qwen3Arch(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=384, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
                       max_position_embeddings=2048),
+    # The CPU scaling sweep's three sizes of the demo architecture (configs/tiny_scaling.yaml):
+    # about 0.20M, 0.80M and 3.2M parameters with the 102-character vocabulary; demo-m is `demo`.
+    "demo-s": Qwen3Arch(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=192, head_dim=16, vocab_size=1000, tie_word_embeddings=True,
+                        max_position_embeddings=2048),
+    "demo-m": Qwen3Arch(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        intermediate_size=384, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
+                        max_position_embeddings=2048),
+    "demo-l": Qwen3Arch(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+                        intermediate_size=768, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
+                        max_position_embeddings=2048),
     "0.6b": Qwen3Arch(1024, 28, 16, 8, 3072, tie_word_embeddings=True),
     "1.7b": Qwen3Arch(2048, 28, 16, 8, 6144, tie_word_embeddings=True),
     "4b": Qwen3Arch(2560, 36, 32, 8, 9728, tie_word_embeddings=True),

@@ -107,9 +107,17 @@ def load_samples(eval_dir: str) -> dict[str, dict[int, list[bool]]]:
     return {b: {i: [s[j] for j in sorted(s)] for i, s in rows.items()} for b, rows in out.items()}
 
 
-def _params(size: str) -> int | None:
-    from ..models.qwen3 import get_arch
+def _params(size: str, hf_configs: tuple[str, ...] = ()) -> int | None:
+    """The parameter count of the model the run trained: from the first HF config.json given that
+    exists (the evaluated export, then model.hf_dir: the real vocabulary), else the registry's."""
+    from ..models.qwen3 import arch_from_hf_config, get_arch
 
+    for path in hf_configs:
+        if path and os.path.exists(path):
+            try:
+                return arch_from_hf_config(path).num_params
+            except (ValueError, KeyError, OSError):
+                continue
     try:
         return get_arch(size).num_params
     except ValueError:
@@ -135,9 +143,11 @@ def _load_run(run_dir: str, tag: str) -> Run:
     size = str(model.get("size", "?"))
     metrics = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     eval_dir = os.path.join(run_dir, "eval", tag)
+    hf_configs = (os.path.join(eval_dir, "hf_export", "config.json"),
+                  os.path.join(str(model.get("hf_dir") or ""), "config.json") if model.get("hf_dir") else "")
     r = Run(run_dir=run_dir, name=str(run.get("name") or os.path.basename(run_dir)), size=size,
-            variant=str(loss.get("variant", "?")), seed=cfg.get("seed"), status="ok", params=_params(size),
-            metrics=metrics, config=cfg)
+            variant=str(loss.get("variant", "?")), seed=cfg.get("seed"), status="ok",
+            params=_params(size, hf_configs), metrics=metrics, config=cfg)
     path = os.path.join(eval_dir, "eval.json")
     if os.path.exists(path):
         r.eval, r.eval_dir = _read_eval(path), eval_dir

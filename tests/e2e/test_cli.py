@@ -23,9 +23,9 @@ def _cli(*args, cwd=REPO):
 def test_models_lists_every_size():
     proc = _cli("models")
     assert proc.returncode == 0
-    rows = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()[1:]}
-    assert set(rows) == {"tiny", "demo", "0.6b", "1.7b", "4b", "8b", "14b", "32b"}
-    assert rows["8b"] == "8.191B"
+    rows = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()[1:-1]}
+    assert set(rows) == {"tiny", "demo", "demo-s", "demo-m", "demo-l", "0.6b", "1.7b", "4b", "8b", "14b", "32b"}
+    assert rows["8b"] == "8.191B" and rows["demo-m"] == rows["demo"] == "915.840K"
 
 
 def test_unknown_subcommand_fails_loudly():

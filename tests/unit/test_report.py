@@ -187,3 +187,19 @@ def test_report_cli_prints_the_main_table(sweep, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pass@k in percent" in out and "| tiny |" in out and "8 runs, 0 without an evaluation" in out
     assert os.path.exists(tmp_path / "o" / "report.html")
+
+
+def test_params_come_from_the_evaluated_model(tmp_path):
+    """The export's config.json (the real vocabulary) wins over the registry's count."""
+    import dataclasses
+
+    from megatron_trace.models.qwen3 import get_arch
+
+    arch = dataclasses.replace(get_arch("demo-s"), vocab_size=102)
+    d = write_run(tmp_path / "s", "one", "demo-s", "grpo", 1, _grades(random.Random(0), 0.5))
+    (d / "eval" / "best" / "hf_export").mkdir()
+    (d / "eval" / "best" / "hf_export" / "config.json").write_text(json.dumps(arch.to_hf_dict()))
+    write_run(tmp_path / "s", "two", "demo-l", "grpo", 1, _grades(random.Random(1), 0.5))
+    runs = {r.name: r for r in discover([str(tmp_path / "s")])}
+    assert runs["one"].params == arch.num_params == 203840
+    assert runs["two"].params == get_arch("demo-l").num_params  # no export: the registry
