@@ -201,6 +201,17 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_cell(args) -> int:
+    from .cell import run_cell
+
+    out = run_cell(args.config, args.overrides, sft_config=args.sft_config, eval_final=args.eval_final,
+                   stage=args.stage)
+    for tag, path in out["evals"].items():
+        print(f"[cell] eval/{tag}: {path}{' (already there: skipped)' if tag in out['skipped'] else ''}")
+    print(f"[cell] done: {out['run_dir']}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import build_report
 
@@ -279,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*",
                    help="key=value overrides; benchmarks=[...], k=8, limit=N are short for eval.*")
     e.set_defaults(fn=_cmd_eval)
+    c = sub.add_parser("cell", help="one sweep cell: [SFT base ->] train -> evaluate checkpoints/best (and the last)")
+    c.add_argument("--config", required=True, help="the cell's training config")
+    c.add_argument("--sft-config", default=None,
+                   help="train (or reuse) an SFT base into <run.dir>/sft first and start from it (the demo sizes)")
+    c.add_argument("--eval-final", action="store_true", help="also evaluate the last checkpoint (eval/final)")
+    c.add_argument("--stage", default="all", choices=["all", "train", "eval"],
+                   help="all (default), or one half: a sweep's --eval-separate runs eval as a dependent job")
+    c.add_argument("overrides", nargs="*", help="key=value overrides for every stage")
+    c.set_defaults(fn=_cmd_cell)
     r = sub.add_parser("report", help="a sweep's runs -> tables, paired differences, compute and plots")
     r.add_argument("paths", nargs="+", help="sweep directories (searched for runs; sweep.json names the expected "
                                             "cells) or run directories")

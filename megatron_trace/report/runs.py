@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-__all__ = ["MANIFEST", "Run", "discover", "load_samples"]
+__all__ = ["MANIFEST", "Run", "discover", "failure_reason", "load_samples", "read_metrics"]
 
 MANIFEST = "sweep.json"
 _SKIP = {"checkpoints", "eval", "tb", "slurm", "plots", "hf", "hf_export", "nemo_jobs", "code"}
@@ -57,7 +57,7 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
-def _read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str) -> list[dict]:
     """metrics.jsonl rows; a torn last line (a killed job) is skipped, any other bad line is not."""
     if not os.path.exists(path):
         return []
@@ -124,12 +124,12 @@ def _params(size: str, hf_configs: tuple[str, ...] = ()) -> int | None:
         return None
 
 
-def _failure(run_dir: str, cfg: dict, metrics: list[dict], tag: str) -> str:
+def failure_reason(run_dir: str, cfg: dict, metrics: list[dict], tag: str) -> str:
     steps = (cfg.get("train") or {}).get("steps")
     done = metrics[-1]["step"] + 1 if metrics and "step" in metrics[-1] else 0
     failed = os.path.join(run_dir, "FAILED")
     if os.path.exists(failed):
-        return open(failed).read().strip() or "marked FAILED"
+        return open(failed).readline().strip() or "marked FAILED"
     if steps and done < steps:
         return f"training stopped after {done} of {steps} steps"
     if tag == "best" and not os.path.exists(os.path.join(run_dir, "checkpoints", "best")):
@@ -141,7 +141,7 @@ def _load_run(run_dir: str, tag: str) -> Run:
     cfg = _read_yaml(os.path.join(run_dir, "config.yaml"))
     model, loss, run = cfg.get("model") or {}, cfg.get("loss") or {}, cfg.get("run") or {}
     size = str(model.get("size", "?"))
-    metrics = _read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
     eval_dir = os.path.join(run_dir, "eval", tag)
     hf_configs = (os.path.join(eval_dir, "hf_export", "config.json"),
                   os.path.join(str(model.get("hf_dir") or ""), "config.json") if model.get("hf_dir") else "")
@@ -152,7 +152,7 @@ def _load_run(run_dir: str, tag: str) -> Run:
     if os.path.exists(path):
         r.eval, r.eval_dir = _read_eval(path), eval_dir
     else:
-        r.status, r.reason = "failed", _failure(run_dir, cfg, metrics, tag)
+        r.status, r.reason = "failed", failure_reason(run_dir, cfg, metrics, tag)
     return r
 
 
