@@ -160,10 +160,14 @@ def repo_relative(path: str) -> str:
 def train_task(config_path: str, overrides: list[str] | tuple[str, ...] = (), *, fleet: bool = False):
     """The job's command: train on the config at config_path (as the job sees it); with a fleet
     in the job, `fleet-job`, which gives each node its role (megatron_trace/fleet/job.py)."""
+    return cli_task(["fleet-job" if fleet else "train", "--config", config_path, *overrides])
+
+
+def cli_task(args: list[str]):
+    """`python -m megatron_trace.cli ARGS` as NeMo-Run's task."""
     import nemo_run as run
 
-    return run.Script(path="megatron_trace.cli", entrypoint="python", m=True,
-                      args=["fleet-job" if fleet else "train", "--config", config_path, *overrides])
+    return run.Script(path="megatron_trace.cli", entrypoint="python", m=True, args=list(args))
 
 
 # ----------------------------------------------------------------------------------- submit
@@ -176,6 +180,22 @@ class Job:
     layout: Layout
     cpu: bool
     executor: object
+    args: list[str] | None = None  # the megatron-trace command (default: train on /nemo_run/<name>.yaml)
+    after: str | None = None  # the name of a job this one waits for (sbatch --dependency=afterok)
+    files: dict[str, str] | None = None  # the files /nemo_run/ holds for it (run_local writes them itself)
+
+    def task(self):
+        if self.args is not None:
+            return cli_task(self.args)
+        return train_task(f"/nemo_run/{self.name}.yaml", fleet=self.cfg.cluster.rollout_nodes > 0)
+
+
+def _add_all(exp, jobs: list[Job]) -> None:
+    """Every job into the experiment, a dependent job after the one it names."""
+    ids: dict[str, str] = {}
+    for job in jobs:
+        deps = [ids[job.after]] if job.after else None
+        ids[job.name] = exp.add(job.task(), executor=job.executor, name=job.name, dependencies=deps)
 
 
 @dataclass
@@ -214,22 +234,26 @@ def render(title: str, jobs: list[Job], out_dir: str, base: str) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for job in jobs:
-        path = os.path.join(out_dir, f"{job.name}.resolved.yaml")
-        with open(path, "w") as f:
-            f.write(job.text)
-        written.append(path)
+        extra = {k: v for k, v in (job.files or {}).items() if k != f"{job.name}.yaml"}  # e.g. <name>.sft.yaml
+        for name, text in {f"{job.name}.resolved.yaml": job.text, **extra}.items():
+            path = os.path.join(out_dir, name)
+            with open(path, "w") as f:
+                f.write(text)
+            written.append(path)
     with run.Experiment(title, base_dir=base, log_level="WARN", clean_mode=True, enable_goodbye_message=False,
                         skip_status_at_exit=True) as exp:
-        for job in jobs:
-            exp.add(train_task(f"/nemo_run/{job.name}.yaml", fleet=job.cfg.cluster.rollout_nodes > 0),
-                    executor=job.executor, name=job.name)
+        _add_all(exp, jobs)
         exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)
         exp_dir = exp._exp_dir
+    after = {f"{job.name}_sbatch.sh": job.after for job in jobs if job.after}
     for f in sorted(glob.glob(os.path.join(exp_dir, "**", "*_sbatch.sh"), recursive=True)):
         dst = os.path.join(out_dir, os.path.basename(f))
         lines = open(f).read().split("\n")
+        note = [INSPECTION_NOTE]
+        if os.path.basename(f) in after:
+            note.append(f"# submitted with --dependency=afterok:<the job id of {after[os.path.basename(f)]}>")
         with open(dst, "w") as g:
-            g.write("\n".join(lines[:1] + [INSPECTION_NOTE] + lines[1:]))
+            g.write("\n".join(lines[:1] + note + lines[1:]))
         written.append(dst)
     shutil.rmtree(base, ignore_errors=True)
     return written
@@ -250,9 +274,7 @@ def submit(title: str, jobs: list[Job], job_dir: str) -> list[Submitted]:
     try:
         with run.Experiment(title, base_dir=job_dir, log_level="WARN", clean_mode=True, enable_goodbye_message=False,
                             skip_status_at_exit=True) as exp:
-            for job in jobs:
-                exp.add(train_task(f"/nemo_run/{job.name}.yaml", fleet=job.cfg.cluster.rollout_nodes > 0),
-                    executor=job.executor, name=job.name)
+            _add_all(exp, jobs)
             exp.run(detach=True)
             exp_dir = exp._exp_dir
     finally:
@@ -268,6 +290,38 @@ def submit(title: str, jobs: list[Job], job_dir: str) -> list[Submitted]:
             task_log=str(ex.job_details.srun_stdout).replace("%j", job_id).replace("${SLURM_RESTART_COUNT:-0}", "0"),
             config=os.path.join(ex.job_dir, f"{job.name}.yaml"), run_dir=job.cfg.run.dir))
     return out
+
+
+def run_local(title: str, jobs: list[Job], job_dir: str, check) -> int:
+    """Every job on this machine, one after the other, through NeMo-Run's LocalExecutor (logs
+    streamed). The files a Slurm job finds in /nemo_run/ are written into `job_dir`, and the code
+    is this working tree (PYTHONPATH). `check(job)` says after each job whether it did its work
+    (None) or why not; returns 0 when every job did, else 1 (the rest still run)."""
+    import nemo_run as run
+
+    _quiet_nemo_run()
+    os.makedirs(job_dir, exist_ok=True)
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    failed = []
+    for i, job in enumerate(jobs):
+        for name, text in (job.files or {}).items():
+            with open(os.path.join(job_dir, name), "w") as f:
+                f.write(text)
+        args = [a.replace("/nemo_run/", job_dir.rstrip(os.sep) + os.sep) for a in (job.args or ["train", "--config",
+                f"/nemo_run/{job.name}.yaml"])]
+        print(f"[sweep] local {i + 1}/{len(jobs)}: {job.name}: megatron-trace {' '.join(args)}", flush=True)
+        executor = run.LocalExecutor(ntasks_per_node=1, env_vars={"PYTHONUNBUFFERED": "1", "PYTHONPATH": REPO})
+        try:
+            run.run(cli_task(args), executor=executor, name=job.name, tail_logs=True, log_level="WARN")
+        except Exception as exc:  # noqa: BLE001 (the launcher's error; the cell's own is in its FAILED)
+            print(f"[sweep] {job.name}: NeMo-Run raised {type(exc).__name__}: {exc}", file=sys.stderr)
+        why = check(job)
+        print(f"[sweep] {job.name}: {'done' if why is None else 'FAILED: ' + why}", flush=True)
+        if why is not None:
+            failed.append(job.name)
+    if failed:
+        print(f"[sweep] {len(failed)} of {len(jobs)} job(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def report(tag: str, sub: Submitted, what: str) -> None:

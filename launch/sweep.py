@@ -10,6 +10,21 @@
     python launch/sweep.py --config configs/tiny_cpu.yaml --variants grpo,trace_fkl --partition batch \\
         --gpus-per-node 0 --no-container --wait train.steps=2 run.dir=/shared/runs/tiny
 
+Every cell (size x variant x seed) is a whole experiment: `megatron-trace cell` trains it, then
+evaluates its best-on-validation checkpoint (checkpoints/best; --eval-final adds the last) on the
+config's final benchmarks into RUN/eval/best/eval.json, in the same job, or in a dependent job
+(--dependency=afterok) with --eval-separate; --no-eval trains only. `megatron-trace report
+SWEEP_DIR` turns the cells into tables and plots: the sweep writes sweep.json (its cells) into the
+common parent of the run directories. A rerun skips the cells whose evaluation exists, submits the
+evaluation alone for a cell that finished training, resubmits the others (training resumes from
+the latest checkpoint), and says which is which. With --config, --sizes are model sizes of the
+registry (model.size; e.g. the CPU sweep's demo-s,demo-m,demo-l) and --sft-config trains an SFT
+base per size and seed first. --executor local runs the cells one after the other on this
+machine through NeMo-Run's local executor, without Slurm:
+
+    python launch/sweep.py --config configs/tiny_scaling.yaml --sft-config configs/tiny_cpu_sft.yaml \
+        --sizes demo-s,demo-m,demo-l --variants grpo,trace_fkl --seeds 1,2 --executor local
+
 With --ablation, each job trains one recipe of the named set: localisation (the 1.7B mask
 ablation: all-token, random 25%, inverted 25% and annotated spans, RKL, annealed), baselines
 (8B: GRPO, TRACE-FKL and the self-OPD family: all-token FKL/RKL, OPSD, SRPO-like) or teacher
@@ -27,8 +42,11 @@ id, files and commands. --wait blocks until every job ends: exit 0 when all COMP
 """
 
 import argparse
+import copy
+import json
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,10 +65,13 @@ from jobs import (  # noqa: E402
     describe,
     render,
     report,
+    run_local,
     slurm_executor,
     submit,
     wait,
 )
+
+from megatron_trace.config import dump_config  # noqa: E402
 
 SIZES = ("0p6b", "1p7b", "4b", "8b", "14b", "32b")
 VARIANTS = ("grpo", "trace_fkl", "trace_rkl", "all_token_fkl", "all_token_rkl", "opsd", "srpo_like")
@@ -86,33 +107,27 @@ def variant_overrides(variant: str) -> list[str]:
     return flat("", node)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--sizes", help=f"comma-separated, from {','.join(SIZES)}: the Qwen3 recipes")
-    what.add_argument("--config", help="one config whose variants to sweep")
-    what.add_argument("--ablation", choices=sorted(ABLATIONS), help="a set of the paper's ablation/baseline recipes")
-    p.add_argument("--variants", default=None,
-                   help=f"comma-separated, from {','.join(VARIANTS)} (with --sizes or --config)")
-    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the configs' seed)")
-    add_cluster_flags(p)
-    p.add_argument("--out", default=os.path.join("launch_out", "sweep"),
-                   help="where --dry-run writes the rendered scripts and resolved configs")
-    p.add_argument("--title", default=None, help="the experiment's title (default mt-scaling, or mt-<run.name>)")
-    p.add_argument("overrides", nargs="*", help="config overrides for every job, key=value")
-    args = p.parse_args(argv)
-    split_mounts(args)
+def _model_sizes(value: str) -> list[str]:
+    """--sizes with --config: model sizes of the registry (megatron-trace models)."""
+    from megatron_trace.models.qwen3 import QWEN3_SIZES, get_arch
 
-    if args.ablation and args.variants:
-        raise SystemExit(f"error: --variants {args.variants}: --ablation {args.ablation} sets its own recipes")
-    if not args.ablation and not args.variants:
-        raise SystemExit("error: --variants is required with --sizes and --config")
-    variants = [] if args.ablation else _split(args.variants, VARIANTS, "--variants")
-    seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
-    absolute_env("sweep")
+    items = [x for x in value.split(",") if x]
+    for x in items:
+        try:
+            get_arch(x)
+        except ValueError:
+            raise SystemExit(f"error: --sizes {value!r}: unknown model size {x!r}; with --config choose from "
+                             f"{', '.join(QWEN3_SIZES)}") from None
+    if not items:
+        raise SystemExit("error: --sizes is empty")
+    return items
+
+
+def _plan(args, variants: list[str]) -> list[tuple[str, list[str], str]]:
+    """(config, overrides, run-name suffix) per size x variant, before seeds."""
     if args.ablation:
-        plan = [(os.path.join(REPO, "configs", f"{name}.yaml"), [], "") for name in ABLATIONS[args.ablation]]
-    elif args.sizes:
+        return [(os.path.join(REPO, "configs", f"{name}.yaml"), [], "") for name in ABLATIONS[args.ablation]]
+    if args.sizes and not args.config:
         sizes = _split(args.sizes, SIZES, "--sizes")
         plan = [(os.path.join(REPO, "configs", f"qwen3_{size}_{v}.yaml"), [], "") for size in sizes for v in variants]
         missing = [os.path.basename(c) for c, _, _ in plan if not os.path.exists(c)]
@@ -120,11 +135,111 @@ def main(argv=None) -> int:
             raise SystemExit(f"error: --sizes {args.sizes} --variants {args.variants}: no recipe {', '.join(missing)} "
                              "(the self-OPD baselines all_token_rkl, opsd, srpo_like exist at 8b; use --config "
                              "configs/qwen3_<size>_grpo.yaml --variants ... for another size)")
-    else:
-        plan = [(args.config, variant_overrides(v), f"_{v}") for v in variants]
+        return plan
+    if args.sizes:
+        return [(args.config, [f"model.size={size}", *variant_overrides(v)], f"_{size}_{v}")
+                for size in _model_sizes(args.sizes) for v in variants]
+    return [(args.config, variant_overrides(v), f"_{v}") for v in variants]
+
+
+def _cell_state(cfg, args) -> tuple[str, str]:
+    """(what to submit, why): done (skip), eval (the evaluation alone), cell (train + eval), with
+    the reason a rerun gives for a cell that was there before."""
+    from megatron_trace.cell import cell_done
+    from megatron_trace.report.runs import failure_reason, read_metrics
+
+    run_dir = cfg.run.dir
+    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
+        return "cell", "new"
+    if not args.no_eval and cell_done(run_dir, args.eval_final):
+        return "done", "finished: eval/best/eval.json exists"
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    trained = bool(rows) and rows[-1].get("step", -1) + 1 >= cfg.train.steps
+    if trained and args.no_eval:
+        return "done", f"finished: trained {cfg.train.steps} steps"
+    if trained and os.path.exists(os.path.join(run_dir, "checkpoints", "best")):
+        return "eval", "trained, not evaluated: the evaluation alone"
+    cfg_dict = {"train": {"steps": cfg.train.steps}}
+    return "cell", f"resubmitted (was: {failure_reason(run_dir, cfg_dict, rows, 'best')})"
+
+
+def _cell_args(name: str, stage: str, args, sft: bool) -> list[str]:
+    out = ["cell", "--config", f"/nemo_run/{name}.yaml", "--stage", stage]
+    if sft and stage != "eval":
+        out += ["--sft-config", f"/nemo_run/{name}.sft.yaml"]
+    return out + (["--eval-final"] if args.eval_final else [])
+
+
+def _local_check(job, args) -> str | None:
+    """After a local job: None when it left what it owes, else why not (FAILED's first line)."""
+    from megatron_trace.cell import cell_done
+    from megatron_trace.report.runs import failure_reason, read_metrics
+
+    run_dir = job.cfg.run.dir
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    stage = job.args[job.args.index("--stage") + 1] if job.args and "--stage" in job.args else None
+    if stage in ("all", "eval") and cell_done(run_dir, args.eval_final):
+        return None
+    if stage in (None, "train") and rows and rows[-1].get("step", -1) + 1 >= job.cfg.train.steps:
+        return None
+    return failure_reason(run_dir, {"train": {"steps": job.cfg.train.steps}}, rows, "best")
+
+
+def _manifest(root: str, cells: list[dict]) -> str:
+    from megatron_trace.report import MANIFEST
+
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, MANIFEST)
+    with open(path, "w") as f:
+        json.dump({"command": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "cells": cells}, f, indent=1)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--config", help="one config whose variants (and --sizes) to sweep")
+    what.add_argument("--ablation", choices=sorted(ABLATIONS), help="a set of the paper's ablation/baseline recipes")
+    p.add_argument("--sizes", help=f"comma-separated: without --config the Qwen3 recipes ({','.join(SIZES)}); with "
+                                   "--config model sizes of the registry (megatron-trace models)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated, from {','.join(VARIANTS)} (with --sizes or --config)")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the configs' seed)")
+    p.add_argument("--sft-config", default=None,
+                   help="with --config: train (or reuse) an SFT base per size and seed first (the demo sizes)")
+    ev = p.add_mutually_exclusive_group()
+    ev.add_argument("--eval-separate", action="store_true",
+                    help="evaluate in a dependent job (--dependency=afterok) instead of after training in the same job")
+    ev.add_argument("--no-eval", action="store_true", help="train only (no eval/best/eval.json: the report lists none)")
+    p.add_argument("--eval-final", action="store_true", help="also evaluate each cell's last checkpoint (eval/final)")
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
+                   help="slurm (default), or local: every cell on this machine, one after the other, through "
+                        "NeMo-Run's local executor (blocks until all end)")
+    add_cluster_flags(p)
+    p.add_argument("--out", default=os.path.join("launch_out", "sweep"),
+                   help="where --dry-run writes the rendered scripts, resolved configs and sweep.json")
+    p.add_argument("--title", default=None, help="the experiment's title (default mt-scaling, or mt-<run.name>)")
+    p.add_argument("overrides", nargs="*", help="config overrides for every job, key=value")
+    args = p.parse_args(argv)
+    split_mounts(args)
+
+    if not (args.sizes or args.config or args.ablation):
+        raise SystemExit("error: give --sizes (the Qwen3 recipes), --config or --ablation")
+    if args.ablation and (args.variants or args.sizes):
+        raise SystemExit(f"error: --variants/--sizes: --ablation {args.ablation} sets its own recipes")
+    if not args.ablation and not args.variants:
+        raise SystemExit("error: --variants is required with --sizes and --config")
+    if args.sft_config and not args.config:
+        raise SystemExit("error: --sft-config goes with --config (the recipes start from their HF checkpoints)")
+    if args.executor == "local" and args.eval_separate:
+        raise SystemExit("error: --eval-separate is for Slurm's job dependencies; --executor local evaluates each "
+                         "cell right after it trains")
+    variants = [] if args.ablation else _split(args.variants, VARIANTS, "--variants")
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
+    absolute_env("sweep")
     common_over = [*args.overrides, *cluster_overrides(args)]
     specs = []
-    for config, var_over, suffix in plan:
+    for config, var_over, suffix in _plan(args, variants):
         for seed in seeds:
             over = [*var_over, *common_over]
             if seed is not None:
@@ -134,9 +249,15 @@ def main(argv=None) -> int:
             if tail:
                 over += [f"run.dir={cfg.run.dir}{tail}", f"run.name={cfg.run.name}{tail}"]
                 cfg, _ = resolve(config, over)
+            if not args.no_eval and not cfg.checkpoint.keep_best:
+                raise SystemExit(f"error: {cfg.run.name}: a sweep cell evaluates checkpoints/best, so "
+                                 f"checkpoint.keep_best must be true (with eval.every > 0; got "
+                                 f"checkpoint.keep_best={cfg.checkpoint.keep_best}, eval.every={cfg.eval.every}); "
+                                 "set them, or pass --no-eval to train only")
+            sft_text = dump_config(resolve(args.sft_config, over)[0]) if args.sft_config else None
             cfg, text, layout, cpu = prepare(cfg, args, "sweep")
             print(f"[sweep] {cfg.run.name}: {layout.line()}", file=sys.stderr)
-            specs.append((cfg, text, layout, cpu))
+            specs.append((cfg, text, sft_text, layout, cpu))
     names = [cfg.run.name for cfg, *_ in specs]
     if len(set(names)) < len(names):
         raise SystemExit(f"error: two jobs would share a run name ({', '.join(names)}); give each its own")
@@ -144,23 +265,64 @@ def main(argv=None) -> int:
         title = args.title or f"mt-ablation-{args.ablation}"
     else:
         title = args.title or ("mt-scaling" if args.sizes else f"mt-{resolve(args.config, common_over)[0].run.name}-sweep")
+    runs = [os.path.abspath(cfg.run.dir) for cfg, *_ in specs]
+    root = os.path.commonpath(runs) if len(runs) > 1 else os.path.dirname(runs[0])
     if args.dry_run:
         out = os.path.abspath(args.out)
         job_dir = os.path.join(out, "nemo_jobs")
     else:
-        runs = [os.path.abspath(cfg.run.dir) for cfg, *_ in specs]
-        job_dir = os.path.abspath(args.job_dir or os.path.join(os.path.commonpath(runs) if len(runs) > 1 else runs[0],
-                                                                "slurm"))
-    jobs, code = [], ""
-    for cfg, text, layout, cpu in specs:
-        packager, code = code_packager(args.code, "sweep", dry_run=args.dry_run, files={f"{cfg.run.name}.yaml": text})
-        ex = slurm_executor(cfg, layout, cpu, job_dir=job_dir, packager=packager, tag="sweep", strict=not args.dry_run)
-        jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, ex))
+        job_dir = os.path.abspath(args.job_dir or os.path.join(root, "slurm" if args.executor == "slurm" else "jobs"))
+    jobs, cells, code = [], [], ""
+    for cfg, text, sft_text, layout, cpu in specs:
+        todo, why = ("cell", "dry run") if args.dry_run else _cell_state(cfg, args)
+        cells.append({"name": cfg.run.name, "run_dir": os.path.relpath(os.path.abspath(cfg.run.dir), root),
+                      "size": cfg.model.size, "variant": cfg.loss.variant, "seed": cfg.seed, "state": todo,
+                      "note": why})
+        if not args.dry_run:
+            print(f"[sweep] {cfg.run.name}: {why}", file=sys.stderr)
+        if todo == "done":
+            continue
+        files = {f"{cfg.run.name}.yaml": text, **({f"{cfg.run.name}.sft.yaml": sft_text} if sft_text else {})}
+        start = len(jobs)
+        packager, code = code_packager(args.code, "sweep", dry_run=args.dry_run, files=files)
+        fleet = cfg.cluster.rollout_nodes > 0
+
+        def executor(c=cfg, lay=layout, cpu=cpu, pk=packager):
+            if args.executor == "local":
+                return None  # run_local makes NeMo-Run's local executor per cell
+            return slurm_executor(c, lay, cpu, job_dir=job_dir, packager=pk, tag="sweep", strict=not args.dry_run)
+
+        if args.no_eval:
+            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor()))
+        elif todo == "eval":
+            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor(),
+                            args=_cell_args(cfg.run.name, "eval", args, False)))
+        elif args.eval_separate or fleet:  # a fleet job trains through fleet-job: its evaluation follows
+            train = (None if fleet else _cell_args(cfg.run.name, "train", args, bool(sft_text)))
+            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor(), args=train))
+            one = copy.deepcopy(cfg)
+            one.cluster.nodes = 1  # the evaluation runs on one node: parallel.dp engines on its GPUs
+            jobs.append(Job(f"{cfg.run.name}_eval", text, cfg, layout, cpu, executor(c=one),
+                            args=_cell_args(cfg.run.name, "eval", args, False), after=cfg.run.name))
+        else:
+            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor(),
+                            args=_cell_args(cfg.run.name, "all", args, bool(sft_text))))
+        for job in jobs[start:]:
+            job.files = files
     if args.dry_run:
         for f in render(title, jobs, out, job_dir):
             print(f"[sweep] rendered {f}", file=sys.stderr)
+        print(f"[sweep] manifest {_manifest(out, cells)}", file=sys.stderr)
         print(f"[sweep] {len(jobs)} jobs rendered into {out} (for inspection only, not submittable)")
         return 0
+    manifest = _manifest(root, cells)
+    print(f"[sweep] manifest {manifest}; `megatron-trace report {root} --out REPORT_DIR` when the cells are done",
+          file=sys.stderr)
+    if not jobs:
+        print(f"[sweep] every cell is finished ({len(cells)}); nothing to submit")
+        return 0
+    if args.executor == "local":
+        return run_local(title, jobs, job_dir, lambda job: _local_check(job, args))
     print(f"[sweep] code: {code}", file=sys.stderr)
     subs = submit(title, jobs, job_dir)
     for sub, job in zip(subs, jobs):

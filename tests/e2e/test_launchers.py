@@ -6,6 +6,7 @@ launches on CPU at TP=2 and at DP=2; every recipe config carries the paper's def
 submissions to a real Slurm cluster: tests/e2e/test_slurm_cluster.py."""
 
 import glob
+import json
 import os
 import re
 import subprocess
@@ -92,7 +93,8 @@ def test_sweep_dry_run_renders_every_recipe_with_all_ranks_started(tmp_path):
         name = os.path.basename(path)[: -len("_sbatch.sh")]
         c = load_config(str(tmp_path / f"{name}.resolved.yaml"))
         assert c.train.steps == 50 and c.parallel.dp is None and c.rollout.placement == "colocated"
-        assert f"-m megatron_trace.cli train --config /nemo_run/{name}.yaml\n" in text  # the resolved copy
+        # the cell: train on the resolved copy, then evaluate checkpoints/best, in the same job
+        assert f"-m megatron_trace.cli cell --config /nemo_run/{name}.yaml --stage all\n" in text
         assert f"#SBATCH --gpus-per-node={c.cluster.gpus_per_node}" in text and f"--container-image {IMG}" in text
         world = c.cluster.nodes * c.cluster.gpus_per_node
         assert f"#SBATCH --nodes={c.cluster.nodes}" in text
@@ -159,9 +161,16 @@ def test_slurm_dry_run_renders_a_cpu_job_without_a_container(tmp_path):
 
 
 def test_sweep_dry_run_sweeps_the_variants_of_one_config(tmp_path):
-    out = _launch("sweep.py", "--config", "configs/tiny_cpu.yaml", "--variants", "grpo,all_token_fkl",
+    """--no-eval: train only (tiny_cpu.yaml keeps no best checkpoint, which a cell's evaluation
+    needs: without --no-eval the sweep says so)."""
+    refused = _launch("sweep.py", "--config", "configs/tiny_cpu.yaml", "--variants", "grpo", "--gpus-per-node", "0",
+                      "--no-container", "--dry-run", "--out", str(tmp_path / "refused"))
+    assert refused.returncode != 0 and "checkpoint.keep_best must be true" in refused.stderr
+    assert "--no-eval" in refused.stderr
+    out = _launch("sweep.py", "--config", "configs/tiny_cpu.yaml", "--variants", "grpo,all_token_fkl", "--no-eval",
                   "--gpus-per-node", "0", "--no-container", "--dry-run", "--out", str(tmp_path), "run.dir=/shared/tiny")
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "-m megatron_trace.cli train --config " in (tmp_path / "tiny_cpu_grpo_sbatch.sh").read_text()
     assert sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "*_sbatch.sh"))) == [
         "tiny_cpu_all_token_fkl_sbatch.sh", "tiny_cpu_grpo_sbatch.sh"]
     grpo = load_config(str(tmp_path / "tiny_cpu_grpo.resolved.yaml"))
@@ -169,6 +178,32 @@ def test_sweep_dry_run_sweeps_the_variants_of_one_config(tmp_path):
     assert (grpo.loss.variant, grpo.schedule.lambda0, grpo.run.dir) == ("grpo", 0.0, "/shared/tiny_grpo")
     assert (fkl.loss.variant, fkl.schedule.kind, fkl.run.dir) == ("all_token_fkl", "constant", "/shared/tiny_all_token_fkl")
     assert "for inspection only, not submittable" in out.stdout
+
+
+def test_sweep_dry_run_of_model_sizes_with_a_base_and_a_separate_evaluation(tmp_path):
+    """--config with --sizes: model.size per cell, the SFT config resolved beside the run's, and
+    with --eval-separate a one-node evaluation job that waits for its training job; sweep.json
+    lists the cells for `megatron-trace report`."""
+    out = _launch("sweep.py", "--config", "configs/tiny_scaling.yaml", "--sft-config", "configs/tiny_cpu_sft.yaml",
+                  "--sizes", "demo-s,demo-l", "--variants", "grpo,trace_fkl", "--seeds", "1,2", "--eval-separate",
+                  "--eval-final", "--gpus-per-node", "0", "--no-container", "--dry-run", "--out", str(tmp_path),
+                  "run.dir=/shared/scaling/cell")
+    assert out.returncode == 0, out.stderr[-3000:]
+    cells = json.loads((tmp_path / "sweep.json").read_text())["cells"]
+    assert len(cells) == 8 and {(c["size"], c["variant"], c["seed"]) for c in cells} == {
+        (z, v, s) for z in ("demo-s", "demo-l") for v in ("grpo", "trace_fkl") for s in (1, 2)}
+    name = "scaling_demo-l_trace_fkl_s2"
+    assert {c["run_dir"] for c in cells if c["name"] == name} == {"cell_demo-l_trace_fkl_s2"}
+    train, evaluate = (tmp_path / f"{name}_sbatch.sh").read_text(), (tmp_path / f"{name}_eval_sbatch.sh").read_text()
+    assert re.search(rf"cell --config \S+/{name}.yaml --stage train --sft-config \S+/{name}.sft.yaml --eval-final", train)
+    assert re.search(rf"cell --config \S+/{name}.yaml --stage eval --eval-final", evaluate)
+    assert f"--dependency=afterok:<the job id of {name}>" in evaluate and "#SBATCH --nodes=1" in evaluate
+    assert load_config(str(tmp_path / f"{name}.resolved.yaml")).model.size == "demo-l"
+    sft = load_config(str(tmp_path / f"{name}.sft.yaml"))
+    assert (sft.model.size, sft.seed, sft.sft.steps) == ("demo-l", 2, 500)
+    bad = _launch("sweep.py", "--config", "configs/tiny_scaling.yaml", "--sizes", "demo-xl", "--variants", "grpo",
+                  "--dry-run", "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and "unknown model size 'demo-xl'" in bad.stderr and "demo-l" in bad.stderr
 
 
 @pytest.mark.parametrize("args,needles", [

@@ -2,7 +2,8 @@
 slurm-wlm 22.05 + munge, partition `batch`, no GPUs, no pyxis): `launch/slurm.py --wait` and a
 two-variant `launch/sweep.py --wait` submit tiny CPU jobs with no container from an environment
 without the project's venv on PATH (PATH=/usr/bin:/bin, the launcher run by the venv's python),
-and the jobs COMPLETE with both training steps in metrics.jsonl; a dp=2 job runs 2 gloo ranks on
+and the jobs COMPLETE with both training steps in metrics.jsonl; a 2 x 2 sweep of the CPU scaling
+config trains and evaluates every cell, is reported, and is skipped when submitted again; a dp=2 job runs 2 gloo ranks on
 2 requested cores; a failing job makes --wait exit non-zero. Skipped, with the reason, only
 where the Slurm/munge binaries are missing (tools/install_slurm.sh, run by .ci/run, installs them)."""
 
@@ -117,23 +118,44 @@ def test_slurm_launcher_runs_a_cpu_job_without_container_or_venv_on_path(cluster
     assert job["task log"].startswith(str(run_dir / "slurm")), job  # logs under the run's folder
 
 
-def test_sweep_launcher_runs_two_variants(cluster, tmp_path):
-    base = tmp_path / "sweep" / "tiny"
-    out = _launch(cluster, tmp_path, "sweep.py", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"),
-                  "--variants", "grpo,trace_fkl", "--partition", "batch", "--gpus-per-node", "0", "--no-container",
-                  "--wait", *CODE, *TINY, f"run.dir={base}")
+# a sweep cell, small: a 20-step SFT base, 2 RL steps with the best checkpoint kept, 5 held-out problems
+CELL = ["sft.steps=20", "sft.batch_size=8", "sft.heldout=0", "data.arith.num_ops=1", "data.arith.num_train=50",
+        "train.steps=2", "checkpoint.every=1", "eval.every=1", "eval.limit=2", "eval.arith_n=5", "eval.k=2",
+        "rollout.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=16", "eval.max_new_tokens=16",
+        "train.key_token_lift=0", "log.progress=false"]
+
+
+def test_sweep_trains_and_evaluates_every_cell_then_reports_and_skips_them(cluster, tmp_path):
+    """2 sizes x 2 variants x 1 seed of the CPU scaling config: every job trains its cell (the
+    variants of a size share one SFT base) and evaluates checkpoints/best; `megatron-trace report`
+    has the 4 cells; the same sweep command again submits nothing."""
+    base = tmp_path / "sweep" / "cell"
+    sweep = ["sweep.py", "--config", os.path.join(REPO, "configs", "tiny_scaling.yaml"), "--sft-config",
+             os.path.join(REPO, "configs", "tiny_cpu_sft.yaml"), "--sizes", "demo-s,demo-m", "--variants",
+             "grpo,trace_fkl", "--partition", "batch", "--gpus-per-node", "0", "--no-container", "--wait", *CODE,
+             *CELL, f"run.dir={base}"]
+    out = _launch(cluster, tmp_path, *sweep, timeout=1200)
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     jobs = _submitted(out.stdout)
-    assert sorted(jobs) == ["tiny_cpu_grpo", "tiny_cpu_trace_fkl"], out.stdout
+    names = [f"scaling_{z}_{v}" for z in ("demo-s", "demo-m") for v in ("grpo", "trace_fkl")]
+    assert sorted(jobs) == sorted(names), out.stdout
     for name, job in jobs.items():
-        variant = name[len("tiny_cpu_"):]
         _check_completed(cluster, job, out)
-        run_dir = f"{base}_{variant}"
-        assert job["run dir"] == run_dir
-        rows = _steps(run_dir)
-        assert [row["step"] for row in rows] == [0, 1]
-        cfg = open(os.path.join(run_dir, "config.yaml")).read()
-        assert f"variant: {variant}" in cfg and f"lambda0: {0.0 if variant == 'grpo' else 0.5}" in cfg
+        assert "cell --config " in open(job["script"]).read()
+        run_dir = tmp_path / "sweep" / ("cell_" + name[len("scaling_"):])
+        assert job["run dir"] == str(run_dir)
+        assert json.loads((run_dir / "eval" / "best" / "eval.json").read_text())["benchmarks"]["arith"]["num_problems"] == 5
+    assert sorted(os.listdir(tmp_path / "sweep" / "sft")) == ["demo-m_s1234", "demo-s_s1234"]
+    report = subprocess.run([sys.executable, "-m", "megatron_trace.cli", "report", str(tmp_path / "sweep"), "--out",
+                             str(tmp_path / "report")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert report.returncode == 0, report.stderr[-3000:]
+    rep = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {(s, v) for s, cells in rep["cells"].items() for v in cells} == {
+        (z, v) for z in ("demo-s", "demo-m") for v in ("grpo", "trace_fkl")}
+    assert all(r["status"] == "ok" for r in rep["runs"]) and len(rep["runs"]) == 4
+    again = _launch(cluster, tmp_path, *sweep)
+    assert again.returncode == 0 and "every cell is finished (4); nothing to submit" in again.stdout, again.stderr
+    assert not _submitted(again.stdout)
 
 
 @pytest.mark.dist
