@@ -79,22 +79,21 @@ class Qwen3Arch:
 # Released Qwen3 dense sizes (HF configs), plus `tiny` for tests and the CPU demo. `tiny` keeps
 # the features that break conversions: GQA (4 q heads / 2 kv groups), heads*head_dim != hidden,
 # q/k norm, and a vocabulary that Megatron pads at TP=2.
+_DEMO = Qwen3Arch(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=384, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
+                  max_position_embeddings=2048)
 QWEN3_SIZES: dict[str, Qwen3Arch] = {
     "tiny": Qwen3Arch(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       intermediate_size=128, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
                       max_position_embeddings=2048),
     # The embedded demo's policy (about 0.8M parameters with the 102-character vocabulary).
-    "demo": Qwen3Arch(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=384, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
-                      max_position_embeddings=2048),
+    "demo": _DEMO,
     # The CPU scaling sweep's three sizes of the demo architecture (configs/tiny_scaling.yaml):
     # about 0.20M, 0.80M and 3.2M parameters with the 102-character vocabulary; demo-m is `demo`.
     "demo-s": Qwen3Arch(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                         intermediate_size=192, head_dim=16, vocab_size=1000, tie_word_embeddings=True,
                         max_position_embeddings=2048),
-    "demo-m": Qwen3Arch(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                        intermediate_size=384, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
-                        max_position_embeddings=2048),
+    "demo-m": _DEMO,
     "demo-l": Qwen3Arch(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                         intermediate_size=768, head_dim=32, vocab_size=1000, tie_word_embeddings=True,
                         max_position_embeddings=2048),
