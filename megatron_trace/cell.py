@@ -55,6 +55,18 @@ def sft_dir_for(cfg) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(cfg.run.dir)), "sft", f"{cfg.model.size}_s{cfg.seed}")
 
 
+def _release_training() -> None:
+    """Under torchrun, rank 0 evaluates in the process that trained: drop its process group and
+    cached GPU memory first, so that the evaluation engines get the GPUs."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _gpu_engines(cfg) -> int | None:
     """On a GPU node with parallel.dp unset: one evaluation engine per GPU (per parallel.tp GPUs
     for SGLang), so that the evaluation uses the node the training had."""
@@ -111,6 +123,7 @@ def run_cell(config: str, overrides: list[str], *, sft_config: str | None = None
         out = {"run_dir": run_dir, "evals": {}, "skipped": []}
         if stage == "train" or int(os.environ.get("RANK", "0")) != 0:
             return out
+        _release_training()
         from .eval.job import run_eval
 
         eval_over = [*overrides, "eval.limit=null"]
