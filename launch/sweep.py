@@ -146,7 +146,7 @@ def _cell_state(cfg, args) -> tuple[str, str]:
     """(what to submit, why): done (skip), eval (the evaluation alone), cell (train + eval), with
     the reason a rerun gives for a cell that was there before."""
     from megatron_trace.cell import cell_done
-    from megatron_trace.report.runs import failure_reason, read_metrics
+    from megatron_trace.report.runs import read_metrics
 
     run_dir = cfg.run.dir
     if not os.path.exists(os.path.join(run_dir, "config.yaml")):
@@ -154,13 +154,23 @@ def _cell_state(cfg, args) -> tuple[str, str]:
     if not args.no_eval and cell_done(run_dir, args.eval_final):
         return "done", "finished: eval/best/eval.json exists"
     rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    trained = bool(rows) and rows[-1].get("step", -1) + 1 >= cfg.train.steps
-    if trained and args.no_eval:
+    if _trained(cfg, rows) and args.no_eval:
         return "done", f"finished: trained {cfg.train.steps} steps"
-    if trained and os.path.exists(os.path.join(run_dir, "checkpoints", "best")):
+    if _trained(cfg, rows) and os.path.exists(os.path.join(run_dir, "checkpoints", "best")):
         return "eval", "trained, not evaluated: the evaluation alone"
-    cfg_dict = {"train": {"steps": cfg.train.steps}}
-    return "cell", f"resubmitted (was: {failure_reason(run_dir, cfg_dict, rows, 'best')})"
+    return "cell", f"resubmitted (was: {_why_not(cfg, rows)})"
+
+
+def _trained(cfg, rows: list[dict]) -> bool:
+    """metrics.jsonl reached the config's last step."""
+    return bool(rows) and rows[-1].get("step", -1) + 1 >= cfg.train.steps
+
+
+def _why_not(cfg, rows: list[dict]) -> str:
+    """Why a run has no evaluation, as the report says it (FAILED's first line, or how far it got)."""
+    from megatron_trace.report.runs import failure_reason
+
+    return failure_reason(cfg.run.dir, {"train": {"steps": cfg.train.steps}}, rows, "best")
 
 
 def _cell_args(name: str, stage: str, args, sft: bool) -> list[str]:
@@ -173,16 +183,15 @@ def _cell_args(name: str, stage: str, args, sft: bool) -> list[str]:
 def _local_check(job, args) -> str | None:
     """After a local job: None when it left what it owes, else why not (FAILED's first line)."""
     from megatron_trace.cell import cell_done
-    from megatron_trace.report.runs import failure_reason, read_metrics
+    from megatron_trace.report.runs import read_metrics
 
-    run_dir = job.cfg.run.dir
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    rows = read_metrics(os.path.join(job.cfg.run.dir, "metrics.jsonl"))
     stage = job.args[job.args.index("--stage") + 1] if job.args and "--stage" in job.args else None
-    if stage in ("all", "eval") and cell_done(run_dir, args.eval_final):
+    if stage in ("all", "eval") and cell_done(job.cfg.run.dir, args.eval_final):
         return None
-    if stage in (None, "train") and rows and rows[-1].get("step", -1) + 1 >= job.cfg.train.steps:
+    if stage in (None, "train") and _trained(job.cfg, rows):
         return None
-    return failure_reason(run_dir, {"train": {"steps": job.cfg.train.steps}}, rows, "best")
+    return _why_not(job.cfg, rows)
 
 
 def _manifest(root: str, cells: list[dict]) -> str:

@@ -78,14 +78,14 @@ def _gpu_engines(cfg) -> int | None:
     return max(1, torch.cuda.device_count() // per)
 
 
-def _train(config: str, overrides: list[str], sft_config: str | None):
+def _train(config: str, overrides: list[str], sft_config: str | None, cfg) -> None:
     from .config import check_teacher_data, load_config
     from .parallel import launch_layout
 
     if sft_config:
         from .train.sft import run_sft
 
-        sft_dir = sft_dir_for(load_config(config, overrides))
+        sft_dir = sft_dir_for(cfg)
         sft_cfg = load_config(sft_config, [*overrides, f"run.dir={sft_dir}"])
         os.makedirs(sft_dir, exist_ok=True)
         with open(os.path.join(sft_dir, ".lock"), "w") as lock:
@@ -101,7 +101,6 @@ def _train(config: str, overrides: list[str], sft_config: str | None):
     from .train.loop import run_training
 
     launch_layout(run_training, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, cfg)
-    return cfg
 
 
 def run_cell(config: str, overrides: list[str], *, sft_config: str | None = None, eval_final: bool = False,
@@ -119,7 +118,7 @@ def run_cell(config: str, overrides: list[str], *, sft_config: str | None = None
     current = "train"
     try:
         if stage in ("all", "train"):
-            _train(config, list(overrides), sft_config)
+            _train(config, list(overrides), sft_config, cfg)
         out = {"run_dir": run_dir, "evals": {}, "skipped": []}
         if stage == "train" or int(os.environ.get("RANK", "0")) != 0:
             return out

@@ -12,7 +12,7 @@ import json
 import math
 import os
 
-__all__ = ["FIGURES", "forest_plot", "load_metrics", "plot_runs"]
+__all__ = ["FIGURES", "forest_plot", "load_metrics", "plot_runs", "pyplot"]
 
 # file -> [(panel title, [metric keys])]
 FIGURES: dict[str, list[tuple[str, list[str]]]] = {
@@ -38,6 +38,17 @@ FIGURES: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
+def pyplot(purpose: str):
+    """matplotlib.pyplot on the Agg backend (files only), or MissingExtra naming `purpose`."""
+    from ..extras import require
+
+    matplotlib = require("matplotlib", "plots", purpose)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def load_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl") if os.path.isdir(run_dir) else run_dir
     if not os.path.exists(path):
@@ -61,11 +72,7 @@ def _series(rows: list[dict], key: str, smooth: float) -> tuple[list[int], list[
 
 
 def plot_runs(run_dirs: list[str], out_dir: str, *, labels: list[str] | None = None, smooth: float = 0.0) -> dict:
-    from ..extras import require
-
-    matplotlib = require("matplotlib", "plots", "plotting metrics")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("plotting metrics")
 
     runs = [load_metrics(d) for d in run_dirs]
     labels = labels or [os.path.basename(os.path.normpath(d)) for d in run_dirs]
@@ -114,11 +121,7 @@ def forest_plot(rows: list[tuple[str, float, float, float]], path: str, *, title
     """One row per (label, estimate, ci_low, ci_high), top to bottom in order, with a line at
     zero; rows whose CI excludes zero are drawn solid, the rest hollow. Values are multiplied by
     `scale` (fractions -> points). Returns `path`."""
-    from ..extras import require
-
-    matplotlib = require("matplotlib", "plots", "plotting a forest plot")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("plotting a forest plot")
 
     if not rows:
         raise ValueError("forest_plot: no rows to draw")

@@ -15,13 +15,9 @@ CURVES = {"validation": ["eval/val/avg@k", "eval/average"], "entropy": ["entropy
 
 
 def _pyplot():
-    from ..extras import require
+    from ..observability.plots import pyplot
 
-    matplotlib = require("matplotlib", "plots", "drawing the report's figures")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("drawing the report's figures")
 
 
 def _save(fig, path: str) -> str:
