@@ -52,12 +52,18 @@ def format_table(header: list[str], rows: list[list[str]], *, as_html: bool = Fa
     return "\n".join(lines)
 
 
+def _seed_order(item: tuple[str, float]) -> tuple[int, str]:
+    return (int(item[0]), "") if item[0].isdigit() else (1 << 30, item[0])
+
+
 def _cell_text(cell: dict | None, runs: list[Run]) -> str:
     bad = [r for r in runs if r.status != "ok"]
     note = "; ".join(f"s{r.seed} {r.status}" for r in bad)
     if cell is None:
         return f"{'missing' if all(r.status == 'missing' for r in bad) else 'failed'} ({note})" if bad else "-"
-    return _ci(cell) + (f" ({note})" if note else "")
+    per_seed = cell.get("per_seed") or {}
+    seeds = ("; seeds " + ", ".join(f"{100 * v:.1f}" for _, v in sorted(per_seed.items(), key=_seed_order))) if len(per_seed) >= 2 else ""
+    return _ci(cell) + (f" ({note})" if note else "") + seeds
 
 
 def _tables(rep: dict, runs: list[Run], as_html: bool) -> list[tuple[str, str]]:
@@ -70,7 +76,7 @@ def _tables(rep: dict, runs: list[Run], as_html: bool) -> list[tuple[str, str]]:
     main = [[s["size"], _params(s["params"]),
              *(_cell_text(rep["cells"][s["size"]].get(v), by_cell.get((s["size"], v), [])) for v in variants)]
             for s in sizes]
-    out = [(f"Benchmark average, {rep['metric']} in percent, mean [95% CI]", format_table(header, main, as_html=as_html))]
+    out = [(f"Benchmark average, {rep['metric']} in percent, mean [95% CI] over seeds, then each seed's value", format_table(header, main, as_html=as_html))]
     for b in rep["benchmarks"]:
         rows = [[s["size"], _params(s["params"]),
                  *(_ci((rep["cells"][s["size"]].get(v) or {}).get("benchmarks", {}).get(b)) for v in variants)]
@@ -108,10 +114,12 @@ def _plots(rep: dict, runs: list[Run], out: str) -> dict[str, str]:
     by_params, by_compute = {}, {}
     for size, cells in rep["cells"].items():
         for v, c in cells.items():
-            by_params.setdefault(v, []).append((sizes[size], c["mean"], c["ci95"]))
+            seeds = list((c.get("per_seed") or {}).values()) if len(c.get("per_seed") or {}) > 1 else []
+            by_params.setdefault(v, []).append((sizes[size], c["mean"], c["ci95"], seeds))
             hours = [x["compute"]["device_hours"] for x in rep["runs"]
                      if x["size"] == size and x["variant"] == v and x["status"] == "ok"]
-            by_compute.setdefault(v, []).append((sum(hours) / len(hours) if hours else None, c["mean"], c["ci95"]))
+            by_compute.setdefault(v, []).append((sum(hours) / len(hours) if hours else None, c["mean"], c["ci95"],
+                                                 seeds))
     label = f"benchmark average {rep['metric']} (%)"
     if any(p for pts in by_params.values() for p, *_ in pts):
         plots["accuracy_vs_params"] = accuracy_plot(by_params, os.path.join(out, "accuracy_vs_params.png"),

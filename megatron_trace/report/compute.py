@@ -5,7 +5,8 @@
 - trained tokens: `train/num_tokens` summed over steps;
 - wall hours: `time/step` summed (evaluation time is the eval.json's `seconds`, reported apart);
 - device-hours: nodes x GPUs per node x wall hours, or nodes x wall hours on CPU layouts
-  (`cluster.gpus_per_node: 0`), where `unit` says so;
+  (`cluster.gpus_per_node: 0`, or `parallel.device: cpu`, whose GPU count is unused), where
+  `unit` says so;
 - the mean step-time breakdown by phase.
 """
 
@@ -24,6 +25,8 @@ def run_compute(run: Run) -> dict:
     rows = [r for r in run.metrics if "time/step" in r]
     cluster = run.config.get("cluster") or {}
     nodes, gpus = int(cluster.get("nodes", 1) or 1), int(cluster.get("gpus_per_node", 0) or 0)
+    if (run.config.get("parallel") or {}).get("device") == "cpu":
+        gpus = 0  # a CPU run (the local executor, a laptop) keeps the cluster section's GPU count unused
     hours = sum(float(r["time/step"]) for r in rows) / 3600.0
     breakdown = {}
     for phase, key in PHASES.items():

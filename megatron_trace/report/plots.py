@@ -28,23 +28,29 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def accuracy_plot(series: dict[str, list[tuple[float, float, list[float] | None]]], path: str, *, xlabel: str,
-                  ylabel: str, title: str) -> str:
-    """series: variant -> [(x, y, [lo, hi] or None)], drawn on a log x axis (values in [0, 1]
-    shown as percent)."""
+def accuracy_plot(series: dict[str, list[tuple]], path: str, *, xlabel: str, ylabel: str, title: str) -> str:
+    """series: variant -> [(x, y, [lo, hi] or None[, per-seed values])], on a log x axis (values
+    in [0, 1] shown as percent). Each variant's points are nudged sideways so that the error bars
+    do not hide each other, and each seed's own value is drawn as a small hollow marker: with two
+    seeds the t interval is wide, and the seeds show the spread it comes from."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for variant, pts in series.items():
-        pts = sorted(p for p in pts if p[0] and p[0] > 0 and not math.isnan(p[1]))
-        if not pts:
-            continue
-        xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
+    drawn = [(v, sorted(p for p in pts if p[0] and p[0] > 0 and not math.isnan(p[1]))) for v, pts in series.items()]
+    drawn = [(v, pts) for v, pts in drawn if pts]
+    for i, (variant, pts) in enumerate(drawn):
+        nudge = 1.06 ** (i - (len(drawn) - 1) / 2)
+        xs, ys = [p[0] * nudge for p in pts], [100 * p[1] for p in pts]
         err = [[100 * (p[1] - p[2][0]) if p[2] else 0.0 for p in pts], [100 * (p[2][1] - p[1]) if p[2] else 0.0 for p in pts]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=variant)
+        line = ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=variant, elinewidth=0.8)
+        seeds = [(x, 100 * v) for x, p in zip(xs, pts) if len(p) > 3 for v in (p[3] or [])]
+        if seeds:
+            ax.scatter([x for x, _ in seeds], [y for _, y in seeds], s=18, facecolors="none",
+                       edgecolors=line.lines[0].get_color(), linewidths=0.9, zorder=3)
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + (" (hollow: each seed)" if any(len(p) > 3 and p[3] for _, pts in drawn for p in pts) else ""),
+                 fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -96,6 +96,9 @@ def test_every_cell_and_difference_against_the_grades(sweep, tmp_path):
     for size in ("tiny", "demo"):
         row = next(line for line in md.splitlines() if line.startswith(f"| {size} |"))
         assert row.count("[") == 2 and "missing" not in row
+        for variant in ("grpo", "trace_fkl"):  # each seed's value follows the mean and CI
+            per_seed = rep["cells"][size][variant]["per_seed"]
+            assert f"seeds {100 * per_seed['1']:.1f}, {100 * per_seed['2']:.1f}" in row
     html = (tmp_path / "out" / "report.html").read_text()
     assert set(rep["plots"]) == {"accuracy_vs_params", "accuracy_vs_compute", "differences", "curves"}
     assert html.count("data:image/png;base64,") == 4 and "src='accuracy" not in html
@@ -113,6 +116,22 @@ def test_compute_per_run(sweep, tmp_path):
     assert c["wall_hours"] == pytest.approx((1.5 + 2.5 + 3.5) / 3600)
     assert c["device_hours"] == pytest.approx(2 * c["wall_hours"]) and c["unit"] == "node-hours (CPU)"
     assert c["step_seconds"]["teacher"] == 0.25 and c["step_seconds"]["wait"] is None
+
+
+def test_device_hours_follow_the_layout(tmp_path):
+    """GPUs x nodes on a GPU layout; nodes on a CPU one, which is also what a run with
+    parallel.device=cpu is, whatever GPU count its cluster section keeps (the local executor)."""
+    from megatron_trace.report.compute import run_compute
+
+    write_run(tmp_path, "gpu", "tiny", "grpo", 1, gpus=8)
+    write_run(tmp_path, "cpu_layout", "tiny", "grpo", 2, gpus=8)
+    cfg = yaml.safe_load((tmp_path / "cpu_layout" / "config.yaml").read_text())
+    cfg["parallel"] = {"device": "cpu"}
+    (tmp_path / "cpu_layout" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    runs = {r.name: r for r in discover([str(tmp_path)])}
+    gpu, cpu = run_compute(runs["gpu"]), run_compute(runs["cpu_layout"])
+    assert gpu["unit"] == "GPU-hours" and gpu["device_hours"] == pytest.approx(16 * gpu["wall_hours"])
+    assert cpu["unit"] == "node-hours (CPU)" and cpu["device_hours"] == pytest.approx(2 * cpu["wall_hours"])
 
 
 def test_one_seed_ci_is_the_bootstrap_over_problems(tmp_path):
