@@ -64,7 +64,7 @@ __all__ = [
 @dataclass
 class RunConfig:
     dir: str = "runs/trace"  # the run directory; rerunning into it resumes
-    name: str = "trace"
+    name: str = "trace"  # the run's name in logs, W&B and Slurm job names
 
 
 @dataclass
@@ -82,8 +82,8 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor-parallel size (Megatron TP; the colocated SGLang engine's tp_size too)
+    pp: int = 1  # pipeline-parallel size
     # Data-parallel replicas. null: WORLD_SIZE / (tp * pp) under torchrun, 1 when the CLI spawns
     # its own gloo ranks on CPU (there it spawns tp * pp * dp ranks).
     dp: int | None = None
@@ -106,9 +106,9 @@ class ParallelConfig:
 
 @dataclass
 class ArithTaskConfig:
-    num_ops: int = 3
-    digits: int = 2
-    num_train: int = 2000
+    num_ops: int = 3  # operations per problem (product_chain: the chain's length)
+    digits: int = 2  # digits of each operand
+    num_train: int = 2000  # training problems generated
     ops: str = "+-*"  # operators to draw from
 
     def __post_init__(self) -> None:
@@ -124,8 +124,8 @@ class DataConfig:
     # The embedded task when data.source=arith: arith (short arithmetic) | product_chain (a long
     # chain of easy steps around one decisive multiplication; data.arith.num_ops is its length).
     task: str = "arith"
-    max_problems: int | None = None
-    shuffle: bool = True
+    max_problems: int | None = None  # use the first N training problems; null = all
+    shuffle: bool = True  # shuffle the training problems once, seeded by `seed`
     arith: ArithTaskConfig = field(default_factory=ArithTaskConfig)
     # Qwen3 thinking mode for the policy and teacher prompts (the paper's; `enable_thinking` of the
     # chat template). Chat templates without that switch ignore it, and the synthetic task's
@@ -152,17 +152,17 @@ class ClusterConfig:
     """Job shape and site profile for the Slurm launchers (launch/slurm.py, launch/sweep.py);
     TP x PP must divide nodes x gpus_per_node. The launchers' flags override these keys."""
 
-    nodes: int = 1
+    nodes: int = 1  # nodes of the job
     # 0 = a CPU partition: no GPU request (no gres line); the job runs `megatron-trace train`,
     # which spawns tp x pp x dp gloo ranks on the one node, one core each
     gpus_per_node: int = 8
     # CPU jobs: the cores asked for, one rank each (dp = cpus / (tp x pp)); null = tp x pp x
     # (parallel.dp or 1). Ignored by GPU jobs.
     cpus_per_node: int | None = None
-    time: str = "04:00:00"
+    time: str = "04:00:00"  # the job's wall-clock limit (sbatch --time)
     gpu_memory_gb: float = 80.0  # per GPU; `megatron-trace plan` and CUDA runs check the estimate against it
     account: str | None = None  # null: no --account line (clusters without accounts)
-    partition: str | None = None
+    partition: str | None = None  # Slurm partition; null = the cluster's default
     # pyxis/enroot image the job runs in; null = no container (then `venv` / `setup` set up the job)
     container_image: str | None = None
     container_mounts: list[str] = field(default_factory=list)  # SRC:DST, with a container only
@@ -220,16 +220,16 @@ class ClusterConfig:
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = True
+    tensorboard: bool = True  # write TensorBoard events to <run.dir>/tb (extra `tensorboard`)
     wandb: bool = False  # needs `pip install wandb`; fails at setup if missing
-    wandb_project: str = "megatron-trace"
-    wandb_entity: str | None = None
-    progress: bool = True
+    wandb_project: str = "megatron-trace"  # W&B project (log.wandb)
+    wandb_entity: str | None = None  # W&B entity; null = your default
+    progress: bool = True  # rank 0's progress bar on the console
 
 
 @dataclass
 class Config:
-    seed: int = 1234
+    seed: int = 1234  # the run's seed: prompts, sampling (per prompt), initialisation, annotation order
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

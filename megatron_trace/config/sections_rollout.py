@@ -24,7 +24,7 @@ class RemoteRolloutSection:
     master_address: str | None = None  # rank 0's address as the servers reach it (default: its hostname)
     master_port: int = 0  # 0 = a free port
     backend: str = "auto"  # nccl | gloo | auto (nccl on CUDA)
-    health_timeout_s: float = 5.0
+    health_timeout_s: float = 5.0  # seconds one /health probe of a server may take
     # The NAME of the environment variable that holds the servers' API key (SGLang's --api-key);
     # the key itself never goes in a config. null = the servers take no key.
     api_key_env: str | None = None
@@ -87,16 +87,16 @@ class RolloutConfig:
     # greedy samples (SGLang). The default is bf16-scale; a lost or mis-mapped tensor gives whole
     # nats. fp32 runs can use 1e-3.
     verify_sync: bool = False
-    verify_sync_tol: float = 0.5
+    verify_sync_tol: float = 0.5  # the largest gap verify_sync accepts (see verify_sync)
     remote: RemoteRolloutSection = field(default_factory=RemoteRolloutSection)
     server_tp: int = 1  # GPUs per server of a fleet started in the job (cluster.rollout_nodes)
     async_: AsyncRolloutSection = field(default_factory=AsyncRolloutSection)  # the key `rollout.async`
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # prompts per RL step (the global batch is prompts_per_step x n)
     n: int = 8  # samples per prompt (GRPO group size)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 64
+    temperature: float = 1.0  # rollout sampling temperature
+    top_p: float = 1.0  # rollout nucleus sampling (1.0 = off)
+    top_k: int = -1  # rollout top-k sampling (-1 = off)
+    max_new_tokens: int = 64  # longest response; a longer one is truncated (rollout/truncated_frac)
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, {"hf", "sglang"})
@@ -137,8 +137,8 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    timeout_s: float = 5.0
-    workers: int = 2
+    timeout_s: float = 5.0  # hard time limit of one math-verify grading (a hung worker is killed)
+    workers: int = 2  # grading worker processes
     advantage_std: bool = True  # False: Dr. GRPO (no std normalisation)
 
     def __post_init__(self) -> None:
@@ -151,23 +151,23 @@ class ApiAnnotatorSection:
     # Any OpenAI-compatible Chat Completions server. Switching to a self-hosted model is this one
     # key: the model then defaults to the one the server lists (GET {base_url}/models) and no key
     # is sent. The default annotator (OpenAI, gpt-4o-mini) is a cost choice: the paper shows that
-    # annotator strength matters (README "Annotator").
+    # annotator strength matters (docs/concepts.md, "Annotator").
     base_url: str = "https://api.openai.com/v1"
     model: str | None = None  # null: gpt-4o-mini on OpenAI's URL, else the server's first model
     # The NAME of the variable holding the key (keys never go in configs); null: OPENAI_API_KEY on
     # OpenAI's URL, else no key. A name given here must be set.
     api_key_env: str | None = None
-    max_concurrency: int = 8
-    timeout_s: float = 60.0
-    max_retries: int = 3
+    max_concurrency: int = 8  # annotation requests in flight at once
+    timeout_s: float = 60.0  # seconds per annotation request
+    max_retries: int = 3  # retries of a failed annotation request (with backoff); then no spans
 
 
 @dataclass
 class AnnotateConfig:
     kind: str = "oracle"  # oracle | api | self
-    coverage_cap: float = 0.25
-    segment_mode: str = "line"
-    max_segment_chars: int = 300
+    coverage_cap: float = 0.25  # largest share of a response's tokens its spans may cover (lowest priority dropped first)
+    segment_mode: str = "line"  # how a response is cut into the numbered segments the annotator marks
+    max_segment_chars: int = 300  # a longer segment is split at a sentence end or space
     cache_dir: str | None = None  # default: <run.dir>/annotator_cache
     api: ApiAnnotatorSection = field(default_factory=ApiAnnotatorSection)
 
@@ -181,17 +181,18 @@ class AnnotateConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # in-loop evaluation every N steps; 0 = off
+    # final benchmarks of `megatron-trace eval` (and in-loop ones without in_loop_source)
     benchmarks: list[str] = field(default_factory=lambda: ["math500", "aime24", "aime25", "amc23", "gpqa_diamond"])
     k: int = 8  # samples per problem (avg@k)
     temperature: float = 0.6  # the paper's decoding
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 32768
+    top_p: float = 0.95  # evaluation nucleus sampling (the paper's)
+    top_k: int = 20  # evaluation top-k sampling (the paper's)
+    max_new_tokens: int = 32768  # longest evaluated response
     thinking: bool = True  # Qwen3 thinking mode
     limit: int | None = None  # first N problems per benchmark (in-loop subsets); null = all
     arith_n: int = 200  # size of the synthetic held-out set
-    bootstrap_samples: int = 2000
-    batch_prompts: int = 16
+    bootstrap_samples: int = 2000  # resamples of the bootstrap CI over problems
+    batch_prompts: int = 16  # problems per generation batch (k samples each)
     gpqa_csv: str | None = None  # the official GPQA-Diamond CSV (never bundled), or env MT_GPQA_CSV
     # A .jsonl/.parquet of problem/answer rows (the validation split of tools/prepare_data.py) that
     # the in-loop evaluation runs as the benchmark "val" instead of eval.benchmarks (first

@@ -28,7 +28,7 @@ class TeacherConfig:
     # mini-batch's at once.
     max_resident_tokens: int = 16384
     # What the privileged prompt shows (teacher/context.py): solution_and_type (the reference
-    # solution and the annotator's coarse diagnostic type; the default, README "Teacher context"),
+    # solution and the annotator's coarse diagnostic type; the default, docs/concepts.md),
     # type_only (the type alone: the abstract's "only a coarse diagnostic type"; needs no
     # solutions in the data), answer_and_type (the gold answer and the type) or solution (no type).
     # The span text is never shown, and the annotator's inputs do not depend on this.
@@ -49,18 +49,18 @@ class TeacherConfig:
 
 @dataclass
 class LossSection:
-    variant: str = "trace_fkl"
-    eps_low: float = 0.2
-    eps_high: float = 0.28
-    agg: str = "token-mean"
+    variant: str = "trace_fkl"  # the routing: which tokens get GRPO and which the KL (concepts page)
+    eps_low: float = 0.2  # PPO clip below 1 (ratio >= 1 - eps_low)
+    eps_high: float = 0.28  # PPO clip above 1, clip-higher (ratio <= 1 + eps_high)
+    agg: str = "token-mean"  # how token losses are averaged over a batch
     max_response_len: int = 0  # only for agg=seq-mean-token-sum-norm; 0 = rollout.max_new_tokens
-    entry_clip: float | None = 0.05
+    entry_clip: float | None = 0.05  # per-vocabulary-entry clip of the KL (see entry_clip_mode); null = off
     # How entry_clip applies per vocabulary entry: upper (each KL term capped from above, the
     # OPSD-style clamp), abs (each term clamped to +-clip), grad (value unclipped, each entry of
     # the gradient clamped to +-clip), none (no clip)
     entry_clip_mode: str = "upper"
     temperature: float | None = None  # softmax temperature of every log-prob and KL; null = rollout.temperature
-    routed_grpo: str | None = None
+    routed_grpo: str | None = None  # GRPO weight on routed tokens: anneal (1 - lam/lambda0) | full | none; null = the variant's
     # Which spans are distilled (null = the variant's): fkl (key spans of correct rollouts), rkl
     # (error spans of incorrect ones) or both. With random_mask / inverted_mask it picks the
     # ablation's spans, e.g. loss.variant=random_mask loss.action=rkl for the 1.7B RKL ablation.
@@ -69,17 +69,17 @@ class LossSection:
     # rollout's annotated span (a control at TRACE's own coverage); a fraction f in (0, 1]:
     # round(f |y|) tokens of every eligible rollout (the paper's localisation ablation uses 0.25).
     mask_coverage: Any = "matched"
-    kl_ref_coef: float = 0.0
-    entropy_coef: float = 0.0
+    kl_ref_coef: float = 0.0  # must be 0: the trainer keeps no reference policy (the loss function accepts one)
+    entropy_coef: float = 0.0  # entropy bonus on every trained token (0 = off)
     # Importance weights pi_old / pi_behaviour (the engine's per-token log-probs) on the GRPO and
     # KL terms, capped at tis_cap (null = off); tis_mode: truncate (min(rho, C)), mask (tokens
     # with rho outside [1/C, C] dropped) or sequence (the rollout's geometric mean, capped)
     tis_cap: float | None = None
-    tis_mode: str = "truncate"
-    chunk_size: int | None = None
+    tis_mode: str = "truncate"  # how tis_cap applies: truncate | mask | sequence (see tis_cap)
+    chunk_size: int | None = None  # tokens per chunk of the vocab-parallel softmax in backward; null = automatic
     # The LM head fused with the loss (loss/fused_head.py): every pass computes log-probs,
     # entropies and KLs from final hidden states and the vocab-sharded output weight, chunk by
-    # chunk, so no [tokens, V/tp] logits exist. Off by default: on CPU it costs time (README).
+    # chunk, so no [tokens, V/tp] logits exist. Off by default: on CPU it costs time (docs/performance.md).
     fused_head: bool = False
     head_chunk_tokens: int = 0  # tokens per fused-head chunk; 0 = from a 128 MiB target per chunk
 
@@ -107,7 +107,8 @@ class LossSection:
                f"matched with loss.variant={self.variant} (a fraction applies to random_mask and inverted_mask)")
         _check(not (self.variant == "srpo_like" and self.action == "both"), "loss.action", self.action,
                "fkl or rkl with loss.variant=srpo_like (it distils incorrect rollouts only)")
-        _check(self.kl_ref_coef >= 0, "loss.kl_ref_coef", self.kl_ref_coef, "a float >= 0")
+        _check(self.kl_ref_coef == 0, "loss.kl_ref_coef", self.kl_ref_coef,
+               "0: the trainer keeps no reference policy to take a KL to")
         _check(self.entropy_coef >= 0, "loss.entropy_coef", self.entropy_coef, "a float >= 0")
         _check(self.tis_cap is None or self.tis_cap > 0, "loss.tis_cap", self.tis_cap, "null or a float > 0")
         _one_of("loss.tis_mode", self.tis_mode, {"truncate", "mask", "sequence"})
@@ -121,10 +122,10 @@ class ScheduleConfig:
     # anneal: lambda0 for warmup_steps, then `decay` to 0 over decay_steps (TRACE); constant:
     # lambda0 at every step, warm-up and decay unused (the all-token SDPO/OPSD-family baselines)
     kind: str = "anneal"
-    lambda0: float = 0.5
-    warmup_steps: int = 10
-    decay_steps: int = 30
-    decay: str = "linear"
+    lambda0: float = 0.5  # the KL weight during the warm-up (and throughout when kind=constant)
+    warmup_steps: int = 10  # steps at lambda0 before the decay
+    decay_steps: int = 30  # steps over which lambda falls to 0
+    decay: str = "linear"  # the shape of the decay
 
     def __post_init__(self) -> None:
         _one_of("schedule.kind", self.kind, {"anneal", "constant"})
@@ -136,13 +137,13 @@ class ScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    lr_warmup_steps: int = 0
+    optimizer: str = "adam"  # Megatron's optimizer
+    lr: float = 1e-6  # peak learning rate
+    min_lr: float = 0.0  # the learning rate at the end of a decay
+    lr_warmup_steps: int = 0  # linear warm-up steps from 0 to lr
     lr_decay: str = "constant"  # constant | linear | cosine
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
+    weight_decay: float = 0.0  # decoupled weight decay
+    clip_grad: float = 1.0  # global gradient-norm clip (0 = off)
     mini_batches: int = 1  # PPO updates per rollout batch
     distributed_optimizer: bool = False  # shard optimizer state (fp32 masters, moments) over DP
     micro_batch_size: int = 4  # rollouts per micro-batch (when max_tokens_per_micro_batch = 0)
@@ -155,8 +156,8 @@ class OptimConfig:
     # recompute_method uniform: chunks of recompute_num_layers layers, block: the first
     # recompute_num_layers layers of each pipeline stage)
     recompute: str = "none"
-    recompute_method: str = "uniform"
-    recompute_num_layers: int = 1
+    recompute_method: str = "uniform"  # full recompute only: uniform | block (see recompute)
+    recompute_num_layers: int = 1  # full recompute only: layers per chunk (uniform) or per stage (block)
 
     def __post_init__(self) -> None:
         _one_of("optim.optimizer", self.optimizer, {"adam", "sgd"})
@@ -182,7 +183,7 @@ class TrainConfig:
     steps: int = 50  # total RL steps
     dynamic_sampling: bool = False  # drop zero-variance groups; off for TRACE (all-correct groups carry FKL)
     dynamic_max_rounds: int = 4  # rollout rounds per step when refilling dropped groups
-    mode: str = "full"  # full | rollout_only | train_only (debug modes, see README)
+    mode: str = "full"  # full | rollout_only | train_only (debug modes, docs/training.md)
     save_records: bool = False  # write each step's stage records to <run.dir>/records/
     records_dir: str | None = None  # train_only: the records to train on
     # Key-token lift: the change of the actor's log-prob, across the step's updates, at the key
@@ -193,8 +194,8 @@ class TrainConfig:
     # all-token variants, lambda = 0) they come from the annotator only with lift_annotate,
     # which annotates 2 x key_token_lift correct rollouts of those steps.
     key_token_lift: int = 4
-    key_token_lift_every: int = 10
-    lift_annotate: bool = False
+    key_token_lift_every: int = 10  # once lambda = 0, measure the lift every N steps (0 = never)
+    lift_annotate: bool = False  # annotate correct rollouts for the lift alone where the loss does not
     # Colocated rollout: move the optimizer state to host memory and free the gradient buffers
     # while the engine generates; both come back before the train step.
     offload_during_rollout: bool = False
@@ -216,9 +217,9 @@ class TrainConfig:
 class SFTConfig:
     steps: int = 300  # optimizer steps of cross-entropy on reference solutions
     batch_size: int = 32  # sequences per step
-    lr: float = 1.0e-3
-    min_lr: float = 1.0e-4
-    warmup_steps: int = 20
+    lr: float = 1.0e-3  # SFT peak learning rate
+    min_lr: float = 1.0e-4  # SFT learning rate at the end of its cosine decay
+    warmup_steps: int = 20  # SFT linear warm-up steps
     privileged_frac: float = 0.3  # share of examples in the teacher (privileged-context) format
     heldout: int = 200  # held-out problems scored (greedy) at the end
     export_hf: bool = True  # write <run.dir>/hf (config.json, safetensors, tokenizer)
@@ -236,7 +237,7 @@ class SFTConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 10  # steps between checkpoints
-    keep_last: int = 3
+    keep_last: int = 3  # periodic checkpoints kept (older ones deleted; best and latest stay)
     # Keep the best checkpoint on the in-loop evaluation outside the keep_last rotation: an eval
     # that improves `best_metric` (strictly; NaN never) saves that step's checkpoint if the cadence
     # does not, and `checkpoints/best` (+ best.json) names it. Needs eval.every > 0.
