@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import cpu_mode
+from . import cpu_mode, megatron_compat
 from .env import set_process_env
 from .spawn import free_port
 
@@ -101,6 +101,7 @@ def initialize(
         raise ValueError("parallel.device=cuda but CUDA is not available")
     if not use_cuda:
         cpu_mode.enable()
+    megatron_compat.apply()  # no warnings at every step from megatron-core's own calls
 
     if not dist.is_initialized():
         set_process_env(use_cuda)  # identical on every rank, before any communicator exists

@@ -107,3 +107,20 @@ def test_train_rejects_bad_config_before_any_work(tmp_path):
     proc = _cli("train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), "optim.lr=0",
                 f"run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2 and "'optim.lr'" in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.dist
+def test_a_cpu_run_prints_no_warning_the_user_cannot_act_on(tmp_path):
+    """dp=2 with the distributed optimizer used to print, at every step, torch's deprecation of
+    the collectives megatron-core calls and the non-leaf `.grad` read of its zero_grad
+    (megatron_trace/parallel/megatron_compat.py removes both); the console keeps our own lines."""
+    exe = shutil.which("megatron-trace", path=os.path.dirname(sys.executable))
+    args = ["train", "--config", os.path.join(REPO, "configs", "tiny_cpu.yaml"), "train.steps=2", "parallel.dp=2",
+            "optim.distributed_optimizer=true", "rollout.max_new_tokens=8", "rollout.prompts_per_step=2",
+            "log.progress=false", f"run.dir={tmp_path / 'run'}"]
+    log = str(tmp_path / "run.log")
+    rc = run_in_session([exe, *args], log, env=dict(os.environ))
+    out = open(log).read()
+    assert rc == 0, out[-3000:]
+    assert "Warning" not in out, out[-3000:]
+    assert "[train] done" in out
