@@ -204,7 +204,7 @@ def _manifest(root: str, cells: list[dict]) -> str:
     return path
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--config", help="one config whose variants (and --sizes) to sweep")
@@ -229,9 +229,10 @@ def main(argv=None) -> int:
                    help="where --dry-run writes the rendered scripts, resolved configs and sweep.json")
     p.add_argument("--title", default=None, help="the experiment's title (default mt-scaling, or mt-<run.name>)")
     p.add_argument("overrides", nargs="*", help="config overrides for every job, key=value")
-    args = p.parse_args(argv)
-    split_mounts(args)
+    return p
 
+
+def _check_args(args) -> None:
     if not (args.sizes or args.config or args.ablation):
         raise SystemExit("error: give --sizes (the Qwen3 recipes), --config or --ablation")
     if args.ablation and (args.variants or args.sizes):
@@ -243,10 +244,10 @@ def main(argv=None) -> int:
     if args.executor == "local" and args.eval_separate:
         raise SystemExit("error: --eval-separate is for Slurm's job dependencies; --executor local evaluates each "
                          "cell right after it trains")
-    variants = [] if args.ablation else _split(args.variants, VARIANTS, "--variants")
-    seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
-    absolute_env("sweep")
-    common_over = [*args.overrides, *cluster_overrides(args)]
+
+
+def _specs(args, variants: list[str], seeds: list, common_over: list[str]) -> list[tuple]:
+    """Every cell's (config, resolved text, SFT config text or None, layout, cpu), validated."""
     specs = []
     for config, var_over, suffix in _plan(args, variants):
         for seed in seeds:
@@ -270,10 +271,52 @@ def main(argv=None) -> int:
     names = [cfg.run.name for cfg, *_ in specs]
     if len(set(names)) < len(names):
         raise SystemExit(f"error: two jobs would share a run name ({', '.join(names)}); give each its own")
+    return specs
+
+
+def _title(args, common_over: list[str]) -> str:
+    if args.title:
+        return args.title
     if args.ablation:
-        title = args.title or f"mt-ablation-{args.ablation}"
-    else:
-        title = args.title or ("mt-scaling" if args.sizes else f"mt-{resolve(args.config, common_over)[0].run.name}-sweep")
+        return f"mt-ablation-{args.ablation}"
+    return "mt-scaling" if args.sizes else f"mt-{resolve(args.config, common_over)[0].run.name}-sweep"
+
+
+def _cell_jobs(spec: tuple, todo: str, args, job_dir: str, packager) -> list[Job]:
+    """A cell's job(s): train and evaluate in one, or training then a dependent evaluation."""
+    cfg, text, sft_text, layout, cpu = spec
+    fleet = cfg.cluster.rollout_nodes > 0
+
+    def executor(c=cfg):
+        if args.executor == "local":
+            return None  # run_local makes NeMo-Run's local executor per cell
+        return slurm_executor(c, layout, cpu, job_dir=job_dir, packager=packager, tag="sweep", strict=not args.dry_run)
+
+    name = cfg.run.name
+    if args.no_eval:
+        return [Job(name, text, cfg, layout, cpu, executor())]
+    if todo == "eval":
+        return [Job(name, text, cfg, layout, cpu, executor(), args=_cell_args(name, "eval", args, False))]
+    if args.eval_separate or fleet:  # a fleet job trains through fleet-job: its evaluation follows
+        train = None if fleet else _cell_args(name, "train", args, bool(sft_text))
+        one = copy.deepcopy(cfg)
+        one.cluster.nodes = 1  # the evaluation runs on one node: parallel.dp engines on its GPUs
+        return [Job(name, text, cfg, layout, cpu, executor(), args=train),
+                Job(f"{name}_eval", text, cfg, layout, cpu, executor(c=one),
+                    args=_cell_args(name, "eval", args, False), after=name)]
+    return [Job(name, text, cfg, layout, cpu, executor(), args=_cell_args(name, "all", args, bool(sft_text)))]
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    split_mounts(args)
+    _check_args(args)
+    variants = [] if args.ablation else _split(args.variants, VARIANTS, "--variants")
+    seeds = [int(s) for s in args.seeds.split(",") if s] or [None]
+    absolute_env("sweep")
+    common_over = [*args.overrides, *cluster_overrides(args)]
+    specs = _specs(args, variants, seeds, common_over)
+    title = _title(args, common_over)
     runs = [os.path.abspath(cfg.run.dir) for cfg, *_ in specs]
     root = os.path.commonpath(runs) if len(runs) > 1 else os.path.dirname(runs[0])
     if args.dry_run:
@@ -282,7 +325,8 @@ def main(argv=None) -> int:
     else:
         job_dir = os.path.abspath(args.job_dir or os.path.join(root, "slurm" if args.executor == "slurm" else "jobs"))
     jobs, cells, code = [], [], ""
-    for cfg, text, sft_text, layout, cpu in specs:
+    for spec in specs:
+        cfg, text, sft_text = spec[:3]
         todo, why = ("cell", "dry run") if args.dry_run else _cell_state(cfg, args)
         cells.append({"name": cfg.run.name, "run_dir": os.path.relpath(os.path.abspath(cfg.run.dir), root),
                       "size": cfg.model.size, "variant": cfg.loss.variant, "seed": cfg.seed, "state": todo,
@@ -292,32 +336,10 @@ def main(argv=None) -> int:
         if todo == "done":
             continue
         files = {f"{cfg.run.name}.yaml": text, **({f"{cfg.run.name}.sft.yaml": sft_text} if sft_text else {})}
-        start = len(jobs)
         packager, code = code_packager(args.code, "sweep", dry_run=args.dry_run, files=files)
-        fleet = cfg.cluster.rollout_nodes > 0
-
-        def executor(c=cfg, lay=layout, cpu=cpu, pk=packager):
-            if args.executor == "local":
-                return None  # run_local makes NeMo-Run's local executor per cell
-            return slurm_executor(c, lay, cpu, job_dir=job_dir, packager=pk, tag="sweep", strict=not args.dry_run)
-
-        if args.no_eval:
-            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor()))
-        elif todo == "eval":
-            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor(),
-                            args=_cell_args(cfg.run.name, "eval", args, False)))
-        elif args.eval_separate or fleet:  # a fleet job trains through fleet-job: its evaluation follows
-            train = (None if fleet else _cell_args(cfg.run.name, "train", args, bool(sft_text)))
-            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor(), args=train))
-            one = copy.deepcopy(cfg)
-            one.cluster.nodes = 1  # the evaluation runs on one node: parallel.dp engines on its GPUs
-            jobs.append(Job(f"{cfg.run.name}_eval", text, cfg, layout, cpu, executor(c=one),
-                            args=_cell_args(cfg.run.name, "eval", args, False), after=cfg.run.name))
-        else:
-            jobs.append(Job(cfg.run.name, text, cfg, layout, cpu, executor(),
-                            args=_cell_args(cfg.run.name, "all", args, bool(sft_text))))
-        for job in jobs[start:]:
+        for job in _cell_jobs(spec, todo, args, job_dir, packager):
             job.files = files
+            jobs.append(job)
     if args.dry_run:
         for f in render(title, jobs, out, job_dir):
             print(f"[sweep] rendered {f}", file=sys.stderr)

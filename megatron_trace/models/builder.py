@@ -80,6 +80,23 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def _recompute_kwargs(recompute: str, method: str, num_layers: int, layers_per_stage: int) -> dict:
+    """TransformerConfig's recompute keys for `optim.recompute` (see transformer_config)."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if recompute == "full":
+        if not 1 <= num_layers <= layers_per_stage or (method == "uniform" and layers_per_stage % num_layers):
+            raise ValueError(f"config key 'optim.recompute_num_layers': value {num_layers} is not allowed "
+                             f"with recompute_method={method!r}; expected an integer in [1, "
+                             f"{layers_per_stage}] (the layers of a pipeline stage)"
+                             + (" that divides it" if method == "uniform" else ""))
+        return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
+    raise ValueError(f"config key 'optim.recompute': value {recompute!r} is not allowed; "
+                     "expected one of ['full', 'none', 'selective']")
+
+
 def transformer_config(
     arch: Qwen3Arch,
     groups: ParallelGroups,
@@ -109,23 +126,8 @@ def transformer_config(
     from megatron.core.transformer import TransformerConfig
 
     on_cpu = groups.device.type == "cpu"
-    layers_per_stage = arch.num_hidden_layers // groups.pp_size
-    recompute_kwargs: dict = {}
-    if recompute == "selective":
-        recompute_kwargs = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
-    elif recompute == "full":
-        bad = not 1 <= recompute_num_layers <= layers_per_stage or (
-            recompute_method == "uniform" and layers_per_stage % recompute_num_layers)
-        if bad:
-            raise ValueError(f"config key 'optim.recompute_num_layers': value {recompute_num_layers} is not allowed "
-                             f"with recompute_method={recompute_method!r}; expected an integer in [1, "
-                             f"{layers_per_stage}] (the layers of a pipeline stage)"
-                             + (" that divides it" if recompute_method == "uniform" else ""))
-        recompute_kwargs = dict(recompute_granularity="full", recompute_method=recompute_method,
-                                recompute_num_layers=recompute_num_layers)
-    elif recompute != "none":
-        raise ValueError(f"config key 'optim.recompute': value {recompute!r} is not allowed; "
-                         "expected one of ['full', 'none', 'selective']")
+    recompute_kwargs = _recompute_kwargs(recompute, recompute_method, recompute_num_layers,
+                                         arch.num_hidden_layers // groups.pp_size)
     kwargs = dict(
         num_layers=arch.num_hidden_layers,
         hidden_size=arch.hidden_size,

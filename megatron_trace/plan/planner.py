@@ -149,9 +149,48 @@ def _head_chunk_bytes(cfg, tokens: int, vocab_rank: int) -> float:
     return _BUFFERS_PER_CHUNK * 4 * min(chunk, tokens) * vocab_rank
 
 
-def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool | None, arch: Qwen3Arch,
-              source: str) -> MemoryPlan:
-    """`plan_memory` for the config as it is (loss.fused_head included)."""
+@dataclass
+class _Step:
+    """What `_plan_one` derives from the config before it looks at any GPU: the layout, the
+    worst-case micro-batches, the head's and the teacher's terms, and the engine."""
+
+    dp: int
+    fused: bool
+    sp: bool
+    B: int  # bytes per weight / activation element
+    stages: list
+    sh: _Shape
+    vocab_rank: int
+    s: int  # prompt + response tokens
+    T: int  # tokens of the update's micro-batch
+    T_t: int  # tokens of the teacher pass's micro-batch
+    row_t: int
+    num_mb: int
+    rollouts_rank: int
+    T_resp: int
+    per_mb: float
+    recompute_label: str
+    teacher_used: bool
+    snapshot: bool
+    per_rollout: float
+    teacher_positions: float
+    head_fused: bool
+    teacher_key: str
+    teacher_resident: float
+    old_key: str
+    old_bytes: float
+    head_update: dict
+    master: float
+    moments: float
+    opt_key: str
+    em: EngineMemory | None
+    engine_tp: int
+    engines: int
+    engine_weights: float
+    trainer_groups: list
+
+
+def _step_terms(cfg, dp: int | None, prompt_tokens: int, fused_attention: bool | None, arch: Qwen3Arch) -> _Step:
     p, o, r = cfg.parallel, cfg.optim, cfg.rollout
     tp, pp = p.tp, p.pp
     if dp is None:  # as the launchers derive it; CPU runs spawn tp * pp * (parallel.dp or 1) ranks
@@ -160,7 +199,6 @@ def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool 
     fused = _fused_attention(cfg) if fused_attention is None else fused_attention
     sp = p.sequence_parallel and tp > 1
     B = 2 if cfg.model.dtype == "bfloat16" else 4
-    stages = param_numels(arch, tp, pp)
     sh = _Shape(arch.hidden_size, arch.num_attention_heads * arch.head_dim // tp, _kv_per_rank(arch, tp),
                 arch.intermediate_size // tp, arch.num_attention_heads // tp, B, tp if sp else 1)
     vocab_rank = _padded_vocab(arch.vocab_size, tp) // tp
@@ -185,7 +223,6 @@ def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool 
     # what stays resident
     share = _routed_share(cfg)
     teacher_used = share > 0
-    snapshot = teacher_used and cfg.teacher.mode == "snapshot"
     per_rollout = r.max_new_tokens * share + cfg.teacher.probe_tokens  # teacher positions
     mb_rollouts = max(T // s, 1)
     teacher_positions = min(rollouts_mini * per_rollout,
@@ -216,79 +253,97 @@ def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool 
     engines = dp if r.placement == "colocated" else 1
     em = (engine_memory(arch, engine_tp, B, cfg.cluster.gpu_memory_gb,
                         requests_per_engine(r.prompts_per_step * r.n, engines)) if sglang else None)
-    engine_weights = arch.num_params * B / engine_tp
-    trainer_groups = trainer_nccl_groups(tp, pp, dp)
+    return _Step(dp, fused, sp, B, param_numels(arch, tp, pp), sh, vocab_rank, s, T, T_t, row_t, num_mb,
+                 rollouts_rank, T_resp, per_mb, recompute_label, teacher_used,
+                 teacher_used and cfg.teacher.mode == "snapshot", per_rollout, teacher_positions, head_fused,
+                 teacher_key, teacher_resident, old_key, old_bytes, head_update, master, moments, opt_key, em,
+                 engine_tp, engines, arch.num_params * B / engine_tp, trainer_nccl_groups(tp, pp, dp))
+
+
+def _engine_pool(cfg, st: _Step, base: dict, opt_moments: float) -> float:
+    """SGLang sizes its pool when it starts (setup), from the memory free then: the trainer's and
+    its own scheduler's contexts, its pynccl communicator and custom all-reduce exist; the
+    trainer's other communicators come later."""
+    em = st.em
+    at_start = (sum(base.values()) - opt_moments + context_bytes(2) + nccl_bytes(min(em.nccl_comms, 1))
+                + em.custom_all_reduce)
+    return cfg.rollout.mem_fraction_static * (cfg.cluster.gpu_memory_gb * GB - at_start)
+
+
+def _gpu_phases(cfg, arch: Qwen3Arch, st: _Step, i: int, ro_base: dict, tr_trainer: dict, kv_bytes: float):
+    """Each GPU of stage i: its rollout and train components (the engine's parts, contexts, NCCL)."""
+    em = st.em
+    for g in _gpus_of_stage(cfg, i):
+        ro, tr = dict(ro_base), dict(tr_trainer)
+        if g.scheduler and em is not None:
+            ro["rollout engine weights"] = st.engine_weights
+            ro["rollout engine KV cache"] = max(kv_bytes, 0.0)
+            ro[GRAPHS] = em.cuda_graphs
+            ro[BUFFERS] = em.graph_buffers
+            ro[ENGINE_ACT] = em.activations
+            ro[CUSTOM_AR] = em.custom_all_reduce
+            tr[GRAPHS] = 0.0 if em.graphs_released else em.cuda_graphs  # asleep: the rest stays
+            tr[BUFFERS] = em.graph_buffers
+            tr[CUSTOM_AR] = em.custom_all_reduce
+        if g.hf_engine:  # one HF model in the owner's process
+            ro["rollout engine weights (hf; KV cache not estimated)"] = arch.num_params * st.B
+        comms = len(st.trainer_groups) + (em.nccl_comms if g.scheduler and em else 0) + len(g.extra_comms)
+        for ph in (ro, tr):
+            ph[CONTEXTS] = context_bytes(g.contexts())
+            ph[NCCL] = nccl_bytes(comms)
+        yield g, ro, tr
+
+
+def _phases(cfg, arch: Qwen3Arch, st: _Step):
+    """Every GPU's rollout and train phase; the engine's pool and KV cache (0 without SGLang)."""
+    o, pp = cfg.optim, cfg.parallel.pp
     engine_pool = kv_bytes = 0.0
-
     rollout_phases, train_phases, runtime_notes = [], [], {}
-    for i, (n, st) in enumerate(zip([sum(x.values()) for x in stages], static_bytes(cfg, arch, dp, fused))):
+    for i, (n, stat) in enumerate(zip([sum(x.values()) for x in st.stages], static_bytes(cfg, arch, st.dp, st.fused))):
         last = i == pp - 1
-        base = {f"actor weights ({cfg.model.dtype})": st["weights"], "gradients (fp32 main_grad)": st["grads"],
-                opt_key: st["optimizer"]}
-        opt_moments = st["optimizer"] * moments / (master + moments)
-        teacher_w = n * B if snapshot else 0.0
-        if snapshot:
+        base = {f"actor weights ({cfg.model.dtype})": stat["weights"], "gradients (fp32 main_grad)": stat["grads"],
+                st.opt_key: stat["optimizer"]}
+        opt_moments = stat["optimizer"] * st.moments / (st.master + st.moments)
+        teacher_w = n * st.B if st.snapshot else 0.0
+        if st.snapshot:
             base["snapshot teacher weights"] = 0.0 if cfg.teacher.offload else teacher_w
-
-        # rollout: SGLang sizes its pool when it starts (setup), from the memory free then: the
-        # trainer's and its own scheduler's contexts, its pynccl communicator and custom
-        # all-reduce exist; the trainer's other communicators come later
         ro_base = dict(base)
         if cfg.train.offload_during_rollout:
-            ro_base["gradients (fp32 main_grad)"] = ro_base[opt_key] = 0.0
-        if em is not None and i == 0:
-            at_start = (sum(base.values()) - opt_moments + context_bytes(2) + nccl_bytes(min(em.nccl_comms, 1))
-                        + em.custom_all_reduce)
-            engine_pool = r.mem_fraction_static * (cfg.cluster.gpu_memory_gb * GB - at_start)
-            kv_bytes = engine_pool - engine_weights
+            ro_base["gradients (fp32 main_grad)"] = ro_base[st.opt_key] = 0.0
+        if st.em is not None and i == 0:
+            engine_pool = _engine_pool(cfg, st, base, opt_moments)
+            kv_bytes = engine_pool - st.engine_weights
 
         # train: the largest of its passes
-        resident = {**base, teacher_key: teacher_resident if last and teacher_used else 0.0}
+        resident = {**base, st.teacher_key: st.teacher_resident if last and st.teacher_used else 0.0}
         passes = {}
-        if teacher_used:
+        if st.teacher_used:
             passes["teacher"] = {**resident, "snapshot teacher weights": teacher_w,
-                                 "activations (teacher pass, one layer)": sh.layer_bytes(T_t, row_t, not fused)}
+                                 "activations (teacher pass, one layer)": st.sh.layer_bytes(st.T_t, st.row_t,
+                                                                                            not st.fused)}
         if o.mini_batches > 1:
-            passes["old log-prob"] = {**base, old_key: old_bytes if last else 0}
+            passes["old log-prob"] = {**base, st.old_key: st.old_bytes if last else 0}
         passes["update"] = {**resident,
-                            "activations (update)": min(pp - i, num_mb) * per_mb + (T * 2 * sh.h * B if last else 0),
-                            **{k: v if last else 0.0 for k, v in head_update.items()}}
+                            "activations (update)": (min(pp - i, st.num_mb) * st.per_mb
+                                                     + (st.T * 2 * st.sh.h * st.B if last else 0)),
+                            **{k: v if last else 0.0 for k, v in st.head_update.items()}}
         pass_name, tr_trainer = max(passes.items(), key=lambda kv: sum(kv[1].values()))
-
-        for g in _gpus_of_stage(cfg, i):
-            ro, tr = dict(ro_base), dict(tr_trainer)
-            if g.scheduler and em is not None:
-                ro["rollout engine weights"] = engine_weights
-                ro["rollout engine KV cache"] = max(kv_bytes, 0.0)
-                ro[GRAPHS] = em.cuda_graphs
-                ro[BUFFERS] = em.graph_buffers
-                ro[ENGINE_ACT] = em.activations
-                ro[CUSTOM_AR] = em.custom_all_reduce
-                tr[GRAPHS] = 0.0 if em.graphs_released else em.cuda_graphs  # asleep: the rest stays
-                tr[BUFFERS] = em.graph_buffers
-                tr[CUSTOM_AR] = em.custom_all_reduce
-            if g.hf_engine:  # one HF model in the owner's process
-                ro["rollout engine weights (hf; KV cache not estimated)"] = arch.num_params * B
-            comms = len(trainer_groups) + (em.nccl_comms if g.scheduler and em else 0) + len(g.extra_comms)
-            for ph in (ro, tr):
-                ph[CONTEXTS] = context_bytes(g.contexts())
-                ph[NCCL] = nccl_bytes(comms)
+        for g, ro, tr in _gpu_phases(cfg, arch, st, i, ro_base, tr_trainer, kv_bytes):
             rollout_phases.append(Phase(i, ro, gpu=g.label))
             train_phases.append(Phase(i, tr, {"train peak": f"the {pass_name} pass"}, gpu=g.label))
-            runtime_notes[rollout_phases[-1].where] = _runtime_note(g, trainer_groups, em)
+            runtime_notes[rollout_phases[-1].where] = _runtime_note(g, st.trainer_groups, st.em)
+    return rollout_phases, train_phases, runtime_notes, engine_pool, kv_bytes
 
-    ro_worst = max(rollout_phases, key=lambda ph: ph.peak)
-    tr_worst = max(train_phases, key=lambda ph: ph.peak)
-    per_gpu = {"rollout": {ph.where: ph.peak for ph in rollout_phases},
-               "train": {ph.where: ph.peak for ph in train_phases}}
-    for ph in (ro_worst, tr_worst):
-        ph.components = {k: v for k, v in ph.components.items() if v or k.startswith(("actor", "gradients", "optim"))}
-    kv_tokens = 0
+
+def _notes(cfg, arch: Qwen3Arch, st: _Step, ro_worst: Phase, tr_worst: Phase, per_gpu: dict, runtime_notes: dict,
+           engine_pool: float, kv_tokens: int) -> dict:
+    """The plan's notes (and the notes of its worst rollout and train phases, set in place)."""
+    em, r = st.em, cfg.rollout
     notes = {}
     if em is not None:
-        kv_tokens = int(max(kv_bytes, 0) // (2 * arch.num_hidden_layers * _kv_per_rank(arch, engine_tp) * B))
         ro_worst.notes["engine"] = (
-            f"SGLang {SGLANG_VERSION} tp_size={engine_tp} on stage 0 ({'each replica' if engines > 1 else 'one'}): "
+            f"SGLang {SGLANG_VERSION} tp_size={st.engine_tp} on stage 0 "
+            f"({'each replica' if st.engines > 1 else 'one'}): "
             f"rollout.mem_fraction_static={r.mem_fraction_static} of the memory free at its start = "
             f"{engine_pool / GB:.1f} GB, KV cache for {kv_tokens} tokens; outside it SGLang's defaults for a "
             f"{cfg.cluster.gpu_memory_gb:g} GB GPU: chunked_prefill_size {em.chunked_prefill_size}, "
@@ -299,15 +354,15 @@ def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool 
             "not set to 1 in this environment: SGLang 0.5.6 keeps the engine's CUDA graphs on the GPU while it "
             f"sleeps ({em.cuda_graphs / GB:.2f} GB in the train phase); export it where the trainer runs to "
             "release them")
-    if teacher_used:
-        tr_worst.notes["teacher hidden states" if head_fused else "teacher logits"] = (
-            f"{int(teacher_positions)} positions (teacher.max_resident_tokens={cfg.teacher.max_resident_tokens}; "
-            f"{per_rollout:g} per rollout) x " + (f"H={arch.hidden_size}" if head_fused else f"V/tp={vocab_rank}"))
-    if head_fused:
+    if st.teacher_used:
+        tr_worst.notes["teacher hidden states" if st.head_fused else "teacher logits"] = (
+            f"{int(st.teacher_positions)} positions (teacher.max_resident_tokens={cfg.teacher.max_resident_tokens}; "
+            f"{st.per_rollout:g} per rollout) x " + (f"H={arch.hidden_size}" if st.head_fused else f"V/tp={st.vocab_rank}"))
+    if st.head_fused:
         chunk = cfg.loss.head_chunk_tokens
         tr_worst.notes["fused LM head chunk"] = (
-            f"{min(chunk or auto_chunk_tokens(vocab_rank), T_resp)} tokens (loss.head_chunk_tokens={chunk}"
-            f"{'' if chunk else ', automatic'}) x {_BUFFERS_PER_CHUNK} fp32 buffers x V/tp={vocab_rank}")
+            f"{min(chunk or auto_chunk_tokens(st.vocab_rank), st.T_resp)} tokens (loss.head_chunk_tokens={chunk}"
+            f"{'' if chunk else ', automatic'}) x {_BUFFERS_PER_CHUNK} fp32 buffers x V/tp={st.vocab_rank}")
     if len(per_gpu["rollout"]) > 1:
         notes["GPUs of a replica (rollout / train peak GB)"] = "; ".join(
             f"{w} {per_gpu['rollout'][w] / GB:.1f} / {per_gpu['train'][w] / GB:.1f}" for w in per_gpu["rollout"])
@@ -317,20 +372,40 @@ def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool 
                           "commonly measured CUDA context size, NCCL's default buffers at an assumed channel count "
                           "(megatron_trace/plan/engine.py, runtime.py); activations and logits follow the "
                           "formulas of megatron_trace/plan/__init__.py")
+    return notes
+
+
+def _plan_one(cfg, *, dp: int | None, prompt_tokens: int, fused_attention: bool | None, arch: Qwen3Arch,
+              source: str) -> MemoryPlan:
+    """`plan_memory` for the config as it is (loss.fused_head included)."""
+    p, r = cfg.parallel, cfg.rollout
+    st = _step_terms(cfg, dp, prompt_tokens, fused_attention, arch)
+    rollout_phases, train_phases, runtime_notes, engine_pool, kv_bytes = _phases(cfg, arch, st)
+    ro_worst = max(rollout_phases, key=lambda ph: ph.peak)
+    tr_worst = max(train_phases, key=lambda ph: ph.peak)
+    per_gpu = {"rollout": {ph.where: ph.peak for ph in rollout_phases},
+               "train": {ph.where: ph.peak for ph in train_phases}}
+    for ph in (ro_worst, tr_worst):
+        ph.components = {k: v for k, v in ph.components.items() if v or k.startswith(("actor", "gradients", "optim"))}
+    em = st.em
+    kv_tokens = 0
+    if em is not None:
+        kv_tokens = int(max(kv_bytes, 0) // (2 * arch.num_hidden_layers * _kv_per_rank(arch, st.engine_tp) * st.B))
+    notes = _notes(cfg, arch, st, ro_worst, tr_worst, per_gpu, runtime_notes, engine_pool, kv_tokens)
     layout = {"model": cfg.model.size if not cfg.model.ckpt else cfg.model.ckpt, "params_b": arch.num_params / 1e9,
-              "dtype": cfg.model.dtype, "tp": tp, "pp": pp, "dp": dp, "gpus": tp * pp * dp,
-              "sequence_parallel": "on" if sp else "off", "recompute": recompute_label,
-              "attention": "fused (TE)" if fused else "unfused (local spec)", "placement": r.placement}
-    assumptions = {"prompt_tokens": prompt_tokens, "response_tokens": r.max_new_tokens, "sequence_tokens": s,
-                   "micro_batch_tokens": T, "micro_batches": num_mb,
-                   "teacher_micro_batch_tokens": T_t if teacher_used else 0, "rollouts_per_rank": rollouts_rank,
+              "dtype": cfg.model.dtype, "tp": p.tp, "pp": p.pp, "dp": st.dp, "gpus": p.tp * p.pp * st.dp,
+              "sequence_parallel": "on" if st.sp else "off", "recompute": st.recompute_label,
+              "attention": "fused (TE)" if st.fused else "unfused (local spec)", "placement": r.placement}
+    assumptions = {"prompt_tokens": prompt_tokens, "response_tokens": r.max_new_tokens, "sequence_tokens": st.s,
+                   "micro_batch_tokens": st.T, "micro_batches": st.num_mb,
+                   "teacher_micro_batch_tokens": st.T_t if st.teacher_used else 0, "rollouts_per_rank": st.rollouts_rank,
                    "cuda_context_gb": CUDA_CONTEXT_GB, "nccl_communicator_gb": round(NCCL_COMM_BYTES / GB, 3)}
     if em is not None:
         assumptions.update(sglang_chunked_prefill_size=em.chunked_prefill_size,
                            sglang_cuda_graph_max_bs=em.cuda_graph_max_bs, requests_per_engine=em.requests,
                            sglang_memory_saver_cuda_graph=em.graphs_released)
     return MemoryPlan(source, layout, assumptions, ro_worst, tr_worst, cfg.cluster.gpu_memory_gb,
-                      max(sum(st.values()) for st in stages), kv_tokens,
+                      max(sum(x.values()) for x in st.stages), kv_tokens,
                       em is None or kv_bytes > 0, per_gpu, notes)
 
 

@@ -139,113 +139,129 @@ class EngineFleet:
         in_rotation = [self.names[i] for i in self.live]
         stats = DispatchStats(prompts_per_engine={n: 0 for n in in_rotation},
                               tokens_per_engine={n: 0 for n in in_rotation})
-        results: list[list[Sample] | None] = [None] * len(prompts)
         if not prompts:
-            return results, stats
+            return [], stats
         if not self.live:
             raise RuntimeError(f"no live rollout engine left (dead: {', '.join(self.names)})")
         costs = prompt_costs(prompts, params.n, params.max_new_tokens if expected_response_len is None
                              else expected_response_len)
-        # Fresh chunks wait in `shared` (largest first); a retry goes straight to the queue of one
-        # chosen engine (`own`), so a failed chunk never bounces back to the engine that failed it.
-        shared: queue.Queue = queue.Queue()
-        own: dict[int, queue.Queue] = {e: queue.Queue() for e in range(len(self.engines))}
-        for chunk in sorted(self._chunks(costs), key=lambda c: -sum(costs[i] for i in c)):
-            shared.put((chunk, frozenset(), 0))
-        lock = threading.Lock()
-        pending = [len(prompts)]  # prompts not yet settled (done or failed for good)
-        settled = threading.Event()
+        chunks = sorted(self._chunks(costs), key=lambda c: -sum(costs[i] for i in c))
+        return _Round(self, prompts, params, seeds, stats).run(chunks)
 
-        def settle(k: int) -> None:
-            pending[0] -= k
-            if pending[0] <= 0:
-                settled.set()
 
-        def route(item) -> None:
-            """Under the lock: send a retry to a live engine that has not failed it (the least
-            busy), or to any live engine when every one has."""
-            tried = item[1]
-            live = self.live
-            fresh = [k for k in live if k not in tried] or live
-            own[min(fresh, key=lambda k: (own[k].qsize(), k))].put(item)
+class _Round:
+    """One `EngineFleet.generate` call: a worker thread per live engine takes chunks of prompts.
+    Fresh chunks wait in `shared` (largest first); a retry goes straight to the queue of one chosen
+    engine (`own`), so a failed chunk never bounces back to the engine that failed it."""
 
-        def next_item(e: int):
+    def __init__(self, fleet: EngineFleet, prompts, params: SamplingParams, seeds, stats: DispatchStats):
+        self.fleet, self.prompts, self.params, self.seeds, self.stats = fleet, prompts, params, seeds, stats
+        self.results: list[list[Sample] | None] = [None] * len(prompts)
+        self.shared: queue.Queue = queue.Queue()
+        self.own: dict[int, queue.Queue] = {e: queue.Queue() for e in range(len(fleet.engines))}
+        self.lock = threading.Lock()
+        self.pending = len(prompts)  # prompts not yet settled (done or failed for good)
+        self.settled = threading.Event()
+
+    def settle(self, k: int) -> None:
+        self.pending -= k
+        if self.pending <= 0:
+            self.settled.set()
+
+    def route(self, item) -> None:
+        """Under the lock: send a retry to a live engine that has not failed it (the least busy), or
+        to any live engine when every one has."""
+        tried = item[1]
+        live = self.fleet.live
+        fresh = [k for k in live if k not in tried] or live
+        self.own[min(fresh, key=lambda k: (self.own[k].qsize(), k))].put(item)
+
+    def next_item(self, e: int):
+        try:
+            return self.own[e].get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            return self.shared.get(timeout=0.05)
+        except queue.Empty:
+            return None
+
+    def failed(self, e: int, item, exc: Exception) -> None:
+        """A request failed on engine e: check its health, retry the chunk elsewhere or count it."""
+        fleet, stats = self.fleet, self.stats
+        chunk, tried, attempt = item
+        name = fleet.names[e]
+        healthy = fleet._healthy(e)
+        with self.lock:
+            stats.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            if not healthy and fleet.alive[e]:
+                fleet.alive[e] = False
+                stats.dead_engines.append(name)
+                log.warning("rollout engine %s failed its health check; taken out of rotation", name)
+            if attempt < fleet.max_retries and fleet.live:
+                stats.retries += 1
+                log.warning("rollout request of %d prompts failed on %s (%s); retrying elsewhere", len(chunk), name, exc)
+                self.route((chunk, tried | {e}, attempt + 1))
+            else:
+                stats.failed.extend(chunk)
+                log.error("rollout request of %d prompts failed %d times (last on %s: %s); counted "
+                          "in rollout/failed_prompts", len(chunk), attempt + 1, name, exc)
+                self.settle(len(chunk))
+            if not fleet.alive[e]:  # hand this engine's queued retries to the live ones
+                while not self.own[e].empty():
+                    left = self.own[e].get_nowait()
+                    if fleet.live:
+                        self.route(left)
+                    else:
+                        stats.failed.extend(left[0])
+                        self.settle(len(left[0]))
+
+    def worker(self, e: int) -> None:
+        eng, name, p = self.fleet.engines[e], self.fleet.names[e], self.params
+        while not self.settled.is_set():
+            item = self.next_item(e)
+            if item is None:
+                continue
+            chunk = item[0]
+            with self.lock:
+                self.stats.requests += 1
             try:
-                return own[e].get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                return shared.get(timeout=0.05)
-            except queue.Empty:
-                return None
+                got = eng.generate([self.prompts[i] for i in chunk], p, [self.seeds[i] for i in chunk])
+                aborted = sum(1 for x in got if x.finish_reason == "abort")
+                if aborted:  # the server aborted them (a weight update paused in abort mode)
+                    raise RuntimeError(f"{aborted} of {len(got)} samples came back aborted")
+                out = _split(got, chunk, p.n)
+            except Exception as exc:  # noqa: BLE001 - every failure is retried or counted
+                self.failed(e, item, exc)
+                if not self.fleet.alive[e]:
+                    return
+                continue
+            with self.lock:
+                for i, s in out.items():
+                    self.results[i] = s
+                self.stats.prompts_per_engine[name] += len(chunk)
+                self.stats.tokens_per_engine[name] += sum(len(x.token_ids) for s in out.values() for x in s)
+                self.settle(len(chunk))
 
-        def worker(e: int) -> None:
-            eng, name = self.engines[e], self.names[e]
-            while not settled.is_set():
-                item = next_item(e)
-                if item is None:
-                    continue
-                chunk, tried, attempt = item
-                with lock:
-                    stats.requests += 1
-                try:
-                    got = eng.generate([prompts[i] for i in chunk], params, [seeds[i] for i in chunk])
-                    aborted = sum(1 for x in got if x.finish_reason == "abort")
-                    if aborted:  # the server aborted them (a weight update paused in abort mode)
-                        raise RuntimeError(f"{aborted} of {len(got)} samples came back aborted")
-                    out = _split(got, chunk, params.n)
-                except Exception as exc:  # noqa: BLE001 - every failure is retried or counted
-                    healthy = self._healthy(e)
-                    with lock:
-                        stats.errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                        if not healthy and self.alive[e]:
-                            self.alive[e] = False
-                            stats.dead_engines.append(name)
-                            log.warning("rollout engine %s failed its health check; taken out of rotation", name)
-                        if attempt < self.max_retries and self.live:
-                            stats.retries += 1
-                            log.warning("rollout request of %d prompts failed on %s (%s); retrying elsewhere",
-                                        len(chunk), name, exc)
-                            route((chunk, tried | {e}, attempt + 1))
-                        else:
-                            stats.failed.extend(chunk)
-                            log.error("rollout request of %d prompts failed %d times (last on %s: %s); counted "
-                                      "in rollout/failed_prompts", len(chunk), attempt + 1, name, exc)
-                            settle(len(chunk))
-                        if not self.alive[e]:  # hand this engine's queued retries to the live ones
-                            while not own[e].empty():
-                                left = own[e].get_nowait()
-                                if self.live:
-                                    route(left)
-                                else:
-                                    stats.failed.extend(left[0])
-                                    settle(len(left[0]))
-                    if not self.alive[e]:
-                        return
-                    continue
-                with lock:
-                    for i, s in out.items():
-                        results[i] = s
-                    stats.prompts_per_engine[name] += len(chunk)
-                    stats.tokens_per_engine[name] += sum(len(x.token_ids) for s in out.values() for x in s)
-                    settle(len(chunk))
-
-        threads = [threading.Thread(target=worker, args=(e,), daemon=True, name=f"rollout-{self.names[e]}")
-                   for e in self.live]
+    def run(self, chunks: list[list[int]]) -> tuple[list[list[Sample] | None], DispatchStats]:
+        for chunk in chunks:
+            self.shared.put((chunk, frozenset(), 0))
+        threads = [threading.Thread(target=self.worker, args=(e,), daemon=True, name=f"rollout-{self.fleet.names[e]}")
+                   for e in self.fleet.live]
         for t in threads:
             t.start()
-        while not settled.is_set():
+        while not self.settled.is_set():
             if not any(t.is_alive() for t in threads):  # every engine died with work left
-                with lock:
-                    left = [i for i in range(len(prompts)) if results[i] is None and i not in stats.failed]
-                    stats.failed.extend(left)
+                with self.lock:
+                    left = [i for i in range(len(self.prompts)) if self.results[i] is None and i not in self.stats.failed]
+                    self.stats.failed.extend(left)
                     log.error("no live rollout engine left; %d prompts counted as failed", len(left))
                 break
-            settled.wait(0.05)
+            self.settled.wait(0.05)
         for t in threads:
             t.join(timeout=1.0)
-        stats.failed.sort()
-        return results, stats
+        self.stats.failed.sort()
+        return self.results, self.stats
 
 
 def colocated_generate(engine, replica: int, num_replicas: int, prompts: Sequence[Sequence[int]],

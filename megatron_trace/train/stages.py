@@ -125,26 +125,8 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         todo = sorted(correct_order[:2 * lift_rollouts])
     else:
         todo = []
-    t_ann = 0.0
-    if todo:
-        requests = []
-        for sg, j in (flat[i] for i in todo):
-            text = sg.texts[j]
-            requests.append(AnnotationRequest(sg.group.meta["problem"], sg.group.meta.get("solution"),
-                                              sg.rewards[j] > 0, text,
-                                              tuple(segment_text(text, segment_mode, max_segment_chars))))
-        t_ann = time.perf_counter()
-        anns = annotator.annotate(requests)
-        t_ann = time.perf_counter() - t_ann
-        final = []
-        for i, req, ann in zip(todo, requests, anns):
-            sg, j = flat[i]
-            mask, ann = annotation_to_mask(ann, req, response_offsets(tokenizer, sg.group.samples[j].token_ids),
-                                           coverage_cap)
-            final.append(ann)
-            (key_masks if req.correct else err_masks)[i] = mask
-            diagnostics[i] = ann.diagnostic
-        counter.add(final)
+    t_ann = _annotate(flat, todo, annotator, tokenizer, (key_masks, err_masks, diagnostics), counter,
+                      coverage_cap=coverage_cap, segment_mode=segment_mode, max_segment_chars=max_segment_chars)
     lift = set(spread_order(scored, seed, step, lambda i: is_correct(i) and any(key_masks[i]))[:lift_rollouts]
                if lift_rollouts else [])
     show_answer = answer_only_teacher or teacher_context == "answer_and_type"
@@ -174,19 +156,50 @@ def build_train_samples(scored: list[ScoredGroup], tokenizer, *, variant: str, a
         samples.append(TrainSample(list(sg.group.prompt_ids), list(s.token_ids), sg.advantages[j], routes,
                                    list(s.logprobs), teacher_ids, p_len, uid_offset + i, keys,
                                    weight_version=s.weight_version))
+    metrics = {**_batch_metrics(scored, samples), "time/annotate": t_ann,
+               **(counter.as_metrics() if todo else {}),
+               **({"lift/rollouts": float(len(lift))} if lift_rollouts else {})}
+    return samples, metrics
+
+
+def _annotate(flat, todo: list[int], annotator, tokenizer, out: tuple[list, list, list], counter: FailureCounter, *,
+              coverage_cap: float, segment_mode: str, max_segment_chars: int) -> float:
+    """Annotates the rollouts `todo` (indices into `flat`) in one call and writes each one's token
+    mask into the key or error masks and its diagnostic type (`out`); returns the seconds taken."""
+    if not todo:
+        return 0.0
+    key_masks, err_masks, diagnostics = out
+    requests = []
+    for sg, j in (flat[i] for i in todo):
+        text = sg.texts[j]
+        requests.append(AnnotationRequest(sg.group.meta["problem"], sg.group.meta.get("solution"),
+                                          sg.rewards[j] > 0, text,
+                                          tuple(segment_text(text, segment_mode, max_segment_chars))))
+    t0 = time.perf_counter()
+    anns = annotator.annotate(requests)
+    seconds = time.perf_counter() - t0
+    final = []
+    for i, req, ann in zip(todo, requests, anns):
+        sg, j = flat[i]
+        mask, ann = annotation_to_mask(ann, req, response_offsets(tokenizer, sg.group.samples[j].token_ids),
+                                       coverage_cap)
+        final.append(ann)
+        (key_masks if req.correct else err_masks)[i] = mask
+        diagnostics[i] = ann.diagnostic
+    counter.add(final)
+    return seconds
+
+
+def _batch_metrics(scored: list[ScoredGroup], samples: list[TrainSample]) -> dict[str, float]:
     rewards = [r for sg in scored for r in sg.rewards]
     lens = [len(s.response_ids) for s in samples]
     correct_lens = [n for n, r in zip(lens, rewards) if r > 0]
     wrong_lens = [n for n, r in zip(lens, rewards) if r == 0]
-    metrics = {
+    return {
         "reward/mean": sum(rewards) / len(rewards),
         "reward/accuracy": sum(r > 0 for r in rewards) / len(rewards),
         "reward/zero_variance_groups": sum(len(set(sg.rewards)) == 1 for sg in scored) / len(scored),
         "length/all": sum(lens) / len(lens),
         "length/correct": sum(correct_lens) / len(correct_lens) if correct_lens else float("nan"),
         "length/incorrect": sum(wrong_lens) / len(wrong_lens) if wrong_lens else float("nan"),
-        "time/annotate": t_ann,
-        **(counter.as_metrics() if todo else {}),
-        **({"lift/rollouts": float(len(lift))} if lift_rollouts else {}),
     }
-    return samples, metrics
