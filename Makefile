@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 PY ?=
 WHEELHOUSE ?= wheelhouse
 
-.PHONY: install demo test lint lock wheelhouse clean
+.PHONY: install demo test lint lock wheelhouse clean docs
 
 install: $(STAMP)
 
@@ -72,6 +72,12 @@ test: $(STAMP) $(SGLANG_WHEEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check megatron_trace tools launch tests
+
+# The docs site at http://127.0.0.1:8000, rebuilt on every edit; the generated reference pages
+# first (tools/gen_docs.py: the config keys and every command's flags).
+docs: $(STAMP)
+	$(BIN)/python tools/gen_docs.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs serve
 
 # Resolves from scratch in a throwaway venv (same interpreter, no system site packages, no
 # constraints of ours): $(TORCH_SPEC) first, then the project with its `dev` extra, then writes

@@ -7,7 +7,7 @@ same batch, in one run, and print one JSON line with the ratios to GRPO.
 Keys: ratio_trace_vs_grpo, ratio_trace_lambda0_vs_grpo, ratio_alltoken_fkl_vs_grpo (full step:
 rollout through weight sync) and train_ratio_* (the training part alone), the median seconds per
 stage and variant under "seconds", and "targets" (<= 1.25x, within 5%, all-token slower).
-A benchmark, not a test: the numbers depend on the machine; see README for measured values.
+A benchmark, not a test: the numbers depend on the machine; docs/performance.md has the measured values.
 """
 
 import argparse

@@ -30,11 +30,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-train", type=int, default=30000, help="at most this many training rows (default 30000)")
     p.add_argument("--val", type=int, default=500, help="validation rows (default 500)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, default=None,
                    help="math-verify worker processes (default: CPUs, at most 8)")
     p.add_argument("--timeout", type=float, default=5.0, help="hard time limit per answer check, seconds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
+    if args.workers is None:
+        args.workers = min(8, os.cpu_count() or 1)
 
     from megatron_trace.data.prepare import prepare_openthoughts
     from megatron_trace.extras import MissingExtra

@@ -26,7 +26,7 @@ How this differs from the paper's equations: the paper does not state how the GR
 aggregated over the batch (we default to token-mean, the DAPO recipe default), nor how its
 per-entry KL clip at 0.05 applies. `loss.entry_clip_mode` offers upper (each entry capped from
 above, the schema default), abs, grad and none (vocab_parallel); the Qwen3 recipes use none,
-measured to be the only mode that keeps the key-token lift (README "Entry clip"). The optional
+measured to be the only mode that keeps the key-token lift (docs/concepts.md, "Entry clip"). The optional
 k3 KL to a reference policy and the entropy bonus are off by default, as in the paper's recipe.
 """
 

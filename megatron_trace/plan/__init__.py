@@ -1,7 +1,7 @@
 """Per-GPU memory plan of a training config, from the config alone (`megatron-trace plan`).
 
 No model is built and no process group is started. Two phases of a colocated step peak
-separately (README "Scaling out"): *rollout* (the engine's weights + KV cache next to what the
+separately (docs/rollout.md): *rollout* (the engine's weights + KV cache next to what the
 trainer keeps resident) and *train* (weights, gradients, optimizer, teacher, activations).
 Everything is per GPU, for the GPU of a replica that needs most: each pipeline stage, and on
 stage 0 the engine owner (TP rank 0) apart from the other TP ranks (see "GPUs of a replica").

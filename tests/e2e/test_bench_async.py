@@ -1,5 +1,5 @@
 """tools/bench_async.py runs end to end at a toy size and reports what it promises (a smoke test
-of the benchmark; its figures are in the README, measured at the default workload)."""
+of the benchmark; its figures are in docs/performance.md, measured at the default workload)."""
 
 import json
 import os

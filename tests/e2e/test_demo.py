@@ -1,6 +1,6 @@
 """`megatron-trace demo` end to end with a tiny budget: SFT base -> TRACE RL -> held-out eval of
 both on the same problems, the report with a paired CI, plots; a rerun reuses every stage.
-(The full-budget demo and its measured gain are in README/LOG; this checks the mechanics.) Both
+(The full-budget demo and its measured gain are in docs/demo.md and docs/LOG.md; this checks the mechanics.) Both
 tests share one output folder, so --compare reuses the first test's base and TRACE-FKL run."""
 
 import hashlib

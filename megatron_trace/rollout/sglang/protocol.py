@@ -14,7 +14,7 @@ __all__ = ["DEFAULT_GROUP_NAME", "EngineRequestError", "import_sglang", "parse_o
            "to_sglang_sampling_params"]
 
 _INSTALL_HINT = ("SGLang is not installed: pip install -e '.[sglang]' (pins sglang==0.5.6 and with it torch 2.9.1: "
-                 "use the GPU image of docker/Dockerfile, README 'GPU / cluster install')")
+                 "use the GPU image of docker/Dockerfile, docs/install.md)")
 DEFAULT_GROUP_NAME = "megatron_trace_weights"
 
 
