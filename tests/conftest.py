@@ -69,3 +69,9 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(prev)
+
+# Gloo ranks fork from one server process that has torch, megatron-core and transformers
+# imported (megatron_trace/parallel/spawn.py): the suite starts ranks hundreds of times, at about
+# 0.2 s each instead of 4-5 s. Production keeps `spawn` unless MT_SPAWN_METHOD says otherwise;
+# tests/distributed/test_spawn.py runs both methods.
+os.environ.setdefault("MT_SPAWN_METHOD", "forkserver")

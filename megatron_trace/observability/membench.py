@@ -83,7 +83,8 @@ def measure_variants(job, tp: int, variants, make_args, *, quiet: bool = False) 
                 os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
             else:
                 os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-            out.update(run_on_ranks(job, tp, v, *make_args(measure))[0])
+            # fresh interpreters: the allocator reads MALLOC_MMAP_THRESHOLD_ when a process starts
+            out.update(run_on_ranks(job, tp, v, *make_args(measure), start_method="spawn")[0])
         res[v] = {k: round(x, 4) for k, x in out.items()}
     os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
     return res

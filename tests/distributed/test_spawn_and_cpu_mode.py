@@ -24,6 +24,28 @@ def test_results_come_back_by_rank():
     assert res == [(0, 0, 30.0), (1, 1, 30.0)]
 
 
+def _what_the_rank_sees(name):
+    import os
+    import sys
+
+    return os.environ.get(name), os.getcwd(), "megatron.core" in sys.modules, os.environ["RANK"]
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_both_start_methods_give_ranks_the_callers_environment_and_folder(method, monkeypatch, tmp_path):
+    """A forked rank would see the fork server's environment: the caller's, at the call, must
+    reach it (a test's monkeypatched variable, a benchmark's allocator setting)."""
+    monkeypatch.setenv("MT_TEST_MARKER", f"set-after-start-{method}")
+    monkeypatch.chdir(tmp_path)
+    res = run_on_ranks(_what_the_rank_sees, 2, "MT_TEST_MARKER", start_method=method)
+    assert [r[0] for r in res] == [f"set-after-start-{method}"] * 2 and [r[3] for r in res] == ["0", "1"]
+    assert all(r[1] == str(tmp_path) for r in res)
+    assert all(r[2] for r in res) == (method == "forkserver")  # preloaded in the server; spawn starts bare
+    monkeypatch.setenv("MT_SPAWN_METHOD", "fork")
+    with pytest.raises(ValueError, match="MT_SPAWN_METHOD='fork'"):
+        run_on_ranks(_what_the_rank_sees, 1, "X")
+
+
 def _fail_on_rank1():
     import os
 
