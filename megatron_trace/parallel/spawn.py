@@ -33,7 +33,8 @@ class RankFailure(RuntimeError):
 
 _PEER_GRACE_S = 10.0
 SPAWN_METHODS = ("spawn", "forkserver")
-_PRELOAD = ["torch", "megatron.core", "transformers", "megatron_trace.parallel"]
+# megatron_trace first: its __init__ filters the import-time notices of megatron-core on CPU
+_PRELOAD = ["megatron_trace", "torch", "megatron.core", "transformers", "megatron_trace.parallel"]
 
 
 def _context(method: str | None):
