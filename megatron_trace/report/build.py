@@ -56,13 +56,19 @@ def _seed_order(item: tuple[str, float]) -> tuple[int, str]:
     return (int(item[0]), "") if item[0].isdigit() else (1 << 30, item[0])
 
 
+def _seed_values(cell: dict) -> list[float]:
+    """Each seed's value in seed order, when the cell has two or more (one seed: the CI says it)."""
+    per_seed = cell.get("per_seed") or {}
+    return [v for _, v in sorted(per_seed.items(), key=_seed_order)] if len(per_seed) >= 2 else []
+
+
 def _cell_text(cell: dict | None, runs: list[Run]) -> str:
     bad = [r for r in runs if r.status != "ok"]
     note = "; ".join(f"s{r.seed} {r.status}" for r in bad)
     if cell is None:
         return f"{'missing' if all(r.status == 'missing' for r in bad) else 'failed'} ({note})" if bad else "-"
-    per_seed = cell.get("per_seed") or {}
-    seeds = ("; seeds " + ", ".join(f"{100 * v:.1f}" for _, v in sorted(per_seed.items(), key=_seed_order))) if len(per_seed) >= 2 else ""
+    values = _seed_values(cell)
+    seeds = ("; seeds " + ", ".join(f"{100 * v:.1f}" for v in values)) if values else ""
     return _ci(cell) + (f" ({note})" if note else "") + seeds
 
 
@@ -114,7 +120,7 @@ def _plots(rep: dict, runs: list[Run], out: str) -> dict[str, str]:
     by_params, by_compute = {}, {}
     for size, cells in rep["cells"].items():
         for v, c in cells.items():
-            seeds = list((c.get("per_seed") or {}).values()) if len(c.get("per_seed") or {}) > 1 else []
+            seeds = _seed_values(c)
             by_params.setdefault(v, []).append((sizes[size], c["mean"], c["ci95"], seeds))
             hours = [x["compute"]["device_hours"] for x in rep["runs"]
                      if x["size"] == size and x["variant"] == v and x["status"] == "ok"]
