@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import io
 import sys
+import textwrap
 import tokenize
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _allowed(cls: type) -> dict[str, list[str]]:
     if post is None:
         return {}
     module = sys.modules[cls.__module__]
-    tree = ast.parse(_dedent(inspect.getsource(post)))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(post)))
     out: dict[str, list[str]] = {}
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
@@ -96,12 +97,6 @@ def _allowed(cls: type) -> dict[str, list[str]]:
                 and isinstance(node.args[3], ast.Constant):
             out.setdefault(node.args[1].value, []).append(str(node.args[3].value))
     return out
-
-
-def _dedent(src: str) -> str:
-    lines = src.splitlines()
-    indent = len(lines[0]) - len(lines[0].lstrip())
-    return "\n".join(line[indent:] for line in lines)
 
 
 def config_keys() -> dict[str, list[Key]]:
